@@ -1,0 +1,1 @@
+"""The guidance controller: the job's single source of truth for the guidance length l_k."""
