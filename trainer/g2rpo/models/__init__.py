@@ -1,0 +1,1 @@
+"""Models: the bundled small model (converted once from GGUF) and a tiny offline test model."""

@@ -1,0 +1,60 @@
+"""One rank of a real two-process G2RPO-A run (torchrun, gloo on CPU); writes what it saw as JSON.
+
+Rank r's scripted reward is REWARDS[r][k] at step k, so the controller must see their mean:
+r_k is the global batch's mean, not one rank's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import TrainerCallback  # noqa: E402
+
+from trainer_support import ScriptedReward, make_trainer  # noqa: E402
+
+REWARDS = {0: [1.0, 0.0, 0.5, 1.0], 1: [0.0, 0.5, 0.5, 0.5]}
+
+
+class LengthLog(TrainerCallback):
+    def __init__(self, trainer, sink):
+        self.trainer, self.sink = trainer, sink
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sink.append(self.trainer.guidance_length)
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    rank = int(os.environ["RANK"])
+    reward = ScriptedReward(REWARDS[rank])
+    trainer, _, tokenizer = make_trainer(
+        Path(model_dir), Path(out_dir) / "trainer", reward=reward, num_generations=4, per_device_batch_size=2,
+        guided_per_group=1, schedule="adaptive", initial_length=8, min_length=1, max_length=64, max_steps=4,
+    )
+    lengths: list[int] = []
+    trainer.add_callback(LengthLog(trainer, lengths))
+    trainer.train()
+    record = {
+        "rank": rank,
+        "world_size": trainer.accelerator.num_processes,
+        "lengths_after_each_step": lengths,
+        "calls": [
+            {
+                "completion_ids": c["completion_ids"],
+                "guidance_ids": [tokenizer(g, add_special_tokens=False)["input_ids"] for g in c["guidance"]],
+            }
+            for c in reward.calls
+        ],
+    }
+    if trainer.guidance_client is not None:
+        record["controller_rewards"] = [r.reward for r in trainer.guidance_client.controller.history]
+        record["controller_lengths"] = [r.length_used for r in trainer.guidance_client.controller.history]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

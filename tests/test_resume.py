@@ -1,0 +1,44 @@
+"""Checkpoints carry the guidance state; resuming continues with exactly l_k and the history."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from g2rpo.guidance.schedule import ScheduleParams, lengths_for
+from g2rpo.train.trainer import GUIDANCE_STATE_FILE
+from trainer_support import ScriptedReward, make_trainer
+
+REWARDS = [0.5, 0.25, 0.75, 0.5]
+SCHEDULE = dict(schedule="adaptive", initial_length=8, min_length=1, max_length=40)
+
+
+def test_resume_restores_guidance_length_and_reward_history(tiny_model_dir, tmp_path):
+    full, _, _ = make_trainer(
+        tiny_model_dir, tmp_path / "a", reward=ScriptedReward(REWARDS), max_steps=4, save_steps=1, **SCHEDULE
+    )
+    full.train()
+    expected = lengths_for(ScheduleParams(window=2, **SCHEDULE), REWARDS)
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    saved = json.loads((checkpoint / GUIDANCE_STATE_FILE).read_text())
+    assert saved["state"]["step"] == 2 and saved["state"]["rewards"] == REWARDS[:2]
+
+    resumed, reward, _ = make_trainer(
+        tiny_model_dir, tmp_path / "b", reward=ScriptedReward(REWARDS[2:]), max_steps=4, **SCHEDULE
+    )
+    resumed.restore_guidance(checkpoint)
+    assert (resumed.guidance_step, resumed.guidance_length) == (2, expected[2])
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert len(reward.calls) == 2, "only steps 2 and 3 were trained after the resume"
+    controller = resumed.guidance_client.controller
+    assert [r.reward for r in controller.history] == REWARDS
+    assert [r.length_used for r in controller.history] == expected[:4]
+    assert resumed.guidance_length == expected[4] == full.guidance_length
+
+
+def test_resume_from_a_checkpoint_without_guidance_state_fails_clearly(tiny_model_dir, tmp_path):
+    trainer, _, _ = make_trainer(tiny_model_dir, tmp_path, max_steps=1)
+    (tmp_path / "checkpoint-1").mkdir()
+    with pytest.raises(FileNotFoundError, match="guidance_state.json"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))

@@ -1,0 +1,53 @@
+"""A real two-process run (torchrun, gloo on CPU): both ranks use identical l_k, the guided rows
+sit at the same global group positions as in one process, and r_k is the global mean."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from g2rpo.guidance.schedule import ScheduleParams, lengths_for
+
+WORKER = Path(__file__).parent / "dist" / "two_rank_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_share_guidance_length_and_rows(tiny_model_dir, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+         str(WORKER), str(tiny_model_dir), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+
+    # r_k is the mean over both ranks' rows; l_k follows the schedule; both ranks agree.
+    rewards = [(a + b) / 2 for a, b in zip([1.0, 0.0, 0.5, 1.0], [0.0, 0.5, 0.5, 0.5])]
+    assert ranks[0]["controller_rewards"] == rewards
+    expected = lengths_for(ScheduleParams("adaptive", 8, 1, 64, window=2), rewards)
+    assert ranks[0]["controller_lengths"] == expected[:4]
+    assert ranks[0]["lengths_after_each_step"] == ranks[1]["lengths_after_each_step"] == expected[1:]
+
+    # One group of 4 spans both ranks (2 rows each): only global row 0 (rank 0, row 0) is guided.
+    for step in range(4):
+        global_rows = ranks[0]["calls"][step]["completion_ids"] + ranks[1]["calls"][step]["completion_ids"]
+        global_guidance = ranks[0]["calls"][step]["guidance_ids"] + ranks[1]["calls"][step]["guidance_ids"]
+        length = expected[step]
+        for row, (ids, guidance) in enumerate(zip(global_rows, global_guidance)):
+            starts_with_guidance = ids[:length] == guidance[:length]
+            assert starts_with_guidance == (row % 4 == 0), f"step {step} row {row}"

@@ -1,0 +1,68 @@
+"""`g2rpo run FILE`: the job on this machine: CPU or one GPU, transformers generation, the guidance
+controller in process (the same GuidanceController that the controller service wraps)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from g2rpo.controller.client import InProcessGuidanceClient
+from g2rpo.controller.core import GuidanceController
+from g2rpo.spec import G2RPOJob
+
+if TYPE_CHECKING:
+    from g2rpo.train.build import RunLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalRunResult:
+    layout: RunLayout
+    seconds: float
+    final_step: int
+    summary: dict[str, float]
+
+
+def run_local(job: G2RPOJob, run_dir: Path, progress: bool = True) -> LocalRunResult:
+    from g2rpo.local.plot import plot_run, read_metrics
+    from g2rpo.train.build import RunLayout, build_trainer, resolve_resume
+    from g2rpo.train.callbacks import ProgressCallback
+
+    started = time.monotonic()
+    layout = RunLayout.for_job(job, run_dir)
+    resume = resolve_resume(job.spec, layout.checkpoint_dir)
+    trainer = build_trainer(
+        job,
+        layout,
+        guidance_client_factory=lambda params: InProcessGuidanceClient(GuidanceController(params)),
+        extra_callbacks=[ProgressCallback()] if progress else [],
+    )
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(layout.run_dir / "final"))
+    records = [r for r in read_metrics(layout.metrics_file) if "g2rpo/accuracy" in r]
+    if records:
+        plot_run(layout.metrics_file, layout.plot_file, title=f"{job.metadata.name}: accuracy reward and guidance length")
+    return LocalRunResult(
+        layout=layout,
+        seconds=time.monotonic() - started,
+        final_step=trainer.state.global_step,
+        summary=summarise(records),
+    )
+
+
+def summarise(records: list[dict]) -> dict[str, float]:
+    """Run-level means of the per-step accuracy rewards (guided vs unguided is the headline)."""
+    summary: dict[str, float] = {}
+    for key in ("g2rpo/accuracy", "g2rpo/accuracy_guided", "g2rpo/accuracy_unguided"):
+        values = [r[key] for r in records if r.get(key) is not None]
+        if values:
+            summary[key.removeprefix("g2rpo/")] = sum(values) / len(values)
+    if records:
+        summary["final_guidance_length"] = records[-1]["g2rpo/guidance_length"]
+    return summary

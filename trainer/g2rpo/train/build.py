@@ -1,0 +1,204 @@
+"""From a job spec to a ready G2RPOTrainer: model, tokenizer, data, rewards, config, controller.
+
+Shared by the local run (`g2rpo run`) and the cluster trainer (`python -m g2rpo.train`); they
+differ only in where generation happens (in process, or a vLLM server) and where the guidance
+controller lives (in process, or the job's controller service).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers.trainer_utils import get_last_checkpoint
+
+from g2rpo.controller.client import GuidanceClient
+from g2rpo.guidance.schedule import ScheduleParams
+from g2rpo.spec import G2RPOJob, G2RPOJobSpec, SpecError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where a run writes: metrics, plot, and the checkpoints folder (the HF Trainer's output_dir)."""
+
+    run_dir: Path
+    checkpoint_dir: Path
+
+    @classmethod
+    def for_job(cls, job: G2RPOJob, run_dir: Path) -> RunLayout:
+        checkpoint_dir = Path(job.spec.checkpoint.dir) if job.spec.checkpoint.dir else run_dir / "checkpoints"
+        return cls(run_dir=run_dir, checkpoint_dir=checkpoint_dir)
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def plot_file(self) -> Path:
+        return self.run_dir / "reward_and_guidance.png"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Where roll-outs are generated: in the training process, or on a vLLM server (TRL's server mode)."""
+
+    vllm_server_url: str | None = None
+
+
+def resolve_resume(spec: G2RPOJobSpec, checkpoint_dir: Path) -> str | None:
+    """The checkpoint to resume from, following checkpoint.resume."""
+    resume = spec.checkpoint.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if not Path(resume).is_dir():
+        raise SpecError([(("spec", "checkpoint", "resume"), f"no checkpoint folder at {resume}")])
+    return resume
+
+
+def build_trainer(
+    job: G2RPOJob,
+    layout: RunLayout,
+    guidance_client_factory: Callable[[ScheduleParams], GuidanceClient],
+    generation: Generation = Generation(),
+    extra_callbacks: list | None = None,
+):
+    """Build the trainer for `job`. The controller client is created on rank 0 only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig
+
+    from g2rpo.data.load import load_training_dataset
+    from g2rpo.models.bundled import resolve_model_path
+    from g2rpo.rewards import build_reward_functions
+    from g2rpo.train.callbacks import GuidanceCheckpointCallback, MetricsFileCallback
+    from g2rpo.train.trainer import G2RPOTrainer
+
+    spec = job.spec
+    training = spec.training
+    world = PartialState()
+    _check_batch_layout(spec, world.num_processes)
+
+    model_path = resolve_model_path(spec.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=_revision(spec, model_path))
+    dataset = _fit_prompts(load_training_dataset(spec), tokenizer, training.max_prompt_length)
+    reward_funcs, reward_weights = build_reward_functions(spec.rewards)
+
+    prompts_per_step = training.per_device_batch_size * training.gradient_accumulation_steps * world.num_processes
+    prompts_per_step //= training.num_generations
+    total_steps = training.max_steps or max(1, math.floor(training.epochs * (len(dataset) // prompts_per_step)))
+    if len(dataset) < prompts_per_step:
+        raise SpecError(
+            [(("spec", "dataset"), f"{len(dataset)} usable rows, fewer than one step's {prompts_per_step} prompts")]
+        )
+    params = ScheduleParams.from_spec(spec.guidance, run_total_steps=total_steps)
+    guidance_client = guidance_client_factory(params) if world.is_main_process else None
+
+    use_cuda = torch.cuda.is_available()
+    dtype = _torch_dtype(spec.model.dtype, use_cuda)
+    config = GRPOConfig(
+        output_dir=str(layout.checkpoint_dir),
+        use_cpu=not use_cuda,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        per_device_train_batch_size=training.per_device_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        num_generations=training.num_generations,
+        learning_rate=training.learning_rate,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps or -1,
+        max_completion_length=training.max_completion_length,
+        temperature=training.temperature,
+        top_p=training.top_p,
+        top_k=training.top_k,
+        beta=training.beta,
+        epsilon=training.epsilon,
+        epsilon_high=training.epsilon_high,
+        loss_type=training.loss_type,
+        scale_rewards=training.scale_rewards,
+        num_iterations=training.num_iterations,
+        mask_truncated_completions=training.mask_truncated_completions,
+        weight_decay=training.weight_decay,
+        warmup_ratio=training.warmup_ratio,
+        lr_scheduler_type=training.lr_scheduler_type,
+        max_grad_norm=training.max_grad_norm,
+        gradient_checkpointing=training.gradient_checkpointing,
+        seed=training.seed,
+        logging_steps=training.logging_steps,
+        save_strategy="steps",
+        save_steps=spec.checkpoint.every_steps,
+        save_total_limit=spec.checkpoint.keep,
+        reward_weights=reward_weights,
+        shuffle_dataset=spec.curriculum is None,  # a curriculum's order is the point
+        report_to=[],
+        disable_tqdm=True,
+        use_vllm=generation.vllm_server_url is not None,
+        vllm_mode="server",
+        vllm_server_base_url=generation.vllm_server_url,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_path, revision=_revision(spec, model_path), dtype=dtype)
+    trainer = G2RPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        guidance_client=guidance_client,
+        guided_per_group=spec.guided_per_group,
+        guidance_loss=spec.guidance.loss,
+        driving_reward=spec.guidance_reward.name,
+        callbacks=[MetricsFileCallback(layout.metrics_file), *(extra_callbacks or [])],
+    )
+    trainer.add_callback(GuidanceCheckpointCallback(trainer))
+    return trainer
+
+
+def _check_batch_layout(spec: G2RPOJobSpec, num_processes: int) -> None:
+    """TRL needs whole groups in every generation batch; say which field to change when they don't fit."""
+    t = spec.training
+    rows = t.per_device_batch_size * t.gradient_accumulation_steps * num_processes
+    if rows % t.num_generations:
+        raise SpecError(
+            [
+                (
+                    ("spec", "training", "perDeviceBatchSize"),
+                    f"perDeviceBatchSize*gradientAccumulationSteps*ranks = {t.per_device_batch_size}*"
+                    f"{t.gradient_accumulation_steps}*{num_processes} = {rows} roll-outs per step is not a "
+                    f"multiple of numGenerations ({t.num_generations})",
+                )
+            ]
+        )
+
+
+def _fit_prompts(dataset, tokenizer, max_prompt_length: int):
+    """Drop rows whose chat-formatted prompt is longer than maxPromptLength tokens (and say how many)."""
+    lengths = [
+        len(tokenizer.apply_chat_template(row, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for row in dataset["prompt"]
+    ]
+    keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
+    if len(keep) < len(lengths):
+        log.warning("dropped %d of %d rows longer than maxPromptLength=%d tokens", len(lengths) - len(keep), len(lengths), max_prompt_length)
+    if not keep:
+        raise SpecError([(("spec", "training", "maxPromptLength"), f"every prompt is longer than {max_prompt_length} tokens")])
+    return dataset.select(keep) if len(keep) < len(lengths) else dataset
+
+
+def _torch_dtype(name: str, use_cuda: bool) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name in ("bfloat16", "float16") and not use_cuda:
+        log.warning("model.dtype=%s on CPU: training in float32 instead", name)
+        return torch.float32
+    return getattr(torch, name)
+
+
+def _revision(spec: G2RPOJobSpec, model_path: str) -> str | None:
+    return None if Path(model_path).is_dir() else spec.model.revision

@@ -1,0 +1,77 @@
+"""Trainer callbacks: the per-step metrics file, guidance state in checkpoints, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every training log (one line per logged step) to a JSON-lines file, rank 0 only."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if not state.is_world_process_zero or not logs or "train_runtime" in logs:
+            return
+        record = {"step": state.global_step, "time": time.time()}
+        record.update({k: _json_number(v) for k, v in logs.items()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class GuidanceCheckpointCallback(TrainerCallback):
+    """Saves the guidance controller's state into each checkpoint, beside model and optimizer."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.trainer.save_guidance(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class ProgressCallback(TrainerCallback):
+    """A tqdm bar over optimizer steps showing accuracy reward and guidance length."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="g2rpo", unit="step")
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        shown = {
+            "acc": logs.get("g2rpo/accuracy"),
+            "guided": logs.get("g2rpo/accuracy_guided"),
+            "unguided": logs.get("g2rpo/accuracy_unguided"),
+            "l_k": logs.get("g2rpo/guidance_length"),
+        }
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if isinstance(v, (int, float))})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

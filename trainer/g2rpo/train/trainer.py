@@ -1,0 +1,254 @@
+"""G2RPOTrainer: TRL's GRPOTrainer with guided roll-outs and an adaptive guidance length.
+
+Per training step k (one generation batch; one optimizer step when numIterations = 1):
+
+1. In every group of G roll-outs the first floor(alpha*G) are guided (g2rpo.guidance.rows).
+2. A guided roll-out is generated from `prompt ids + the first l_k ids of the reference
+   trajectory`, joined at the token level: what the model was conditioned on is exactly what it
+   is trained on (the official code decodes and re-tokenises, which can differ).
+3. The trained completion is `guidance ids + generated ids`. Guidance tokens have no sampling
+   log-prob: TRL gets None for them, i.e. an importance ratio of 1. With `guidance.loss: mask`
+   they leave the loss (through TRL's tool mask, the mechanism TRL uses for tokens the model
+   did not write).
+4. After scoring, rank 0 reports r_k (the global batch's mean of the driving reward, guided and
+   unguided rows alike) to the guidance controller, receives l_{k+1} and broadcasts it, so
+   every rank uses the same length.
+
+Every override of a private TRL method is in this class and listed in `PRIVATE_TRL_HOOKS`;
+tests/test_trl_hooks.py fails when TRL changes one of their signatures. TRL is pinned in
+pyproject.toml for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import broadcast_object_list
+from transformers.trainer_utils import get_last_checkpoint
+from trl import GRPOTrainer
+
+from g2rpo.controller.client import GuidanceClient
+from g2rpo.guidance.rows import generated_token_mask, guided_rows, join_guidance, prepend_guidance
+from g2rpo.train.metrics import step_statistics
+
+GUIDANCE_STATE_FILE = "guidance_state.json"
+
+# name -> the parameters our override relies on (checked against TRL by tests/test_trl_hooks.py).
+PRIVATE_TRL_HOOKS: dict[str, tuple[str, ...]] = {
+    "_generate_and_score_completions": ("self", "inputs"),
+    "_generate": ("self", "prompts"),
+    "_generate_single_turn": (
+        "self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images",
+    ),
+    "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+}
+# Private attributes of GRPOTrainer that the hooks read.
+PRIVATE_TRL_ATTRIBUTES = ("_metrics", "_tokenizer", "num_generations", "num_iterations", "use_vllm")
+
+
+class _GuidancePlan:
+    """The guidance of one generation batch on this rank: token ids per row and which rows are guided."""
+
+    def __init__(self, guided: list[bool], guidance_ids: list[list[int]], length: int):
+        self.guided = guided
+        self.guidance_ids = guidance_ids
+        self.length = length
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.guidance_ids]
+
+
+class G2RPOTrainer(GRPOTrainer):
+    def __init__(
+        self,
+        *args: Any,
+        guidance_client: GuidanceClient | None,
+        guided_per_group: int,
+        guidance_loss: str,
+        driving_reward: str,
+        **kwargs: Any,
+    ):
+        """`guidance_client` is needed on rank 0 only (other ranks receive lengths by broadcast).
+
+        `driving_reward` names the reward function whose per-step mean is r_k.
+        """
+        super().__init__(*args, **kwargs)
+        if guidance_loss not in ("include", "mask"):
+            raise ValueError(f"guidance_loss must be 'include' or 'mask', got {guidance_loss!r}")
+        self.guidance_client = guidance_client
+        self.guided_per_group = guided_per_group
+        self.guidance_loss = guidance_loss
+        self.driving_reward_index = self.reward_func_names.index(driving_reward)
+        self._guidance_ids_cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._guidance_plan: _GuidancePlan | None = None
+        self._last_rewards_per_func: torch.Tensor | None = None
+        self.guidance_step, self.guidance_length = self._from_rank_zero(
+            lambda: self.guidance_client.current()
+        )
+
+    # --- public ----------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """Train, restoring the guidance schedule's state when resuming from a checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            self.restore_guidance(Path(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def restore_guidance(self, checkpoint: Path) -> None:
+        state_file = checkpoint / GUIDANCE_STATE_FILE
+        if not state_file.is_file():
+            raise FileNotFoundError(
+                f"{checkpoint} holds no {GUIDANCE_STATE_FILE}: it was not written by g2rpo, so the guidance "
+                "schedule's state (l_k and the reward history) cannot be restored"
+            )
+        snapshot = json.loads(state_file.read_text())
+        self.guidance_step, self.guidance_length = self._from_rank_zero(
+            lambda: (snapshot["state"]["step"], self.guidance_client.restore(snapshot))
+        )
+
+    def save_guidance(self, checkpoint: Path) -> None:
+        """Write the controller's snapshot into a checkpoint folder (rank 0 only)."""
+        if self.guidance_client is None:
+            return
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        (checkpoint / GUIDANCE_STATE_FILE).write_text(json.dumps(self.guidance_client.snapshot()))
+
+    # --- TRL private hooks -----------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs):  # TRL private hook
+        if not self.model.training:
+            return super()._generate_and_score_completions(inputs)  # evaluation is never guided
+        self._guidance_plan = self._plan_guidance(inputs)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            plan, self._guidance_plan = self._guidance_plan, None
+        self._fill_guidance_sampling_logps(output, plan)
+        self._finish_step(output, plan)
+        return output
+
+    def _generate(self, prompts):  # TRL private hook
+        result = super()._generate(prompts)
+        plan = self._guidance_plan
+        if plan is None or self.guidance_loss == "include" or not any(plan.lengths):
+            return result
+        prompt_ids, completion_ids, tool_mask, *rest = result
+        if tool_mask is not None:
+            raise RuntimeError("guidance.loss: mask cannot be combined with tool calling")
+        return (prompt_ids, completion_ids, generated_token_mask(plan.lengths, completion_ids), *rest)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):  # TRL private hook
+        plan = self._guidance_plan
+        if plan is None or plan.length == 0 or self.guided_per_group == 0:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        # Rows of one group no longer share a prefix, so each is its own request: TRL's vLLM server
+        # path would otherwise send one prompt per group (`prompts[::num_generations]`) with n=G.
+        # The decision depends only on l_k and alpha, which are the same on every rank.
+        completion_ids, logprobs = super()._generate_single_turn(
+            join_guidance(prompt_ids, plan.guidance_ids), images, multimodal_fields, 1, has_tool_images
+        )
+        return prepend_guidance(plan.guidance_ids, completion_ids, logprobs)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # TRL private hook
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func  # gathered over all ranks, in global row order
+        return rewards_per_func
+
+    # --- guidance --------------------------------------------------------------------------------
+
+    def _plan_guidance(self, inputs: list[dict[str, Any]]) -> _GuidancePlan:
+        offset = self.accelerator.process_index * len(inputs)
+        guided = guided_rows(len(inputs), offset, self.num_generations, self.guided_per_group)
+        length = self.guidance_length
+        guidance_ids = [
+            self._guidance_token_ids(row.get("guidance") or "")[:length] if is_guided and length > 0 else []
+            for row, is_guided in zip(inputs, guided, strict=True)
+        ]
+        return _GuidancePlan(guided, guidance_ids, length)
+
+    def _guidance_token_ids(self, text: str) -> list[int]:
+        """The trajectory's token ids, tokenised on its own, once per distinct trajectory."""
+        ids = self._guidance_ids_cache.get(text)
+        if ids is None:
+            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+            self._guidance_ids_cache[text] = ids
+            if len(self._guidance_ids_cache) > 65536:
+                self._guidance_ids_cache.popitem(last=False)
+        else:
+            self._guidance_ids_cache.move_to_end(text)
+        return ids
+
+    @staticmethod
+    def _fill_guidance_sampling_logps(output: dict[str, Any], plan: _GuidancePlan) -> None:
+        """Give guidance tokens the training model's own log-prob as their "sampling" log-prob.
+
+        TRL already treats their unknown (NaN) sampling log-probs as an importance ratio of 1;
+        filling them keeps every later consumer (off-policy masking) free of NaN as well.
+        """
+        sampling = output.get("sampling_per_token_logps")
+        old = output.get("old_per_token_logps")
+        if sampling is None or old is None or not any(plan.lengths):
+            return
+        unknown = torch.isnan(sampling)
+        output["sampling_per_token_logps"] = torch.where(unknown, old, sampling)
+
+    def _finish_step(self, output: dict[str, Any], plan: _GuidancePlan) -> None:
+        """Log the step's G2RPO-A statistics and advance the schedule once, on every rank alike."""
+        device = self.accelerator.device
+        gather = self.accelerator.gather
+        rewards_per_func = self._last_rewards_per_func
+        self._last_rewards_per_func = None
+        guided = gather(torch.tensor(plan.guided, device=device))
+        guidance_lengths = gather(torch.tensor(plan.lengths, device=device))
+        completion_lengths = gather(output["completion_mask"].sum(dim=1))
+        advantages = gather(output["advantages"])
+        stats = step_statistics(
+            rewards_per_func=rewards_per_func,
+            reward_weights=self.reward_weights.to(rewards_per_func.device),
+            driving_index=self.driving_reward_index,
+            guided=guided,
+            guidance_lengths=guidance_lengths,
+            completion_lengths=completion_lengths,
+            advantages=advantages,
+            num_generations=self.num_generations,
+            guidance_length=plan.length,
+        )
+        for name, value in stats.items():
+            self._metrics["train"][f"g2rpo/{name}"].append(value)
+        step = self.guidance_step
+        reward = stats["accuracy"]
+        if not math.isfinite(reward):
+            raise RuntimeError(f"step {step}: the driving reward's batch mean is {reward}; no roll-out was scorable")
+        self.guidance_length = self._from_rank_zero(lambda: self.guidance_client.report(step, reward, stats))
+        self.guidance_step = step + 1
+
+    def _from_rank_zero(self, ask):
+        """Evaluate `ask()` on rank 0 (the one holding the controller client) and share the answer.
+
+        A failure on rank 0 is shared too, so that no rank waits forever in the broadcast.
+        """
+        if self.accelerator.num_processes == 1:
+            return ask()
+        message: list[Any] = [None]
+        if self.accelerator.is_main_process:
+            try:
+                message = [("ok", ask())]
+            except Exception as exc:
+                message = [("error", f"{type(exc).__name__}: {exc}")]
+                broadcast_object_list(message, from_process=0)
+                raise
+        broadcast_object_list(message, from_process=0)
+        status, value = message[0]
+        if status == "error":
+            raise RuntimeError(f"the guidance controller call failed on rank 0: {value}")
+        return value
