@@ -41,6 +41,10 @@ def run_local(job: G2RPOJob, run_dir: Path, progress: bool = True) -> LocalRunRe
         guidance_client_factory=lambda params: InProcessGuidanceClient(GuidanceController(params)),
         extra_callbacks=[ProgressCallback()] if progress else [],
     )
+    if progress:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # the progress bar replaces the per-step log dicts
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)

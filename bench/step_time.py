@@ -1,0 +1,95 @@
+"""Step time of G2RPO-A vs TRL's GRPOTrainer on the same batches (tiny model, CPU).
+
+    .venv/bin/python bench/step_time.py [--steps 20] [--repeats 3]
+
+Both trainers get the same model weights, data, reward and config. G2RPO-A runs with alpha = 0
+(no guided roll-outs: the cost of the hooks, the per-step statistics and the controller round
+trip) and with alpha = 0.5 (guided roll-outs, l = 16). Runs alternate within one process and the
+report is the ratio of median step times against TRL's: absolute times on shared machines are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from g2rpo.controller.client import InProcessGuidanceClient
+from g2rpo.controller.core import GuidanceController
+from g2rpo.guidance.schedule import ScheduleParams
+from g2rpo.models.tiny import build_tiny_model
+from g2rpo.train.trainer import G2RPOTrainer
+
+
+def accuracy(completions, answer, **kwargs):
+    return [float(a in c) for c, a in zip(completions, answer)]
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def run(kind: str, model_dir: Path, steps: int, out: Path, guided_per_group: int = 0) -> list[float]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    data = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": f"{i}+{i}=?"}], "answer": str(2 * i), "guidance": f"{i}+{i} is {2 * i}. " * 4}
+            for i in range(64)
+        ]
+    )
+    config = GRPOConfig(
+        output_dir=str(out), use_cpu=True, bf16=False, per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=32, max_steps=steps, learning_rate=1e-4, logging_steps=1, save_strategy="no",
+        report_to=[], disable_tqdm=True, seed=0, shuffle_dataset=False,
+    )
+    timer = StepTimer()
+    common = dict(model=model, reward_funcs=[accuracy], args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
+    if kind == "trl":
+        trainer = GRPOTrainer(**common)
+    else:
+        params = ScheduleParams("adaptive", initial_length=16, min_length=1, max_length=64)
+        trainer = G2RPOTrainer(
+            **common, guidance_client=InProcessGuidanceClient(GuidanceController(params)),
+            guided_per_group=guided_per_group, guidance_loss="include", driving_reward="accuracy",
+        )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return timer.times[2:]  # the first steps warm up allocators and caches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_tiny_model(Path(tmp) / "tiny")
+        variants = {"trl GRPOTrainer": ("trl", 0), "g2rpo alpha=0": ("g2rpo", 0), "g2rpo alpha=0.5": ("g2rpo", 2)}
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for repeat in range(args.repeats):
+            for name, (kind, guided) in variants.items():
+                samples[name] += run(kind, model_dir, args.steps, Path(tmp) / f"{kind}{guided}-{repeat}", guided)
+    baseline = statistics.median(samples["trl GRPOTrainer"])
+    print(f"{'variant':<18} {'median step (ms)':>17} {'ratio vs TRL':>13}  (tiny Qwen3, G=4, 8 roll-outs x 32 tokens, CPU)")
+    for name, times in samples.items():
+        median = statistics.median(times)
+        print(f"{name:<18} {median * 1000:>17.1f} {median / baseline:>13.3f}")
+
+
+if __name__ == "__main__":
+    main()
