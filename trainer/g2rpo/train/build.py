@@ -126,7 +126,7 @@ def build_trainer(
         num_iterations=training.num_iterations,
         mask_truncated_completions=training.mask_truncated_completions,
         weight_decay=training.weight_decay,
-        warmup_ratio=training.warmup_ratio,
+        warmup_steps=training.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
         lr_scheduler_type=training.lr_scheduler_type,
         max_grad_norm=training.max_grad_norm,
         gradient_checkpointing=training.gradient_checkpointing,

@@ -1,0 +1,286 @@
+"""Training data: the arithmetic generator, curriculum order, and loading every kind of source.
+
+Local sources are real files written in tmp_path and read by `datasets` itself (its Arrow cache
+is redirected into tmp_path too); the hub path needs the network and is not exercised here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+import re
+from collections import Counter
+
+import datasets
+import pandas as pd
+import pytest
+
+from g2rpo.data import load
+from g2rpo.data.arithmetic import generate, value_limit
+from g2rpo.data.curriculum import order_rows
+from g2rpo.data.load import load_training_dataset
+from g2rpo.spec import ArithmeticDatasetSpec, CurriculumSpec, G2RPOJobSpec, SpecError
+
+STEP_LINE = re.compile(r"^Step (\d+): (\d+) ([-+*/]) (\d+) = (\d+)\.$")
+OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets-cache")
+
+
+def job(dataset: dict, curriculum: dict | None = None) -> G2RPOJobSpec:
+    """A job around `dataset`; guidance is switched off when the dataset has no guidance column."""
+    document = {"model": {"name": "unused"}, "dataset": dataset}
+    if dataset.get("guidanceColumn", "solution") is None:
+        document["guidance"] = {"ratio": 0}
+    if curriculum is not None:
+        document["curriculum"] = curriculum
+    return G2RPOJobSpec.model_validate(document)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+# --- generator ---------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_the_same_problems_and_another_seed_others():
+    params = ArithmeticDatasetSpec(num_problems=40, seed=3)
+    assert generate(params) == generate(params)
+    assert generate(params) != generate(ArithmeticDatasetSpec(num_problems=40, seed=4))
+
+
+def test_answers_equal_the_evaluated_steps_of_the_solution():
+    params = ArithmeticDatasetSpec(num_problems=200, min_steps=1, max_steps=5, max_operand=20, seed=7)
+    for row in generate(params):
+        assert set(row) == {"problem", "answer", "solution", "steps"}
+        assert isinstance(row["answer"], str) and isinstance(row["steps"], int)
+        head, body_and_tail = row["solution"].split("<think>\n")
+        body, tail = body_and_tail.split("\n</think>\n")
+        assert head == "" and tail == f"The answer is \\boxed{{{row['answer']}}}."
+        lines = body.split("\n")
+        assert len(lines) == row["steps"]
+        previous = None
+        for number, line in enumerate(lines, start=1):
+            match = STEP_LINE.match(line)
+            assert match, line
+            step, left, symbol, right, result = match.groups()
+            assert int(step) == number
+            assert previous is None or int(left) == previous, "each step starts from the last result"
+            exact = OPERATIONS[symbol](int(left), int(right))
+            assert exact == int(result), f"{line} (division must be exact)"
+            assert 0 <= int(result) <= value_limit(params.max_operand)
+            assert 1 <= int(right) <= params.max_operand
+            previous = int(result)
+        assert row["answer"] == str(previous)
+        first_value = lines[0].split()[2]
+        assert first_value in row["problem"] and row["problem"].endswith("?")
+
+
+def test_tiers_are_spread_evenly_over_the_set():
+    rows = generate(ArithmeticDatasetSpec(num_problems=10, min_steps=1, max_steps=4))
+    counts = Counter(row["steps"] for row in rows)
+    assert set(counts) == {1, 2, 3, 4}
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_problems_are_not_copies_of_one_template():
+    rows = generate(ArithmeticDatasetSpec(num_problems=60, min_steps=2, max_steps=2))
+    assert len({row["problem"] for row in rows}) == 60
+    names = {row["problem"].split()[0] for row in rows}
+    objects = {re.match(r"\w+ has \d+ ([a-z ]+)\.", row["problem"]).group(1) for row in rows}
+    assert len(names) >= 5 and len(objects) >= 5
+
+
+# --- curriculum --------------------------------------------------------------------------------
+
+
+ROWS = [
+    {"id": 0, "source": "olympiads"},
+    {"id": 1, "source": "cn_contest"},
+    {"id": 2, "source": "mystery"},
+    {"id": 3, "source": "amc_aime"},
+    {"id": 4, "source": "cn_contest"},
+]
+TIERS = ["cn_contest", "amc_aime", "olympiads"]
+
+
+def ids(rows):
+    return [row["id"] for row in rows]
+
+
+def test_order_ranks_rows_by_the_listed_tiers_stably():
+    assert ids(order_rows(ROWS, CurriculumSpec(column="source", order=TIERS))) == [1, 4, 3, 0, 2]
+
+
+def test_unknown_tiers_go_first_last_or_are_an_error():
+    assert ids(order_rows(ROWS, CurriculumSpec(column="source", order=TIERS, unknown="first"))) == [2, 1, 4, 3, 0]
+    with pytest.raises(SpecError, match=r"spec\.curriculum\.order: 1 rows .*'mystery'"):
+        order_rows(ROWS, CurriculumSpec(column="source", order=TIERS, unknown="error"))
+
+
+def test_order_compares_values_as_strings():
+    rows = [{"level": 3}, {"level": 1}, {"level": 2}]
+    assert order_rows(rows, CurriculumSpec(column="level", order=["1", "2", "3"])) == [rows[1], rows[2], rows[0]]
+
+
+def test_without_order_numbers_sort_numerically_and_text_as_strings():
+    numbers = [{"level": 10}, {"level": 2}, {"level": "1"}, {"level": None}]
+    assert [r["level"] for r in order_rows(numbers, CurriculumSpec(column="level"))] == ["1", 2, 10, None]
+    words = [{"level": "b"}, {"level": 10}, {"level": "a"}]
+    assert [r["level"] for r in order_rows(words, CurriculumSpec(column="level"))] == [10, "a", "b"]
+    with pytest.raises(SpecError, match=r"spec\.curriculum\.unknown"):
+        order_rows(numbers, CurriculumSpec(column="level", unknown="error"))
+
+
+def test_missing_curriculum_column_names_the_field_and_the_columns():
+    with pytest.raises(SpecError, match=r"spec\.curriculum\.column: no column 'tier'.*available columns: id, source"):
+        order_rows(ROWS, CurriculumSpec(column="tier"))
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def test_builtin_arithmetic_with_system_prompt_and_curriculum():
+    spec = job(
+        {"name": "builtin:arithmetic", "systemPrompt": "Reason step by step.", "arithmetic": {"numProblems": 12}},
+        curriculum={"column": "steps"},
+    )
+    dataset = load_training_dataset(spec)
+    assert dataset.column_names == ["prompt", "answer", "guidance", "difficulty"]
+    assert len(dataset) == 12
+    assert dataset["difficulty"] == sorted(dataset["difficulty"], key=int)
+    first = dataset[0]
+    assert first["prompt"][0] == {"role": "system", "content": "Reason step by step."}
+    assert first["prompt"][1]["role"] == "user" and first["prompt"][1]["content"].endswith("?")
+    assert first["guidance"].endswith(f"\\boxed{{{first['answer']}}}.")
+
+
+def test_builtin_difficulty_is_the_step_count_without_curriculum():
+    dataset = load_training_dataset(job({"name": "builtin:arithmetic", "arithmetic": {"numProblems": 8}}))
+    assert len(dataset[0]["prompt"]) == 1
+    assert sorted(set(dataset["difficulty"])) == ["1", "2", "3", "4"]
+
+
+def test_jsonl_with_mapped_columns_and_numeric_answers(tmp_path):
+    rows = [{"question": f"What is {i} + 1?", "final": i + 1, "level": "easy"} for i in range(3)]
+    spec = job(
+        {
+            "name": write_jsonl(tmp_path / "train.jsonl", rows),
+            "promptColumn": "question",
+            "answerColumn": "final",
+            "guidanceColumn": None,
+            "difficultyColumn": "level",
+        }
+    )
+    dataset = load_training_dataset(spec)
+    assert dataset.column_names == ["prompt", "answer", "guidance", "difficulty"]
+    assert dataset["answer"] == ["1", "2", "3"]
+    assert dataset["guidance"] == ["", "", ""]
+    assert dataset["difficulty"] == ["easy"] * 3
+    assert dataset[2]["prompt"] == [{"role": "user", "content": "What is 2 + 1?"}]
+
+
+def test_csv_drops_rows_with_an_empty_prompt(tmp_path, caplog):
+    path = tmp_path / "train.csv"
+    pd.DataFrame({"problem": ["1+1?", "", "2+2?"], "answer": [2, 0, 4], "solution": ["1+1=2", "", "2+2=4"]}).to_csv(
+        path, index=False
+    )
+    with caplog.at_level(logging.WARNING, logger="g2rpo.data.load"):
+        dataset = load_training_dataset(job({"name": str(path)}))
+    assert dataset["answer"] == ["2", "4"] and dataset["guidance"] == ["1+1=2", "2+2=4"]
+    assert "dropped 1 of 3 rows with an empty prompt" in caplog.text
+
+
+def test_parquet_with_tests_column(tmp_path):
+    path = tmp_path / "code.parquet"
+    pd.DataFrame(
+        {"problem": ["Write f."], "answer": [""], "solution": ["def f(): ..."], "test": ["assert f() is None"]}
+    ).to_parquet(path)
+    dataset = load_training_dataset(job({"name": str(path), "testsColumn": "test"}))
+    assert dataset.column_names == ["prompt", "answer", "guidance", "difficulty", "tests"]
+    assert dataset["tests"] == ["assert f() is None"]
+
+
+def test_max_samples_applies_after_the_curriculum_order(tmp_path):
+    rows = [
+        {"problem": f"p{i}", "answer": str(i), "solution": "s", "source": tier}
+        for i, tier in enumerate(["hard", "easy", "mid", "easy"])
+    ]
+    spec = job(
+        {"name": write_jsonl(tmp_path / "mixed.jsonl", rows), "maxSamples": 3},
+        curriculum={"column": "source", "order": ["easy", "mid", "hard"]},
+    )
+    dataset = load_training_dataset(spec)
+    assert dataset["answer"] == ["1", "3", "2"]
+    assert dataset["difficulty"] == ["easy", "easy", "mid"]
+
+
+def test_folders_saved_by_save_to_disk_with_splits(tmp_path):
+    rows = {"problem": ["a?", "b?"], "answer": ["1", "2"], "solution": ["x", "y"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(tmp_path / "saved")
+    assert load_training_dataset(job({"name": str(tmp_path / "saved")}))["answer"] == ["1", "2"]
+    with pytest.raises(SpecError, match=r"spec\.dataset\.split: no split 'test'.*available splits: train"):
+        load_training_dataset(job({"name": str(tmp_path / "saved"), "split": "test"}))
+
+
+def test_every_missing_column_is_named_by_its_field_with_the_available_columns(tmp_path):
+    spec = job(
+        {"name": write_jsonl(tmp_path / "t.jsonl", [{"problem": "p", "sol": "s"}]), "difficultyColumn": "level"},
+        curriculum={"column": "tier"},
+    )
+    with pytest.raises(SpecError) as caught:
+        load_training_dataset(spec)
+    lines = caught.value.lines()
+    for field, column in [
+        ("spec.dataset.answerColumn", "answer"),
+        ("spec.dataset.guidanceColumn", "solution"),
+        ("spec.dataset.difficultyColumn", "level"),
+        ("spec.curriculum.column", "tier"),
+    ]:
+        assert any(
+            line.startswith(f"{field}: no column {column!r}") and "available columns: problem, sol" in line
+            for line in lines
+        ), lines
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("{tmp}/missing.jsonl", r"spec\.dataset\.name: no such file or folder"),
+        ("{tmp}/rows.txt", r"spec\.dataset\.name: unsupported file type '\.txt'"),
+        ("{tmp}/empty.csv", r"spec\.dataset\.name: cannot read .*empty\.csv as csv: .*no data"),
+        ("{tmp}/broken.jsonl", r"spec\.dataset\.name: cannot read .*broken\.jsonl as json"),
+        ("{tmp}/empty.parquet", r"spec\.dataset\.name: cannot read .*empty\.parquet as parquet"),
+        ("{tmp}/blank.jsonl", r"spec\.dataset\.promptColumn: every row has an empty prompt"),
+    ],
+)
+def test_source_errors_name_their_field(tmp_path, name, message):
+    (tmp_path / "rows.txt").write_text("problem\n")
+    (tmp_path / "empty.csv").write_text("problem,answer,solution\n")
+    (tmp_path / "broken.jsonl").write_text('{"problem": "unterminated\n')
+    pd.DataFrame({"problem": [], "answer": [], "solution": []}).to_parquet(tmp_path / "empty.parquet")
+    write_jsonl(tmp_path / "blank.jsonl", [{"problem": " ", "answer": "1", "solution": "s"}])
+    with pytest.raises(SpecError, match=message):
+        load_training_dataset(job({"name": name.format(tmp=tmp_path)}))
+
+
+def test_a_source_without_rows_names_the_dataset(monkeypatch):
+    """Local files without rows fail inside `datasets` already (above); a hub split can still be empty."""
+    monkeypatch.setattr(load, "_load_source", lambda dataset: datasets.Dataset.from_dict({"problem": []}))
+    with pytest.raises(SpecError, match=r"spec\.dataset\.name: dataset 'some/hub-id' has no rows"):
+        load.load_training_dataset(job({"name": "some/hub-id"}))
+
+
+def test_unknown_curriculum_tier_with_error_policy_names_the_order(tmp_path):
+    spec = job(
+        {"name": write_jsonl(tmp_path / "t.jsonl", [{"problem": "p", "answer": "1", "solution": "s", "src": "x"}])},
+        curriculum={"column": "src", "order": ["a"], "unknown": "error"},
+    )
+    with pytest.raises(SpecError, match=r"spec\.curriculum\.order"):
+        load_training_dataset(spec)

