@@ -6,10 +6,16 @@ not happen (no file, no connection, no process output), not just that the progra
 
 from __future__ import annotations
 
+import os
+import resource
+import shutil
 import socket
 import subprocess
+import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -237,3 +243,111 @@ def test_a_failure_to_start_is_a_result_not_an_exception():
     result = run("print('never')", memory_mb=1)
     assert not result.ok
     assert "never" not in result.stdout
+    assert "sandbox: the memory limit of 1 MiB is below" in result.stderr, result.stderr
+
+
+def test_the_child_is_started_without_preexec_fn(monkeypatch):
+    """preexec_fn is unsafe with threads and rules out vfork; the limits are set by the bootstrap."""
+    calls = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        calls.append(kwargs)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
+    result = run("print('started')")
+    assert result.ok, result.stderr
+    assert calls, "the sandbox did not start its process through subprocess.Popen"
+    assert all(kwargs.get("preexec_fn") is None for kwargs in calls)
+    assert all(kwargs.get("start_new_session") for kwargs in calls if "cwd" in kwargs)
+
+
+def test_limits_are_in_force_when_the_program_runs():
+    result = run(
+        """
+        import resource
+        for name in ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE"):
+            print(name, *resource.getrlimit(getattr(resource, name)))
+        """,
+        memory_mb=300,
+        timeout_s=4.0,
+    )
+    assert result.ok, result.stderr
+    limits = {name: (int(soft), int(hard)) for name, soft, hard in map(str.split, result.stdout.splitlines())}
+    assert limits == {
+        "RLIMIT_AS": (300 * 1024 * 1024, 300 * 1024 * 1024),
+        "RLIMIT_CPU": (5, 6),
+        "RLIMIT_FSIZE": (16 * 1024 * 1024, 16 * 1024 * 1024),
+        "RLIMIT_NOFILE": (64, 64),
+        "RLIMIT_CORE": (0, 0),
+    }
+
+
+def test_writing_past_the_file_size_limit_fails():
+    result = run("open('big.bin', 'wb').write(b'x' * (17 * 1024 * 1024))\n")
+    assert not result.ok and not result.timed_out
+    assert "File too large" in result.stderr, result.stderr  # Python ignores SIGXFSZ: EFBIG
+
+
+def _host_can_unshare_network() -> bool:
+    if hasattr(os, "unshare"):
+        probe = [sys.executable, "-c", "import os; os.unshare(os.CLONE_NEWNET)"]
+    elif shutil.which("unshare"):
+        probe = [shutil.which("unshare"), "--net", "true"]
+    else:
+        return False
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+def test_program_runs_in_an_empty_network_namespace_where_allowed():
+    if not _host_can_unshare_network():
+        pytest.skip("this process may not create a network namespace (needs CAP_SYS_ADMIN)")
+    result = run(
+        """
+        import os, socket
+        print(os.readlink("/proc/self/ns/net"), *(name for _, name in socket.if_nameindex()))
+        """
+    )
+    assert result.ok, result.stderr
+    namespace, *interfaces = result.stdout.split()
+    assert namespace != os.readlink("/proc/self/ns/net")
+    assert interfaces == ["lo"]
+
+
+def test_concurrent_sandboxes_in_a_process_with_busy_threads():
+    """The code reward runs sandboxes from a thread pool inside a trainer full of PyTorch threads."""
+    torch = pytest.importorskip("torch")
+    timeout_s = 30.0
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    stop = threading.Event()
+    matmuls = []
+
+    def keep_torch_busy():
+        matrix = torch.randn(256, 256)
+        deadline = time.monotonic() + 2 * timeout_s  # bounded even if the test hangs
+        while not stop.is_set() and time.monotonic() < deadline:
+            matrix = torch.tanh(matrix @ matrix)
+            matmuls.append(1)
+
+    def sandboxed_sum(n):
+        started = time.monotonic()
+        result = run(f"print(sum(i * i for i in range({n})))", timeout_s=timeout_s)
+        return n, result, time.monotonic() - started
+
+    busy = threading.Thread(target=keep_torch_busy, daemon=True)
+    busy.start()
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            outcomes = list(pool.map(sandboxed_sum, range(10_000, 170_000, 10_000)))
+    finally:
+        stop.set()
+        busy.join(timeout=10)
+        torch.set_num_threads(previous_threads)
+    assert matmuls, "the background torch thread never ran"
+    assert len(outcomes) == 16
+    for n, result, elapsed in outcomes:
+        assert result.ok and not result.timed_out, (n, result.reason, result.stderr)
+        assert result.stdout.strip() == str(sum(i * i for i in range(n)))
+        assert elapsed < timeout_s / 3, f"a sandbox took {elapsed:.1f} s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from g2rpo.spec import SpecError, load_job
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(job, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # TRL 1.16 still calls transformers' renamed gradient-checkpointing API on every step.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     from g2rpo.local.run import run_local
 
     run_dir = args.output or Path("runs") / job.metadata.name

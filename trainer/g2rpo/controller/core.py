@@ -8,7 +8,8 @@ Semantics, the contract of both:
 
 - `report(step=k, ...)` with k equal to the number of steps observed advances the schedule once.
 - Reporting the last step again with the same reward (a retry whose answer was lost) is
-  idempotent: the same answer, no second advance.
+  idempotent: no second advance; the answer is the current length (the same one, unless an
+  operator overrode it in between).
 - Any other step is refused with `StepConflict`: an older step (use `rewind` when the trainer
   resumes from a checkpoint), a retry with a different reward, or a step from the future.
 - `rewind(step)` returns the schedule to the state it had after `step` steps.
@@ -72,7 +73,7 @@ class GuidanceController:
                     f"step {step} was already reported with reward {last.reward}; a retry must repeat it "
                     f"(got {reward}). To replay from an earlier step, rewind first."
                 )
-            return last.next_length
+            return self.state.tokens  # the answer it lost, or an operator's override made since
         if step != self.state.step:
             raise StepConflict(
                 f"step {step} reported but the controller expects step {self.state.step}"

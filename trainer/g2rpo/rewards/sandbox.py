@@ -16,11 +16,25 @@ What is contained, and how:
   RLIMIT_CORE 0. Output is drained while the program runs and only the first and last
   `max_output_bytes / 2` bytes of each stream are kept, so a program that prints forever cannot
   exhaust the trainer's memory.
+- How the limits are applied: the bootstrap (below) sets them on its own process with
+  `resource.setrlimit` as its first step, before it reads the program; the trainer computes them
+  and passes them as arguments. RLIMIT_AS and RLIMIT_CPU count the whole process, so they bound the
+  same total as limits set before exec would; only the interpreter's own startup (about 15 MiB of
+  address space, milliseconds) runs before them, and a memory limit below what the interpreter already uses is
+  refused with a message instead of crashing it later. The trainer passes no `preexec_fn`: it is
+  not safe in a process with threads (the trainer has PyTorch's threads, and the code reward runs
+  sandboxes from a thread pool) and it forces a full fork of a process that may hold a large model.
+  Without it, `subprocess` starts the child with vfork + exec (`subprocess._USE_VFORK`; cwd,
+  start_new_session and close_fds are applied in the vforked child without running Python code).
 - State: a new temporary directory is the working directory, HOME and TMPDIR, and is removed
   afterwards. The environment is minimal (no proxies, tokens, PYTHONPATH) and `python -I -B`
   ignores PYTHON* variables, the user site and the script folder, and writes no bytecode.
 - Network, layer (a): where the trainer may (root with CAP_SYS_ADMIN), the child enters a new,
-  empty network namespace (unshare(CLONE_NEWNET)) before exec; elsewhere this is skipped.
+  empty network namespace before it reads the program: the bootstrap calls
+  `os.unshare(os.CLONE_NEWNET)` (Python 3.12+) before it installs the hook; on Python 3.11, which
+  has no os.unshare, the trainer starts the child through util-linux `unshare --net` once a probe
+  has shown that this works. Where it is not allowed (EPERM) this layer is skipped silently.
+  ctypes is deliberately not used for it: see `_unshare_command`.
 - Layer (b), everywhere: a bootstrap installs a `sys.addaudithook` hook before the program runs.
   It refuses, with PermissionError: sockets other than AF_UNIX (and AF_UNIX addresses outside
   the folder), name resolution; opening files for writing, creating, removing, renaming, linking
@@ -41,8 +55,7 @@ objects through `gc`). Those need the OS-level isolation named above.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import functools
 import math
 import os
 import resource
@@ -55,19 +68,44 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-CLONE_NEWNET = 0x40000000
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_OPEN_FILES = 64
 _PROGRAM_FILE = "program.py"  # the name BOOTSTRAP reads the program from
 _READ_CHUNK = 65536
+_SEARCH_PATH = "/usr/local/bin:/usr/bin:/bin"
 
-# Runs in the child as `python -I -B -c BOOTSTRAP`, in the sandbox folder, before any user code.
-# It reads the program (then deletes its file), installs the audit hook, and execs the program as
-# `__main__` with the filename "<program>", registered in linecache so tracebacks show its lines.
-# The hook binds everything it uses as default arguments and keeps ctypes unimported: with
-# ctypes loaded before the hook, `ctypes.pythonapi` would reach libc without a further audit event.
+# Runs in the child as `python -I -B -c BOOTSTRAP LIMIT...`, in the sandbox folder, before any user
+# code. It sets the resource limits given as arguments ("RESOURCE,SOFT,HARD") on itself, enters a
+# new network namespace where it may (Python 3.12+), reads the program (then deletes its file),
+# installs the audit hook, and execs the program as `__main__` with the filename "<program>",
+# registered in linecache so tracebacks show its lines. The hook binds everything it uses as
+# default arguments and keeps ctypes unimported: with ctypes loaded before the hook,
+# `ctypes.pythonapi` would reach libc without a further audit event.
 BOOTSTRAP = r'''
-import linecache, os, stat, sys, traceback
+import os, resource, sys
+
+
+def _limit_self(limits):
+    for limit in limits:
+        which, soft, hard = (int(part) for part in limit.split(","))
+        if which == resource.RLIMIT_AS:
+            with open("/proc/self/statm") as statm:
+                in_use = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            if in_use >= soft:
+                sys.exit(f"sandbox: the memory limit of {soft >> 20} MiB is below the "
+                         f"{in_use >> 20} MiB the interpreter itself uses")
+        resource.setrlimit(which, (soft, hard))
+    if hasattr(os, "unshare"):  # Python 3.12+; on 3.11 the trainer starts this process in one
+        try:
+            os.unshare(os.CLONE_NEWNET)
+        except OSError:  # EPERM without CAP_SYS_ADMIN: the audit hook still holds
+            pass
+
+
+_limit_self(sys.argv[1:])
+del _limit_self
+
+import linecache, stat, traceback
 
 ROOT = os.path.realpath(os.getcwd())
 with open("program.py", encoding="utf-8") as program_file:
@@ -248,8 +286,10 @@ def run_python(code: str, *, timeout_s: float, memory_mb: int, max_output_bytes:
 
 
 def _run_in(folder: str, *, timeout_s: float, memory_mb: int, max_output_bytes: int) -> SandboxResult:
+    # No preexec_fn (see the module docstring): the limits travel as arguments to the bootstrap.
+    command = [*_unshare_command(), sys.executable, "-I", "-B", "-c", BOOTSTRAP]
     process = subprocess.Popen(
-        [sys.executable, "-I", "-B", "-c", BOOTSTRAP],
+        [*command, *_limit_arguments(timeout_s, memory_mb)],
         cwd=folder,
         env=_minimal_environment(folder),
         stdin=subprocess.DEVNULL,
@@ -257,7 +297,6 @@ def _run_in(folder: str, *, timeout_s: float, memory_mb: int, max_output_bytes: 
         stderr=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,
-        preexec_fn=_child_limits(timeout_s, memory_mb),
     )
     deadline = time.monotonic() + timeout_s
     stdout, stderr = _BoundedBuffer(max_output_bytes), _BoundedBuffer(max_output_bytes)
@@ -286,7 +325,7 @@ def _run_in(folder: str, *, timeout_s: float, memory_mb: int, max_output_bytes: 
 
 def _minimal_environment(folder: str) -> dict[str, str]:
     return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "PATH": _SEARCH_PATH,
         "HOME": folder,
         "TMPDIR": folder,
         "LANG": "C.UTF-8",
@@ -299,41 +338,55 @@ def _minimal_environment(folder: str) -> dict[str, str]:
     }
 
 
-def _load_unshare():
-    """libc's unshare, resolved in the trainer so that the forked child only calls it."""
+@functools.cache
+def _unshare_command() -> tuple[str, ...]:
+    """The `unshare --net --` prefix that starts the child in a new network namespace, or ().
+
+    Only for Python < 3.12: from 3.12 the bootstrap calls os.unshare itself. The prefix is used
+    where a probe shows that it works here (it needs CAP_SYS_ADMIN); the probe runs once.
+
+    Why not ctypes in the bootstrap (unshare through libc, then dropping ctypes and _ctypes from
+    sys.modules before the hook is installed): on 3.11 importing _ctypes readies its static types,
+    and they stay reachable from the program through `object.__subclasses__()` whatever the
+    bootstrap deletes. With them `c_char_p(address).value` reads, and a Union of an integer and a
+    pointer writes, any memory without raising a single audit event, enough to switch the hook
+    off. Before, the child never loaded ctypes; util-linux `unshare` keeps it that way.
+    """
+    if hasattr(os, "unshare"):
+        return ()
+    unshare = shutil.which("unshare", path=_SEARCH_PATH)
+    if unshare is None:
+        return ()
+    command = (unshare, "--net", "--")
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        return libc.unshare
-    except (OSError, AttributeError):
-        return None
+        probe = subprocess.run(
+            [*command, sys.executable, "-I", "-S", "-c", ""],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={"PATH": _SEARCH_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"},
+            close_fds=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return command if probe.returncode == 0 else ()
 
 
-_unshare = _load_unshare()
-
-
-def _child_limits(timeout_s: float, memory_mb: int):
-    """The preexec_fn: runs in the forked child before exec, so it only calls what is bound here."""
+def _limit_arguments(timeout_s: float, memory_mb: int) -> list[str]:
+    """The bootstrap's arguments: one "RESOURCE,SOFT,HARD" per limit it sets on itself."""
     cpu_seconds = math.ceil(timeout_s) + 1
-    limits = [
-        (which, _within_hard_limit(which, soft, hard))
+    memory_bytes = memory_mb * 1024 * 1024
+    return [
+        "{},{},{}".format(which, *_within_hard_limit(which, soft, hard))
         for which, soft, hard in (
-            (resource.RLIMIT_AS, memory_mb * 1024 * 1024, memory_mb * 1024 * 1024),
+            (resource.RLIMIT_AS, memory_bytes, memory_bytes),
             (resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1),
             (resource.RLIMIT_FSIZE, MAX_FILE_BYTES, MAX_FILE_BYTES),
             (resource.RLIMIT_NOFILE, MAX_OPEN_FILES, MAX_OPEN_FILES),
             (resource.RLIMIT_CORE, 0, 0),
         )
     ]
-    setrlimit = resource.setrlimit
-    unshare = _unshare
-
-    def limit_child() -> None:
-        for which, limit in limits:
-            setrlimit(which, limit)
-        if unshare is not None:
-            unshare(CLONE_NEWNET)  # fails with EPERM without CAP_SYS_ADMIN: the audit hook still holds
-
-    return limit_child
 
 
 def _within_hard_limit(which: int, soft: int, hard: int) -> tuple[int, int]:

@@ -47,9 +47,13 @@ class RunLayout:
 
 @dataclass(frozen=True)
 class Generation:
-    """Where roll-outs are generated: in the training process, or on a vLLM server (TRL's server mode)."""
+    """Where roll-outs are generated: in the training process, or on a vLLM server (TRL's server mode).
+
+    `weight_sync_port` is the port of TRL's NCCL group that pushes weights to the server.
+    """
 
     vllm_server_url: str | None = None
+    weight_sync_port: int = 51216
 
 
 def resolve_resume(spec: G2RPOJobSpec, checkpoint_dir: Path) -> str | None:
@@ -142,6 +146,9 @@ def build_trainer(
         use_vllm=generation.vllm_server_url is not None,
         vllm_mode="server",
         vllm_server_base_url=generation.vllm_server_url,
+        vllm_group_port=generation.weight_sync_port,
+        # vLLM must fit the longest roll-out: prompt + guidance + generated tokens.
+        vllm_max_model_length=training.max_prompt_length + spec.guidance.max_length + training.max_completion_length,
     )
     model = AutoModelForCausalLM.from_pretrained(model_path, revision=_revision(spec, model_path), dtype=dtype)
     trainer = G2RPOTrainer(

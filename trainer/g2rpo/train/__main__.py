@@ -1,0 +1,54 @@
+"""`python -m g2rpo.train --job FILE`: one rank of a cluster job, started by `accelerate launch`.
+
+The operator mounts the accepted job as FILE and sets the environment:
+G2RPO_CONTROLLER_URL and G2RPO_CONTROLLER_TOKEN_FILE (the job's guidance controller; rank 0
+talks to it), G2RPO_ROLLOUT_URL and G2RPO_ROLLOUT_GROUP_PORT (the vLLM server and TRL's weight
+sync). Without G2RPO_ROLLOUT_URL, ranks generate in process. Checkpoints go to checkpoint.dir
+(the job's volume); a restarted trainer resumes from the newest one there, guidance state included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from g2rpo.spec import SpecError, load_job
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m g2rpo.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--job", type=Path, required=True, help="the G2RPOJob YAML file")
+    parser.add_argument("--run-dir", type=Path, help="metrics and final model (default: beside the checkpoints)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from g2rpo.controller.http_client import HttpGuidanceClient
+    from g2rpo.train.build import Generation, RunLayout, build_trainer, resolve_resume
+
+    try:
+        job = load_job(args.job)
+    except SpecError as exc:
+        print(f"{args.job} is not a valid G2RPOJob: {exc}", file=sys.stderr)
+        return 1
+    layout = RunLayout.for_job(job, args.run_dir or _default_run_dir(job))
+    generation = Generation(
+        vllm_server_url=os.environ.get("G2RPO_ROLLOUT_URL") or None,
+        weight_sync_port=int(os.environ.get("G2RPO_ROLLOUT_GROUP_PORT", "51216")),
+    )
+    trainer = build_trainer(job, layout, guidance_client_factory=lambda params: HttpGuidanceClient.from_env(), generation=generation)
+    trainer.train(resume_from_checkpoint=resolve_resume(job.spec, layout.checkpoint_dir))
+    trainer.save_model(str(layout.run_dir / "final"))
+    return 0
+
+
+def _default_run_dir(job) -> Path:
+    if job.spec.checkpoint.dir:
+        return Path(job.spec.checkpoint.dir)
+    return Path("runs") / job.metadata.name
+
+
+if __name__ == "__main__":
+    sys.exit(main())
