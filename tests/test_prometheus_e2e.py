@@ -1,0 +1,189 @@
+"""End to end on loopback: the cluster trainer entry point (`python -m g2rpo.train`, tiny model)
+reports to a real controller service, a real Prometheus scrapes the controller and evaluates the
+shipped alert rules; every metric family and every alert's selectors return data.
+
+Prometheus comes from Debian's package (`make tools` installs it). Alert expressions only fire
+after minutes or hours, so each alert is checked twice: the real Prometheus loads and evaluates
+the rule without error, and a probe built from the rule's own selectors returns data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ROOT / "manifests" / "prometheus" / "g2rpo-alerts.rules.yaml"
+TOKEN = "e2e-token"
+JOB = "e2e-tiny"
+STEPS = 6
+
+# alert -> a query over the alert's own selectors that returns data as soon as they match series
+PROBES = {
+    "G2RPOJobStoppedReporting": "time() - g2rpo_last_report_timestamp_seconds",
+    "G2RPOAccuracyRewardCollapse": 'avg_over_time(g2rpo_accuracy_reward{rollouts="all"}[15m])',
+    "G2RPOGuidancePinnedAtMax": (
+        "g2rpo_guidance_length_tokens - g2rpo_guidance_max_length_tokens"
+        ' and on (g2rpo_job) g2rpo_schedule_info{schedule="adaptive"} == 1'
+    ),
+    "G2RPOAdvantageStdNearZero": "g2rpo_advantage_std",
+}
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Prometheus: `make tools` installs it"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _get(url: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read()
+    except OSError:
+        return None
+
+
+def _query(prometheus: str, expr: str) -> list[dict]:
+    body = _get(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    assert body is not None, f"Prometheus did not answer {expr}"
+    answer = json.loads(body)
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def _job_yaml(model_dir: Path, max_steps: int) -> str:
+    return f"""\
+apiVersion: g2rpo.dev/v1alpha1
+kind: G2RPOJob
+metadata: {{name: {JOB}}}
+spec:
+  model: {{name: "{model_dir}"}}
+  dataset:
+    name: builtin:arithmetic
+    arithmetic: {{numProblems: 16, minSteps: 1, maxSteps: 2}}
+    guidanceColumn: solution
+  rewards: [{{name: accuracy}}, {{name: format, weight: 0.1}}]
+  guidance: {{ratio: 0.5, schedule: adaptive, initialLength: 12, minLength: 2, maxLength: 48}}
+  training: {{numGenerations: 4, perDeviceBatchSize: 4, maxSteps: {max_steps}, maxCompletionLength: 16,
+             learningRate: 1.0e-4}}
+  checkpoint: {{everySteps: 2}}
+"""
+
+
+def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(_job_yaml(tiny_model_dir, max_steps=4))
+    (tmp_path / "token").write_text(TOKEN)
+    controller_port, prometheus_port = _free_port(), _free_port()
+    controller = f"http://127.0.0.1:{controller_port}"
+    prometheus = f"http://127.0.0.1:{prometheus_port}"
+    processes: list[subprocess.Popen] = []
+    try:
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "g2rpo.controller", "--schedule-from", str(job_file), "--host", "127.0.0.1",
+                 "--port", str(controller_port), "--state-dir", str(tmp_path / "state"),
+                 "--token-file", str(tmp_path / "token")],
+                stdout=open(tmp_path / "controller.log", "wb"), stderr=subprocess.STDOUT,
+            )
+        )
+        _wait_for(lambda: _get(f"{controller}/readyz"), 30, "the controller")
+
+        def train() -> None:
+            trainer = subprocess.run(
+                [sys.executable, "-m", "g2rpo.train", "--job", str(job_file), "--run-dir", str(tmp_path / "run")],
+                env={**os.environ, "G2RPO_CONTROLLER_URL": controller,
+                     "G2RPO_CONTROLLER_TOKEN_FILE": str(tmp_path / "token"), "CUDA_VISIBLE_DEVICES": ""},
+                capture_output=True, text=True, timeout=600,
+            )
+            assert trainer.returncode == 0, trainer.stderr[-4000:]
+
+        train()
+        checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+        saved = json.loads((checkpoint / "guidance_state.json").read_text())
+        # The job is extended: the trainer resumes from checkpoint-4 and restores the controller to it.
+        job_file.write_text(_job_yaml(tiny_model_dir, max_steps=STEPS))
+        train()
+        request = urllib.request.Request(f"{controller}/v1/state", headers={"Authorization": f"Bearer {TOKEN}"})
+        state = json.loads(urllib.request.urlopen(request, timeout=5).read())["snapshot"]
+        assert state["state"]["step"] == STEPS
+        assert state["state"]["rewards"][:4] == saved["state"]["rewards"]
+        assert [e["event"] for e in state["events"]] == ["restore"]
+
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": "g2rpo-controller", "static_configs": [{"targets": [f"127.0.0.1:{controller_port}"]}]}],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        processes.append(
+            subprocess.Popen(
+                ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+                stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT,
+            )
+        )
+        _wait_for(lambda: _get(f"{prometheus}/-/ready"), 60, "Prometheus to start")
+        _wait_for(lambda: _query(prometheus, f'g2rpo_step{{g2rpo_job="{JOB}"}} == {STEPS}'), 60, "a scrape")
+
+        exposition = _get(f"{controller}/metrics").decode()
+        families = re.findall(r"^# TYPE (g2rpo_\w+) (\w+)", exposition, flags=re.MULTILINE)
+        assert len(families) >= 10
+        for family, kind in families:
+            name = family + "_bucket" if kind == "histogram" else family
+            found = _query(prometheus, f'{name}{{g2rpo_job="{JOB}"}}')
+            assert found, f"{name} has no data in Prometheus"
+        guided = _query(prometheus, f'g2rpo_accuracy_reward{{g2rpo_job="{JOB}",rollouts="guided"}}')
+        assert guided, "the guided accuracy reward reached Prometheus"
+
+        rules = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
+        assert set(PROBES) == {r["alert"] for r in rules}, "every alert needs a probe here"
+        for rule in rules:
+            for selector in re.findall(r"g2rpo_\w+(?:\{[^}]*\})?", PROBES[rule["alert"]]):
+                assert selector in rule["expr"] or selector == "g2rpo_job", f"{selector} is not in {rule['alert']}"
+            assert _query(prometheus, PROBES[rule["alert"]]), f"{rule['alert']}'s selectors match no series"
+            _query(prometheus, rule["expr"])  # the real expression evaluates without error
+
+        def evaluated_rules():
+            groups = json.loads(_get(f"{prometheus}/api/v1/rules"))["data"]["groups"]
+            loaded = [r for g in groups for r in g["rules"]]
+            return loaded if loaded and all(r.get("lastEvaluation", "").startswith("20") for r in loaded) else None
+
+        loaded = _wait_for(evaluated_rules, 30, "rule evaluation")
+        assert {r["name"] for r in loaded} == set(PROBES)
+        assert all(r["health"] == "ok" and not r.get("lastError") for r in loaded), loaded
+    finally:
+        for process in processes:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
