@@ -1,6 +1,6 @@
 """Step time of G2RPO-A vs TRL's GRPOTrainer on the same batches (tiny model, CPU).
 
-    .venv/bin/python bench/step_time.py [--steps 20] [--repeats 3]
+    .venv/bin/python bench/step_time.py [--steps 20] [--repeats 3] [--cuda] [--hidden 64]
 
 Both trainers get the same model weights, data, reward and config. G2RPO-A runs with alpha = 0
 (no guided roll-outs: the cost of the hooks, the per-step statistics and the controller round
@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -43,9 +44,9 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def run(kind: str, model_dir: Path, steps: int, out: Path, guided_per_group: int = 0) -> list[float]:
+def run(kind: str, model_dir: Path, steps: int, out: Path, guided_per_group: int = 0, cuda: bool = False) -> list[float]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
     data = Dataset.from_list(
         [
             {"prompt": [{"role": "user", "content": f"{i}+{i}=?"}], "answer": str(2 * i), "guidance": f"{i}+{i} is {2 * i}. " * 4}
@@ -53,7 +54,7 @@ def run(kind: str, model_dir: Path, steps: int, out: Path, guided_per_group: int
         ]
     )
     config = GRPOConfig(
-        output_dir=str(out), use_cpu=True, bf16=False, per_device_train_batch_size=8, num_generations=4,
+        output_dir=str(out), use_cpu=not cuda, bf16=cuda, per_device_train_batch_size=8, num_generations=4,
         max_completion_length=32, max_steps=steps, learning_rate=1e-4, logging_steps=1, save_strategy="no",
         report_to=[], disable_tqdm=True, seed=0, shuffle_dataset=False,
     )
@@ -76,16 +77,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cuda", action="store_true", help="bf16 on the GPU instead of float32 on the CPU")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the random Qwen3")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_tiny_model(Path(tmp) / "tiny")
+        model_dir = build_tiny_model(Path(tmp) / "tiny", hidden_size=args.hidden)
         variants = {"trl GRPOTrainer": ("trl", 0), "g2rpo alpha=0": ("g2rpo", 0), "g2rpo alpha=0.5": ("g2rpo", 2)}
         samples: dict[str, list[float]] = {name: [] for name in variants}
         for repeat in range(args.repeats):
             for name, (kind, guided) in variants.items():
-                samples[name] += run(kind, model_dir, args.steps, Path(tmp) / f"{kind}{guided}-{repeat}", guided)
+                samples[name] += run(kind, model_dir, args.steps, Path(tmp) / f"{kind}{guided}-{repeat}", guided, args.cuda)
     baseline = statistics.median(samples["trl GRPOTrainer"])
-    print(f"{'variant':<18} {'median step (ms)':>17} {'ratio vs TRL':>13}  (tiny Qwen3, G=4, 8 roll-outs x 32 tokens, CPU)")
+    where = "bf16 on " + torch.cuda.get_device_name(0) if args.cuda else "float32 on CPU"
+    print(f"{'variant':<18} {'median step (ms)':>17} {'ratio vs TRL':>13}  (Qwen3 hidden {args.hidden}, G=4, 8 roll-outs x 32 tokens, {where})")
     for name, times in samples.items():
         median = statistics.median(times)
         print(f"{name:<18} {median * 1000:>17.1f} {median / baseline:>13.3f}")
