@@ -1,0 +1,69 @@
+"""`g2rpo run FILE` end to end on the tiny model: outputs, summary, and `resume: auto` on a rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+JOB = """\
+apiVersion: g2rpo.dev/v1alpha1
+kind: G2RPOJob
+metadata: {{name: local-tiny}}
+spec:
+  model: {{name: "{model}"}}
+  dataset:
+    name: builtin:arithmetic
+    arithmetic: {{numProblems: 24, minSteps: 1, maxSteps: 3}}
+    guidanceColumn: solution
+    difficultyColumn: steps
+  rewards: [{{name: accuracy}}, {{name: format, weight: 0.1}}]
+  guidance: {{ratio: 0.5, schedule: {schedule}, initialLength: 16, minLength: 2, maxLength: 64, totalSteps: 8}}
+  curriculum: {{column: steps}}
+  training: {{numGenerations: 4, perDeviceBatchSize: 8, maxSteps: {steps}, maxCompletionLength: 12, learningRate: 1.0e-4}}
+  checkpoint: {{everySteps: 2, keep: 2}}
+"""
+
+
+def run(job_file, out):
+    return subprocess.run(
+        [sys.executable, "-m", "g2rpo.cli", "run", str(job_file), "--output", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+
+
+@pytest.mark.slow
+def test_local_run_writes_metrics_plot_checkpoints_and_resumes(tiny_model_dir, tmp_path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(JOB.format(model=tiny_model_dir, schedule="linear", steps=4))
+    out = tmp_path / "run"
+    first = run(job_file, out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "finished 'local-tiny': 4 steps" in first.stdout
+    assert "accuracy_guided" in first.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lengths = [r["g2rpo/guidance_length"] for r in records if "g2rpo/guidance_length" in r]
+    assert lengths == [16, 14, 12, 10], "linear schedule l0*(1-k/T) with T = guidance.totalSteps = 8"
+    assert (out / "reward_and_guidance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "final" / "config.json").is_file()
+
+    # Longer run, same folder: resume: auto continues from checkpoint-4 with the schedule's state.
+    job_file.write_text(JOB.format(model=tiny_model_dir, schedule="linear", steps=6))
+    second = run(job_file, out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "finished 'local-tiny': 6 steps" in second.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lengths = [r["g2rpo/guidance_length"] for r in records if "g2rpo/guidance_length" in r]
+    assert lengths == [16, 14, 12, 10, 8, 6]
+
+
+def test_local_run_refuses_a_batch_that_splits_groups(tiny_model_dir, tmp_path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(JOB.format(model=tiny_model_dir, schedule="fixed", steps=1).replace("perDeviceBatchSize: 8", "perDeviceBatchSize: 6"))
+    result = run(job_file, tmp_path / "run")
+    assert result.returncode == 1
+    assert "spec.training.perDeviceBatchSize" in result.stderr and "not a multiple of numGenerations (4)" in result.stderr
