@@ -254,23 +254,79 @@ class CheckpointSpec(SpecModel):
 
 
 # --- placement part (read by the operator) -------------------------------------------------------
+#
+# None in a placement field means "the operator's default" (set per install, e.g. A100 nodes);
+# an explicit value, even an empty one ({} or []), replaces that default for this job.
+
+Quantity = Annotated[
+    str,
+    Field(
+        pattern=r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+        description="A Kubernetes quantity (e.g. 500m, 4, 16Gi).",
+    ),
+]
 
 
-class TrainerPlacementSpec(SpecModel):
+class Toleration(SpecModel):
+    """A pod toleration (the Kubernetes core/v1 Toleration fields)."""
+
+    key: str | None = Field(None, description="Taint key; empty with operator Exists tolerates every taint.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists: any value; Equal: `value` must match.")
+    value: str | None = Field(None, description="Taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; empty tolerates all effects."
+    )
+    toleration_seconds: int | None = Field(None, ge=0, description="NoExecute only: how long the pod stays bound.")
+
+    @model_validator(mode="after")
+    def _no_value_with_exists(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists takes no value")
+        return self
+
+
+class PodPlacementSpec(SpecModel):
+    """Where and how one component's pods run. Unset fields take the operator's defaults."""
+
+    image: str | None = Field(None, description="Container image. Default: the operator's configured image.")
+    node_selector: dict[str, str] | None = Field(
+        None,
+        description="Node selector. Default: the operator's (A100 nodes via nvidia.com/gpu.product for GPU "
+        "components, none for the controller); {} selects any node.",
+    )
+    tolerations: list[Toleration] | None = Field(
+        None,
+        description="Tolerations. Default: the operator's (the nvidia.com/gpu taint for GPU components); [] none.",
+    )
+    cpu: Quantity | None = Field(None, description="CPU request. Default: the operator's.")
+    memory: Quantity | None = Field(None, description="Memory request (and limit). Default: the operator's.")
+
+
+class TrainerPlacementSpec(PodPlacementSpec):
     replicas: PositiveInt = Field(1, description="Trainer pods (nodes).")
     gpus_per_replica: PositiveInt = Field(8, description="GPUs (ranks) per trainer pod.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    image: str | None = Field(None, description="Trainer image. Default: the operator's configured trainer image.")
-    node_selector: dict[str, str] | None = Field(None, description="Node selector. Default: A100 nodes.")
+    shared_memory: Quantity = Field("16Gi", description="Size of /dev/shm (NCCL and data loaders need more than 64Mi).")
 
 
-class RolloutPlacementSpec(SpecModel):
-    replicas: PositiveInt = Field(1, description="vLLM server pods.")
+class RolloutPlacementSpec(PodPlacementSpec):
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=1,
+        description="vLLM server pods. Must be 1: TRL's server mode pushes weights to one server; scale "
+        "generation with gpus and dataParallelSize.",
+    )
     gpus: PositiveInt = Field(1, description="GPUs per vLLM pod.")
     tensor_parallel_size: PositiveInt = Field(1, description="vLLM tensor parallelism.")
     data_parallel_size: PositiveInt = Field(1, description="vLLM data parallelism.")
     gpu_memory_utilization: float = Field(0.7, gt=0, le=1, description="Fraction of GPU memory vLLM may take.")
-    image: str | None = Field(None, description="vLLM image. Default: the operator's configured rollout image.")
+    max_model_len: PositiveInt | None = Field(
+        None,
+        description="vLLM context length. Default: maxPromptLength + guidance.maxLength + maxCompletionLength "
+        "(the longest sequence a guided roll-out can reach).",
+    )
+    shared_memory: Quantity = Field("8Gi", description="Size of /dev/shm (vLLM's tensor-parallel workers use it).")
 
     @model_validator(mode="after")
     def _parallelism_fits(self) -> RolloutPlacementSpec:
@@ -279,6 +335,37 @@ class RolloutPlacementSpec(SpecModel):
                 f"tensorParallelSize*dataParallelSize ({self.tensor_parallel_size}*{self.data_parallel_size}) "
                 f"exceeds gpus ({self.gpus})"
             )
+        return self
+
+
+class ControllerPlacementSpec(PodPlacementSpec):
+    """The guidance controller: one small CPU pod per job."""
+
+
+class RunPolicySpec(SpecModel):
+    """How the job runs to completion: retries, deadline, gang scheduling, priority."""
+
+    backoff_limit: int = Field(
+        3,
+        ge=0,
+        description="Retry budget: how many times a failed trainer restarts (all ranks, from the newest "
+        "checkpoint) before the job fails.",
+    )
+    active_deadline_seconds: PositiveInt | None = Field(
+        None, description="Fail the job when it has been running longer than this (suspended time not counted)."
+    )
+    gang_scheduler: Literal["none", "kueue", "volcano"] = Field(
+        "none",
+        description="Admit all trainer pods together or none: kueue labels the trainer Job with `queue`; volcano "
+        "creates a PodGroup (minMember = trainer.replicas) and schedules with the volcano scheduler.",
+    )
+    queue: str | None = Field(None, description="Kueue LocalQueue or Volcano queue name.")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the trainer and rollout pods.")
+
+    @model_validator(mode="after")
+    def _queue_for_kueue(self) -> RunPolicySpec:
+        if self.gang_scheduler == "kueue" and not self.queue:
+            raise ValueError("gangScheduler kueue needs a queue (the Kueue LocalQueue name)")
         return self
 
 
@@ -299,6 +386,15 @@ class G2RPOJobSpec(SpecModel):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and resume.")
     trainer: TrainerPlacementSpec = Field(default_factory=TrainerPlacementSpec, description="Trainer pods.")
     rollout: RolloutPlacementSpec = Field(default_factory=RolloutPlacementSpec, description="vLLM rollout server.")
+    controller: ControllerPlacementSpec = Field(
+        default_factory=ControllerPlacementSpec, description="Guidance controller pod."
+    )
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Retries, deadline, scheduling.")
+    env_from_secret: str | None = Field(
+        None,
+        description="A Secret in the job's namespace whose keys become environment variables of the trainer and "
+        "rollout pods (e.g. HF_TOKEN for gated models and datasets).",
+    )
     suspend: bool = Field(False, description="Scale the job to zero; resuming continues from the newest checkpoint.")
 
     @property

@@ -1,0 +1,5 @@
+"""The g2rpo Kubernetes operator: reconciles G2RPOJob resources into the pods that train them.
+
+Layout: `crd` renders the CRD from the job-spec model; `builders` turn a spec into child manifests
+(pure functions); `reconcile` decides and applies; `handlers` wires kopf to it; `__main__` runs it.
+"""

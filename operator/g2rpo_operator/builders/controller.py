@@ -1,0 +1,124 @@
+"""The guidance controller: one Deployment (1 replica) + Service per job.
+
+The controller is the single source of truth for the guidance length, so it must keep its state
+across its own restarts: its state folder lives on the job's checkpoint claim (a sub-path per
+job), next to the checkpoints it must rewind to. It needs no GPU, so it gets no GPU node
+selector; its image is the slim operator/controller image, whose root filesystem can be read-only.
+The Service's port is named `metrics` so that a ServiceMonitor (or annotation-based scraping)
+finds /metrics; the same port serves the API (GET /v1/guidance).
+"""
+
+from __future__ import annotations
+
+from g2rpo_operator.builders.common import (
+    CONTROLLER_PORT,
+    JOB_FILE,
+    TOKEN_DIR,
+    TOKEN_KEY,
+    JobContext,
+    Manifest,
+    config_mounts,
+    config_volume,
+    container_security_context,
+    labels,
+    metadata,
+    node_selector,
+    pod_security_context,
+    resources,
+    selector_labels,
+    token_volume,
+    tolerations,
+)
+
+COMPONENT = "controller"
+STATE_DIR = "/var/lib/g2rpo"
+METRICS_PORT_NAME = "metrics"
+
+
+def _scrape_annotations() -> dict[str, str]:
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(CONTROLLER_PORT),
+        "prometheus.io/path": "/metrics",
+    }
+
+
+def controller_command(ctx: JobContext) -> list[str]:
+    return [
+        "g2rpo",
+        "controller",
+        "--job",
+        ctx.name,
+        "--state-dir",
+        STATE_DIR,
+        "--token-file",
+        f"{TOKEN_DIR}/{TOKEN_KEY}",
+        "--port",
+        str(CONTROLLER_PORT),
+        "--schedule-from",
+        JOB_FILE,
+    ]
+
+
+def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
+    """`replicas` is 0 while the job is suspended; never more than 1 (one state owner)."""
+    placement = ctx.spec.controller
+    settings = ctx.settings
+    probe = {"httpGet": {"path": "/healthz", "port": METRICS_PORT_NAME}, "periodSeconds": 10}
+    container: Manifest = {
+        "name": COMPONENT,
+        "image": placement.image or settings.controller_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": controller_command(ctx),
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": CONTROLLER_PORT, "protocol": "TCP"}],
+        "readinessProbe": {**probe, "httpGet": {"path": "/readyz", "port": METRICS_PORT_NAME}},
+        "livenessProbe": {**probe, "failureThreshold": 6},
+        "resources": resources(placement, settings.controller_cpu, settings.controller_memory),
+        "securityContext": container_security_context(read_only_root=True),
+        "volumeMounts": [
+            *config_mounts(),
+            {"name": "state", "mountPath": STATE_DIR, "subPath": f"{ctx.name}/controller-state"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(ctx, COMPONENT),
+        "spec": {
+            "replicas": replicas,
+            # Recreate: two controllers must never write the same state folder at once.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector_labels(ctx, COMPONENT)},
+            "template": {
+                "metadata": {"labels": labels(ctx, COMPONENT), "annotations": _scrape_annotations()},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": pod_security_context(),
+                    "nodeSelector": node_selector(placement, settings.controller_node_selector),
+                    "tolerations": tolerations(placement, settings.controller_tolerations),
+                    "containers": [container],
+                    "volumes": [
+                        config_volume(ctx),
+                        token_volume(ctx),
+                        {"name": "state", "persistentVolumeClaim": {"claimName": ctx.spec.checkpoint.volume_claim}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def service(ctx: JobContext) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(ctx, COMPONENT, annotations=_scrape_annotations()),
+        "spec": {
+            "selector": selector_labels(ctx, COMPONENT),
+            "ports": [
+                {"name": METRICS_PORT_NAME, "port": CONTROLLER_PORT, "targetPort": METRICS_PORT_NAME, "protocol": "TCP"}
+            ],
+        },
+    }

@@ -1,0 +1,131 @@
+"""The vLLM rollout server: a Deployment (1 pod) + Service running `trl vllm-serve`.
+
+`trl vllm-serve` starts vLLM's OpenAI-compatible server with TRL's NCCL weight-transfer engine, so
+that the trainer can push each step's weights into it (the trainer connects to port 8000 and opens
+the NCCL group on port 51216 of trainer rank 0). One pod only: TRL's client syncs weights to a
+single server, so generation scales inside the pod (tensor/data parallel over its GPUs).
+
+vLLM and its kernels (Triton, FlashInfer) write JIT caches under HOME and /tmp, which go to volumes
+here; the root filesystem stays writable because the GPU image's libraries were not verified to
+run read-only (no GPU on the machines that build this).
+"""
+
+from __future__ import annotations
+
+from g2rpo_operator.builders.common import (
+    CACHE_MOUNT,
+    ROLLOUT_PORT,
+    JobContext,
+    Manifest,
+    cache_env,
+    container_security_context,
+    labels,
+    metadata,
+    node_selector,
+    pod_security_context,
+    resources,
+    secret_env,
+    selector_labels,
+    shm_volume,
+    tolerations,
+)
+
+COMPONENT = "rollout"
+PORT_NAME = "http"
+
+
+def max_model_len(ctx: JobContext) -> int:
+    """The longest sequence a roll-out can reach: prompt + guidance prefix + generated completion."""
+    spec = ctx.spec
+    if spec.rollout.max_model_len is not None:
+        return spec.rollout.max_model_len
+    return spec.training.max_prompt_length + spec.guidance.max_length + spec.training.max_completion_length
+
+
+def vllm_serve_command(ctx: JobContext) -> list[str]:
+    spec = ctx.spec
+    rollout = spec.rollout
+    return [
+        "trl",
+        "vllm-serve",
+        "--model",
+        spec.model.name,
+        "--revision",
+        spec.model.revision,
+        "--dtype",
+        spec.model.dtype,
+        "--tensor_parallel_size",
+        str(rollout.tensor_parallel_size),
+        "--data_parallel_size",
+        str(rollout.data_parallel_size),
+        "--gpu_memory_utilization",
+        str(rollout.gpu_memory_utilization),
+        "--max_model_len",
+        str(max_model_len(ctx)),
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(ROLLOUT_PORT),
+    ]
+
+
+def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
+    """`replicas` is 0 while the job is suspended or finished: the GPUs go back to the cluster."""
+    spec = ctx.spec
+    placement = spec.rollout
+    settings = ctx.settings
+    health = {"httpGet": {"path": "/health", "port": PORT_NAME}, "periodSeconds": 10}
+    pod_spec: Manifest = {
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(),
+        "nodeSelector": node_selector(placement, settings.gpu_node_selector),
+        "tolerations": tolerations(placement, settings.gpu_tolerations),
+        "containers": [
+            {
+                "name": "vllm",
+                "image": placement.image or settings.rollout_image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "command": vllm_serve_command(ctx),
+                "env": cache_env(),
+                **secret_env(ctx),
+                "ports": [{"name": PORT_NAME, "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
+                # Loading and compiling a model takes minutes: the startup probe allows 20 of them.
+                "startupProbe": {**health, "failureThreshold": 120},
+                "readinessProbe": {**health, "failureThreshold": 3},
+                "livenessProbe": {**health, "failureThreshold": 6},
+                "resources": resources(placement, settings.rollout_cpu, settings.rollout_memory, placement.gpus),
+                "securityContext": container_security_context(read_only_root=False),
+                "volumeMounts": [
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                    {"name": "cache", "mountPath": CACHE_MOUNT},
+                ],
+            }
+        ],
+        "volumes": [shm_volume(placement.shared_memory), {"name": "cache", "emptyDir": {}}],
+    }
+    if spec.run_policy.priority_class_name:
+        pod_spec["priorityClassName"] = spec.run_policy.priority_class_name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(ctx, COMPONENT),
+        "spec": {
+            "replicas": replicas,
+            # Recreate: a rolling update would need a second set of GPUs for the overlap.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector_labels(ctx, COMPONENT)},
+            "template": {"metadata": {"labels": labels(ctx, COMPONENT)}, "spec": pod_spec},
+        },
+    }
+
+
+def service(ctx: JobContext) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(ctx, COMPONENT),
+        "spec": {
+            "selector": selector_labels(ctx, COMPONENT),
+            "ports": [{"name": PORT_NAME, "port": ROLLOUT_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}],
+        },
+    }
