@@ -209,6 +209,7 @@ def test_gang_scheduling_with_kueue_or_volcano():
         ("ok", {"checkpoint": {"dir": "/tmp/ckpt"}}, "spec.checkpoint.dir"),
         ("ok", {"rollout": {"gpus": 2, "tensorParallelSize": 2, "dataParallelSize": 2}}, "spec.rollout"),
         ("ok", {"guidance": {"ratio": 0.05}}, "spec.guidance.ratio"),
+        ("ok", {"guidance": {"schedule": "linear"}}, "spec.guidance.totalSteps"),
     ],
 )
 def test_validate_names_the_field(name, spec, field):

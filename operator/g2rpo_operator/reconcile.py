@@ -85,7 +85,8 @@ def validate(name: str, raw_spec: Any) -> tuple[G2RPOJobSpec | None, list[str]]:
 
     Beyond the model's own validation (which the CRD schema cannot fully express: cross-field
     rules), a cluster run needs a name that fits its children's names and a checkpoint claim:
-    suspend/resume and restarts continue from checkpoints, which must outlive the pods.
+    suspend/resume and restarts continue from checkpoints, which must outlive the pods. A linear
+    or concave schedule needs its length up front: the controller pod has no dataset to count.
     """
     errors: list[str] = []
     if not re.match(r"^[a-z]", name):
@@ -100,6 +101,11 @@ def validate(name: str, raw_spec: Any) -> tuple[G2RPOJobSpec | None, list[str]]:
         errors.append(
             "spec.checkpoint.volumeClaim: required on a cluster (restarts and resume continue from checkpoints "
             "on this PersistentVolumeClaim)"
+        )
+    if spec.guidance.schedule in ("linear", "concave") and not (spec.guidance.total_steps or spec.training.max_steps):
+        errors.append(
+            f"spec.guidance.totalSteps: the {spec.guidance.schedule} schedule needs the run's length on a cluster "
+            "(set guidance.totalSteps or training.maxSteps): the controller pod computes l_k without the dataset"
         )
     directory = spec.checkpoint.dir
     if directory and directory != CHECKPOINT_MOUNT and not directory.startswith(CHECKPOINT_MOUNT + "/"):
