@@ -101,6 +101,26 @@ def labels(ctx: JobContext, component: str) -> dict[str, str]:
     }
 
 
+def recreate_deployment(
+    ctx: JobContext, component: str, replicas: int, pod_spec: Manifest, annotations: dict[str, str] | None = None
+) -> Manifest:
+    """A Deployment that replaces its pod rather than rolling: never two pods of `component` at once."""
+    pod_metadata: Manifest = {"labels": labels(ctx, component)}
+    if annotations:
+        pod_metadata["annotations"] = annotations
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(ctx, component),
+        "spec": {
+            "replicas": replicas,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector_labels(ctx, component)},
+            "template": {"metadata": pod_metadata, "spec": pod_spec},
+        },
+    }
+
+
 def metadata(ctx: JobContext, component: str, name: str | None = None, **extra: Any) -> Manifest:
     return {"name": name or ctx.child(component), "namespace": ctx.namespace, "labels": labels(ctx, component), **extra}
 

@@ -20,10 +20,10 @@ from g2rpo_operator.builders.common import (
     config_mounts,
     config_volume,
     container_security_context,
-    labels,
     metadata,
     node_selector,
     pod_security_context,
+    recreate_deployment,
     resources,
     selector_labels,
     token_volume,
@@ -81,33 +81,21 @@ def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(ctx, COMPONENT),
-        "spec": {
-            "replicas": replicas,
-            # Recreate: two controllers must never write the same state folder at once.
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": selector_labels(ctx, COMPONENT)},
-            "template": {
-                "metadata": {"labels": labels(ctx, COMPONENT), "annotations": _scrape_annotations()},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "securityContext": pod_security_context(),
-                    "nodeSelector": node_selector(placement, settings.controller_node_selector),
-                    "tolerations": tolerations(placement, settings.controller_tolerations),
-                    "containers": [container],
-                    "volumes": [
-                        config_volume(ctx),
-                        token_volume(ctx),
-                        {"name": "state", "persistentVolumeClaim": {"claimName": ctx.spec.checkpoint.volume_claim}},
-                        {"name": "tmp", "emptyDir": {}},
-                    ],
-                },
-            },
-        },
+    pod_spec: Manifest = {
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(),
+        "nodeSelector": node_selector(placement, settings.controller_node_selector),
+        "tolerations": tolerations(placement, settings.controller_tolerations),
+        "containers": [container],
+        "volumes": [
+            config_volume(ctx),
+            token_volume(ctx),
+            {"name": "state", "persistentVolumeClaim": {"claimName": ctx.spec.checkpoint.volume_claim}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
     }
+    # Recreate: two controllers must never write the same state folder at once.
+    return recreate_deployment(ctx, COMPONENT, replicas, pod_spec, annotations=_scrape_annotations())
 
 
 def service(ctx: JobContext) -> Manifest:

@@ -19,10 +19,10 @@ from g2rpo_operator.builders.common import (
     Manifest,
     cache_env,
     container_security_context,
-    labels,
     metadata,
     node_selector,
     pod_security_context,
+    recreate_deployment,
     resources,
     secret_env,
     selector_labels,
@@ -105,18 +105,8 @@ def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
     }
     if spec.run_policy.priority_class_name:
         pod_spec["priorityClassName"] = spec.run_policy.priority_class_name
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(ctx, COMPONENT),
-        "spec": {
-            "replicas": replicas,
-            # Recreate: a rolling update would need a second set of GPUs for the overlap.
-            "strategy": {"type": "Recreate"},
-            "selector": {"matchLabels": selector_labels(ctx, COMPONENT)},
-            "template": {"metadata": {"labels": labels(ctx, COMPONENT)}, "spec": pod_spec},
-        },
-    }
+    # Recreate: a rolling update would need a second set of GPUs for the overlap.
+    return recreate_deployment(ctx, COMPONENT, replicas, pod_spec)
 
 
 def service(ctx: JobContext) -> Manifest:
