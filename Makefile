@@ -12,7 +12,7 @@ INSTALLED = $(VENV)/.installed
 
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml constraints/cpu.txt
+$(INSTALLED): pyproject.toml constraints/cpu.txt constraints/trainer-cuda.txt constraints/operator.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
