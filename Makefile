@@ -8,7 +8,7 @@ PYTHON ?= python3
 PIP = $(VENV)/bin/python -m pip
 INSTALLED = $(VENV)/.installed
 
-.PHONY: run test install tools
+.PHONY: run test install tools lock
 
 install: $(INSTALLED)
 
@@ -32,3 +32,10 @@ run: $(INSTALLED)
 
 test: $(INSTALLED) tools
 	$(VENV)/bin/python -m pytest
+
+# Regenerate the image locks (constraints/) from pyproject.toml; uv resolves from index metadata.
+LOCK_TOOLS = .cache/lock-tools
+lock:
+	$(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/python -m pip install -q uv==0.13.9 'packaging>=24'
+	$(LOCK_TOOLS)/bin/python scripts/lock_images.py
