@@ -13,10 +13,9 @@
 # that pin this tag, not read from the registry here (no Docker engine or registry access when it
 # was written); `docker buildx imagetools inspect python:3.12.12-slim-bookworm` confirms it. The
 # locks are resolved for this interpreter and C library (CPython 3.12, glibc 2.36).
-ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm@sha256:593bd06efe90efa80dc4eee3948be7c0fde4134606dd40d8dd8dbcade98e669c
 
 # --- shared base: interpreter, environment, the unprivileged user ---------------------------------
-FROM ${PYTHON_IMAGE} AS base
+FROM python:3.12.12-slim-bookworm@sha256:593bd06efe90efa80dc4eee3948be7c0fde4134606dd40d8dd8dbcade98e669c AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

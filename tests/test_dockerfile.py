@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from g2rpo_operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,21 +48,20 @@ def instructions(text: str) -> list[tuple[str, str]]:
     return result
 
 
-def stages() -> tuple[dict[str, str], dict[str, Stage]]:
-    args, found, current = {}, {}, None
-    for keyword, arguments in instructions(DOCKERFILE.read_text()):
+def stages(text: str) -> dict[str, Stage]:
+    found: dict[str, Stage] = {}
+    current = None
+    for keyword, arguments in instructions(text):
         if keyword == "FROM":
             image, _, name = arguments.partition(" AS ")
             current = found[name.strip()] = Stage(name.strip(), image.strip())
-        elif current is None and keyword == "ARG":
-            key, _, value = arguments.partition("=")
-            args[key] = value
-        elif current is not None:
+        else:
+            assert current is not None, f"{keyword} before the first FROM"
             current.instructions.append((keyword, arguments))
-    return args, found
+    return found
 
 
-ARGS, STAGES = stages()
+STAGES = stages(DOCKERFILE.read_text())
 
 
 def pip_installs(stage: Stage) -> list[list[str]]:
@@ -89,15 +90,15 @@ def test_the_two_images_are_named_targets_running_as_uid_1000():
 
 
 def test_the_base_image_is_pinned_by_exact_tag_and_digest():
-    image = ARGS["PYTHON_IMAGE"]
+    image = STAGES["base"].parent
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", image), image
     for stage in STAGES.values():
-        assert stage.parent == "${PYTHON_IMAGE}" or stage.parent in STAGES, f"{stage.name} starts FROM {stage.parent}"
+        assert stage is STAGES["base"] or stage.parent in STAGES, f"{stage.name} starts FROM {stage.parent}"
 
 
-def test_every_pip_install_uses_a_committed_lock_or_installs_the_project_wheel():
+def check_pip_installs(stages: dict[str, Stage]) -> None:
     seen_locks = set()
-    for stage in STAGES.values():
+    for stage in stages.values():
         copied = {
             f"/tmp/constraints/{Path(source).name}": source
             for arguments in stage.arguments("COPY")
@@ -108,7 +109,9 @@ def test_every_pip_install_uses_a_committed_lock_or_installs_the_project_wheel()
             assert "--no-deps" in words, f"{stage.name}: pip install resolves on its own: {words}"
             packages = [w for w in words if not w.startswith("-")]
             if "-r" in words:
-                lock = copied[words[words.index("-r") + 1]]
+                installed = words[words.index("-r") + 1]
+                assert installed in copied, f"{stage.name}: -r {installed} is no lock copied into this stage"
+                lock = copied[installed]
                 assert lock in LOCKS and (ROOT / lock).is_file(), lock
                 seen_locks.add(lock)
             else:
@@ -116,17 +119,42 @@ def test_every_pip_install_uses_a_committed_lock_or_installs_the_project_wheel()
     assert seen_locks == LOCKS
 
 
-def test_dependencies_are_installed_in_stages_that_never_see_the_source():
-    """A code change rebuilds only the project wheel: the lock stages copy nothing but the lock."""
+def check_dependency_stages(stages: dict[str, Stage]) -> None:
     for name in ("operator-deps", "trainer-deps"):
-        stage = STAGES[name]
+        stage = stages[name]
         assert stage.parent == "base"
         assert all(a.split()[0].startswith("constraints/") for a in stage.arguments("COPY")), stage.arguments("COPY")
-    assert STAGES["base"].arguments("COPY") == []
+    assert stages["base"].arguments("COPY") == []
     for target, deps in (("operator", "operator-deps"), ("trainer", "trainer-deps")):
-        copies = STAGES[target].arguments("COPY")
+        copies = stages[target].arguments("COPY")
         assert copies[0] == f"--from={deps} /opt/venv /opt/venv"
         assert all(a.startswith("--from=") for a in copies), f"{target} copies from the build context: {copies}"
+
+
+def test_every_pip_install_uses_a_committed_lock_or_installs_the_project_wheel():
+    check_pip_installs(STAGES)
+
+
+def test_dependencies_are_installed_in_stages_that_never_see_the_source():
+    """A code change rebuilds only the project wheel: the lock stages copy nothing but the lock."""
+    check_dependency_stages(STAGES)
+
+
+@pytest.mark.parametrize(
+    ("check", "original", "broken"),
+    [
+        (check_pip_installs, "pip install --no-deps -r /tmp/constraints/operator.txt", "pip install kopf"),
+        (check_pip_installs, "COPY constraints/trainer-cuda.txt /tmp/", "COPY constraints/cpu.txt /tmp/"),
+        (check_pip_installs, "DS_BUILD_OPS=0 pip install --no-deps", "DS_BUILD_OPS=0 pip install"),
+        (check_dependency_stages, "COPY constraints/trainer-cuda.txt /tmp/constraints/", "COPY . /src/"),
+        (check_dependency_stages, "COPY --from=project /wheels/ /tmp/wheels/", "COPY trainer/ /tmp/trainer/"),
+    ],
+)
+def test_the_checks_fail_on_a_dockerfile_that_breaks_them(check, original, broken):
+    text = DOCKERFILE.read_text()
+    assert original in text
+    with pytest.raises(AssertionError):
+        check(stages(text.replace(original, broken)))
 
 
 def test_the_build_commands_tag_the_operators_default_images():
