@@ -118,6 +118,14 @@ def _convert_atomically(gguf: Path, bundled: BundledModel, target: Path) -> None
         raise
 
 
+def _declared_eos_token(gguf: Path) -> str:
+    """The end-of-sequence token as the GGUF file itself declares it (id into its vocabulary)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    return fields["tokenizer.ggml.tokens"].contents(int(fields["tokenizer.ggml.eos_token_id"].contents()))
+
+
 def _convert(gguf: Path, bundled: BundledModel, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -139,8 +147,12 @@ def _convert(gguf: Path, bundled: BundledModel, out: Path) -> None:
     )
     if getattr(model, "hf_quantizer", None) is not None or hasattr(model.config, "quantization_config"):
         raise RuntimeError("transformers left the GGUF quantizer attached; the converted model would not save")
-    if tokenizer.eos_token != CHATML_END or CHATML_START not in (tokenizer.chat_template or ""):
+    eos = _declared_eos_token(gguf)
+    if eos != CHATML_END or CHATML_START not in (tokenizer.chat_template or ""):
         raise RuntimeError(f"{gguf.name} no longer carries the ChatML chat template and eos {CHATML_END}")
+    # transformers 5.17 (the release vLLM 0.31 accepts) names the GGUF's bos token as eos when it
+    # converts the tokenizer (integrations/ggml.py reads eos from bos_token_id); the file is the authority.
+    tokenizer.eos_token = eos
 
     tokenizer.pad_token = bundled.pad_token
     tokenizer.model_max_length = model.config.max_position_embeddings
