@@ -157,6 +157,19 @@ def test_the_checks_fail_on_a_dockerfile_that_breaks_them(check, original, broke
         check(stages(text.replace(original, broken)))
 
 
+def test_the_build_context_holds_what_the_dockerfile_copies():
+    """.dockerignore is an allow-list; a COPY of anything it leaves out would fail the build."""
+    allowed = {line.strip("!/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    for stage in STAGES.values():
+        for arguments in stage.arguments("COPY"):
+            if arguments.startswith("--from="):
+                continue
+            for source in arguments.split()[:-1]:
+                top = source.strip("/").split("/")[0]
+                assert top in allowed, f"{stage.name} copies {source}, which .dockerignore leaves out"
+                assert (ROOT / source).exists(), source
+
+
 def test_the_build_commands_tag_the_operators_default_images():
     defaults = OperatorSettings()
     header = DOCKERFILE.read_text()
