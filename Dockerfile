@@ -9,10 +9,10 @@
 # layers and never reinstalls torch or vLLM. Both images run as uid 1000, the uid the operator's pods
 # ask for (runAsUser), so files on the checkpoint claim stay writable.
 #
-# The base is pinned by exact tag and digest. The digest was taken from several public projects
-# that pin this tag, not read from the registry here (no Docker engine or registry access when it
-# was written); `docker buildx imagetools inspect python:3.12.12-slim-bookworm` confirms it. The
-# locks are resolved for this interpreter and C library (CPython 3.12, glibc 2.36).
+# The base is pinned by exact tag and digest. The digest is the one several public projects pin
+# for this tag; it was not read from the registry (no Docker engine or registry was reachable when
+# it was written): check it once with `docker buildx imagetools inspect python:3.12.12-slim-bookworm`.
+# The locks are resolved for this interpreter and C library (CPython 3.12, glibc 2.36).
 
 # --- shared base: interpreter, environment, the unprivileged user ---------------------------------
 FROM python:3.12.12-slim-bookworm@sha256:593bd06efe90efa80dc4eee3948be7c0fde4134606dd40d8dd8dbcade98e669c AS base
