@@ -100,7 +100,7 @@ def test_defaults_install_the_crds_the_operator_and_cluster_wide_rbac():
     documents = template()
     kinds = [d["kind"] for d in documents]
     assert {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
-            "Service", "PodDisruptionBudget"} == set(kinds)
+            "Service", "PodDisruptionBudget", "NetworkPolicy"} == set(kinds)
     assert not PROMETHEUS_OPERATOR_KINDS & set(kinds) and "ConfigMap" not in kinds
     deployment = by_kind(documents, "Deployment")[0]
     pod = deployment["spec"]["template"]["spec"]

@@ -1,10 +1,17 @@
 """End to end on loopback: the cluster trainer entry point (`python -m g2rpo.train`, tiny model)
-reports to a real controller service, a real Prometheus scrapes the controller and evaluates the
-shipped alert rules; every metric family and every alert's selectors return data.
+reports to a real controller service, a real Prometheus scrapes the controller during the run and
+evaluates the shipped alert rules; every metric family, every alert's selectors and every query of
+the Grafana dashboard return data.
 
 Prometheus comes from Debian's package (`make tools` installs it). Alert expressions only fire
 after minutes or hours, so each alert is checked twice: the real Prometheus loads and evaluates
 the rule without error, and a probe built from the rule's own selectors returns data.
+
+The scrape config adds the `namespace` label a ServiceMonitor/PodMonitor would (the dashboard
+filters on it). The dashboard's operator panels read the operator's metrics, which no process
+here serves: their queries are checked to parse and evaluate, not to return data.
+Each panel's result over the run is drawn with matplotlib; with G2RPO_WRITE_DOCS=1 the PNGs are
+written to docs/dashboard/ (committed, so a person can see what the dashboard shows).
 """
 
 from __future__ import annotations
@@ -25,7 +32,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = ROOT / "manifests" / "prometheus" / "g2rpo-alerts.rules.yaml"
+RULES = ROOT / "charts" / "g2rpo" / "files" / "prometheus" / "g2rpo-alerts.rules.yaml"  # the source
+DASHBOARD = ROOT / "charts" / "g2rpo" / "dashboards" / "g2rpo.json"
+DOCS = ROOT / "docs" / "dashboard"
+NAMESPACE = "default"
+RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval gives for a 1 s scrape over a short range
 TOKEN = "e2e-token"
 JOB = "e2e-tiny"
 STEPS = 6
@@ -36,7 +47,7 @@ PROBES = {
     "G2RPOAccuracyRewardCollapse": 'avg_over_time(g2rpo_accuracy_reward{rollouts="all"}[15m])',
     "G2RPOGuidancePinnedAtMax": (
         "g2rpo_guidance_length_tokens - g2rpo_guidance_max_length_tokens"
-        ' and on (g2rpo_job) g2rpo_schedule_info{schedule="adaptive"} == 1'
+        ' and on (namespace, g2rpo_job) g2rpo_schedule_info{schedule="adaptive"} == 1'
     ),
     "G2RPOAdvantageStdNearZero": "g2rpo_advantage_std",
 }
@@ -98,6 +109,78 @@ spec:
 """
 
 
+def _dashboard_queries() -> list[tuple[str, str, str]]:
+    """(panel title, legend, PromQL) of every dashboard query, with Grafana's variables filled in."""
+    board = json.loads(DASHBOARD.read_text())
+    fill = {"$job": JOB, "$namespace": NAMESPACE, "$__rate_interval": RATE_INTERVAL}
+    queries = []
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in fill.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"{panel['title']}: unfilled variable in {expr}"
+            queries.append((panel["title"], target.get("legendFormat", ""), expr))
+    return queries
+
+
+def _query_range(prometheus: str, expr: str, start: float, end: float) -> list[dict]:
+    params = {"query": expr, "start": start, "end": end, "step": 1}
+    body = _get(f"{prometheus}/api/v1/query_range?" + urllib.parse.urlencode(params))
+    assert body is not None, f"Prometheus did not answer {expr}"
+    answer = json.loads(body)
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def _draw_panels(prometheus: str, start: float, end: float, folder: Path) -> list[Path]:
+    """One PNG per dashboard panel: its queries' results over the run, titled and labelled like the panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    board = json.loads(DASHBOARD.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    fill = {"$job": JOB, "$namespace": NAMESPACE, "$__rate_interval": RATE_INTERVAL}
+    panels = [p for p in board["panels"] if p.get("targets")]
+    for number, panel in enumerate(panels, 1):
+        figure, axes = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+        drawn = 0
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for variable, value in fill.items():
+                expr = expr.replace(variable, value)
+            for series in _query_range(prometheus, expr, start, end):
+                times = [float(t) - start for t, _ in series["values"]]
+                values = [float(v) for _, v in series["values"]]
+                legend = re.sub(r"\{\{(\w+)\}\}", lambda m: series["metric"].get(m.group(1), ""), target.get("legendFormat", ""))
+                style = "--" if legend in ("minLength", "maxLength") else "-"
+                axes.plot(times, values, style, label=legend or expr[:40], linewidth=1.8)
+                drawn += 1
+        defaults = panel["fieldConfig"]["defaults"]
+        axis = defaults.get("custom", {}).get("axisLabel") or defaults.get("unit", "")
+        axes.set_title(panel["title"], fontsize=11)
+        axes.set_xlabel("seconds since the run started")
+        unit = {"percentunit": "fraction", "s": "seconds"}.get(defaults.get("unit"), "")
+        axes.set_ylabel(f"{axis} ({unit})" if unit else axis)
+        if "min" in defaults or "max" in defaults:
+            axes.set_ylim(defaults.get("min"), defaults.get("max"))
+        if drawn:
+            axes.legend(fontsize=8, loc="best")
+        else:
+            axes.text(0.5, 0.5, "no data in this run\n(the operator does not run here)", ha="center", va="center",
+                      transform=axes.transAxes, color="gray")
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        name = folder / f"{number:02d}-{re.sub(r'[^a-z0-9]+', '-', panel['title'].lower()).strip('-')}.png"
+        figure.savefig(name)
+        plt.close(figure)
+        written.append(name)
+    return written
+
+
 def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
     job_file = tmp_path / "job.yaml"
     job_file.write_text(_job_yaml(tiny_model_dir, max_steps=4))
@@ -116,6 +199,25 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
             )
         )
         _wait_for(lambda: _get(f"{controller}/readyz"), 30, "the controller")
+
+        # Prometheus scrapes through the whole run, so rates and the PNGs show the run as it went.
+        target = {"targets": [f"127.0.0.1:{controller_port}"], "labels": {"namespace": NAMESPACE}}
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": "g2rpo-controller", "static_configs": [target]}],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        processes.append(
+            subprocess.Popen(
+                ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+                stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT,
+            )
+        )
+        _wait_for(lambda: _get(f"{prometheus}/-/ready"), 60, "Prometheus to start")
+        _wait_for(lambda: _query(prometheus, f'g2rpo_step{{g2rpo_job="{JOB}"}}'), 60, "the first scrape")
+        started = time.time()
 
         def train() -> None:
             trainer = subprocess.run(
@@ -137,22 +239,14 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
         assert state["state"]["step"] == STEPS
         assert state["state"]["rewards"][:4] == saved["state"]["rewards"]
         assert [e["event"] for e in state["events"]] == ["restore"]
+        # A client with a wrong token: the controller's error counters get a real 401.
+        assert _get(f"{controller}/v1/state") is None
 
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "g2rpo-controller", "static_configs": [{"targets": [f"127.0.0.1:{controller_port}"]}]}],
-        }
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        processes.append(
-            subprocess.Popen(
-                ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prometheus_port}"],
-                stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT,
-            )
-        )
-        _wait_for(lambda: _get(f"{prometheus}/-/ready"), 60, "Prometheus to start")
         _wait_for(lambda: _query(prometheus, f'g2rpo_step{{g2rpo_job="{JOB}"}} == {STEPS}'), 60, "a scrape")
+        _wait_for(lambda: _query(prometheus, f'g2rpo_http_requests_total{{g2rpo_job="{JOB}",status="401"}}'), 30,
+                  "the 401 to be scraped")
+        time.sleep(2)  # two more scrapes: every rate has its last sample
+        finished = time.time()
 
         exposition = _get(f"{controller}/metrics").decode()
         families = re.findall(r"^# TYPE (g2rpo_\w+) (\w+)", exposition, flags=re.MULTILINE)
@@ -171,6 +265,21 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
                 assert selector in rule["expr"] or selector == "g2rpo_job", f"{selector} is not in {rule['alert']}"
             assert _query(prometheus, PROBES[rule["alert"]]), f"{rule['alert']}'s selectors match no series"
             _query(prometheus, rule["expr"])  # the real expression evaluates without error
+
+        # Every dashboard query over the run: data for every job panel, a valid query for the operator's.
+        silent = []
+        for title, legend, expr in _dashboard_queries():
+            result = _query_range(prometheus, expr, started, finished)
+            if "g2rpo_operator_" in expr:
+                silent.append(title)
+                continue
+            assert result, f"dashboard panel {title!r} ({legend}): no data for {expr}"
+            assert any(float(v) == float(v) for series in result for _, v in series["values"]), f"{title}: only NaN"
+        assert set(silent) == {"Reconciles by result", "Reconcile errors by kind", "Reconcile duration p95", "Jobs by phase"}
+        accuracy = _query(prometheus, f'g2rpo_accuracy_reward{{g2rpo_job="{JOB}", namespace="{NAMESPACE}"}}')
+        assert {s["metric"]["rollouts"] for s in accuracy} == {"all", "guided", "unguided"}
+        written = _draw_panels(prometheus, started, finished, DOCS if os.environ.get("G2RPO_WRITE_DOCS") else tmp_path / "png")
+        assert len(written) == sum(1 for p in json.loads(DASHBOARD.read_text())["panels"] if p.get("targets"))
 
         def evaluated_rules():
             groups = json.loads(_get(f"{prometheus}/api/v1/rules"))["data"]["groups"]

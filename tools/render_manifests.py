@@ -39,6 +39,7 @@ TARGETS = {
     ("templates/deployment.yaml", "Deployment"): "operator/deployment.yaml",
     ("templates/service.yaml", "Service"): "operator/service.yaml",
     ("templates/poddisruptionbudget.yaml", "PodDisruptionBudget"): "operator/pod-disruption-budget.yaml",
+    ("templates/networkpolicy.yaml", "NetworkPolicy"): "operator/network-policy.yaml",
 }
 
 
