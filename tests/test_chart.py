@@ -275,7 +275,7 @@ def test_every_value_is_commented_and_in_the_schema():
 
 def test_chart_crd_is_exactly_g2rpo_crd_and_rendered_unchanged():
     committed = (CHART / "files" / "crds" / "g2rpojobs.g2rpo.dev.yaml").read_text()
-    assert committed == render_crd_yaml(), "the chart's CRD is stale: run `python3 tools/render_manifests.py`"
+    assert committed == render_crd_yaml(), "the chart's CRD is stale: run `.venv/bin/python tools/render_manifests.py`"
     rendered = next(d for d in template() if d["metadata"]["name"] == "g2rpojobs.g2rpo.dev")
     rendered["metadata"].pop("annotations")
     assert rendered == render_crd()

@@ -5,11 +5,10 @@ The chart is the source: `helm template` with the default values (release `g2rpo
 peering CRDs; the alert rules are copied from the chart. The G2RPOJob CRD is rendered from the job
 model into the chart (`g2rpo crd`); manifests/crd/g2rpojob.yaml is the same output (tests/test_crd.py).
 
-    python3 tools/render_manifests.py          # rewrite the files
-    python3 tools/render_manifests.py --check  # exit 1 and name the stale files (tests do this too)
+    .venv/bin/python tools/render_manifests.py          # rewrite the files
+    .venv/bin/python tools/render_manifests.py --check  # exit 1 and name the stale files (tests do this too)
 
-Needs helm (`make tools` puts it in .tools/bin) and the g2rpo packages on the path (the venv, or
-PYTHONPATH=trainer:operator).
+Needs helm (`make tools` puts it in .tools/bin) and a Python with pydantic and PyYAML (the venv).
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ def _kind(document: str) -> str:
 
 
 def crd_text() -> str:
+    sys.path[:0] = [str(ROOT / "trainer"), str(ROOT / "operator")]  # this checkout's code, not an installed one
     from g2rpo_operator.crd import render_crd_yaml
 
     return render_crd_yaml()
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
     if check and stale:
-        print("stale (run python3 tools/render_manifests.py):", *stale, sep="\n  ")
+        print("stale (run .venv/bin/python tools/render_manifests.py):", *stale, sep="\n  ")
         return 1
     for path in stale:
         print("wrote", path)
