@@ -23,12 +23,13 @@ $(INSTALLED): pyproject.toml constraints/cpu.txt
 	touch $@
 
 # Prometheus (promtool and the server) for the metrics and alert tests; helm (.tools/bin) for the
-# chart tests; @grafana/schema + typescript (tools/grafana-schema) for the dashboard type check.
+# chart tests; tools/node (npm: @grafana/schema, typescript, @kubernetes-models/prometheus-operator)
+# for the dashboard type check and the ServiceMonitor/PodMonitor/PrometheusRule schema check.
 tools:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 	@$(PYTHON) tools/install_helm.py
-	@test -x tools/grafana-schema/node_modules/.bin/tsc || (cd tools/grafana-schema && npm ci --no-audit --no-fund --silent)
+	@cd tools/node && { npm ls --silent >/dev/null 2>&1 || npm ci --no-audit --no-fund --silent; }
 
 run: $(INSTALLED)
 	$(VENV)/bin/g2rpo run examples/smollm2-arithmetic.yaml

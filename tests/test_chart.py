@@ -1,8 +1,9 @@
 """charts/g2rpo with a real Helm engine (helm 4 CLI from `make tools`, in .tools/bin).
 
 `helm lint --strict`; `helm template` with the default values, cluster-wide and namespaced, with
-monitoring on and off, gives documents that pass `kubernetes-validate --strict` (Prometheus
-Operator kinds, which it has no schema for, are checked for their shape here); the values schema
+monitoring on and off, gives documents that pass `kubernetes-validate --strict` (which has no
+schema for the Prometheus Operator's kinds: those are validated against that operator's CRD
+schemas, packaged by the npm `@kubernetes-models/prometheus-operator`); the values schema
 refuses bad values; the chart's CRD is exactly `g2rpo crd`; manifests/ is the chart's rendering.
 """
 
@@ -33,6 +34,7 @@ MONITORING_ON = [
     "--set", "monitoring.labels.release=kube-prometheus-stack",
 ]
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+NODE_CHECKS = ROOT / "tools" / "node"
 
 pytestmark = pytest.mark.skipif(HELM is None, reason="helm not found: `make tools` installs it into .tools/bin")
 
@@ -205,6 +207,25 @@ def test_monitoring_objects_select_the_controllers_and_the_operator():
     pod_monitors = {m["metadata"]["name"]: m for m in by_kind(namespaced, "PodMonitor")}
     assert pod_monitors["g2rpo-operator-controllers"]["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
     assert not by_kind(namespaced, "ServiceMonitor")
+
+
+@pytest.mark.skipif(not (NODE_CHECKS / "node_modules" / "@kubernetes-models").exists(), reason="`make tools` installs it")
+def test_monitoring_objects_are_valid_for_the_prometheus_operator(tmp_path):
+    documents = [d for d in template(*MONITORING_ON) + template("--set", "watchNamespaces={team-a}",
+                 "--set", "monitoring.podMonitor.enabled=true") if d["kind"] in PROMETHEUS_OPERATOR_KINDS]
+    assert {d["kind"] for d in documents} == PROMETHEUS_OPERATOR_KINDS
+
+    def validate(objects: list[dict]) -> subprocess.CompletedProcess:
+        (tmp_path / "objects.json").write_text(json.dumps(objects))
+        return subprocess.run(["node", str(NODE_CHECKS / "validate-monitoring.mjs"), str(tmp_path / "objects.json")],
+                              capture_output=True, text=True, timeout=60)
+
+    done = validate(documents)
+    assert done.returncode == 0 and done.stdout.count("ok ") == len(documents), done.stdout + done.stderr
+    broken = json.loads(json.dumps(documents))
+    next(d for d in broken if d["kind"] == "PrometheusRule")["spec"]["groups"][0]["rules"][0]["for"] = 5
+    done = validate(broken)
+    assert done.returncode == 1 and "rules/0/for must be string" in done.stdout, done.stdout
 
 
 def test_the_controller_labels_the_monitors_select_are_the_builders_labels():

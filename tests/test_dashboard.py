@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "charts" / "g2rpo" / "dashboards" / "g2rpo.json"
-SCHEMA_DIR = ROOT / "tools" / "grafana-schema"
+SCHEMA_DIR = ROOT / "tools" / "node"
 TSC = SCHEMA_DIR / "node_modules" / ".bin" / "tsc"
 PANEL_TYPES = {
     "timeseries": "Panel<TimeSeriesOptions, TimeSeriesFieldConfig>",
@@ -104,7 +104,7 @@ def typecheck(board: dict, folder: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def scratch():
-    """A folder inside tools/grafana-schema, so that the .ts file resolves its node_modules."""
+    """A folder inside tools/node, so that the .ts file resolves its node_modules."""
     folder = SCHEMA_DIR / ".check"
     folder.mkdir(exist_ok=True)
     yield folder
