@@ -1,14 +1,28 @@
 """End to end on loopback: the cluster trainer entry point (`python -m g2rpo.train`, tiny model)
-reports to a real controller service, a real Prometheus scrapes the controller and evaluates the
-shipped alert rules; every metric family and every alert's selectors return data.
+reports to a real controller service, a real Prometheus scrapes the controller during the run and
+evaluates the shipped alert rules; every metric family, every alert's selectors and every query of
+the Grafana dashboard return data.
 
 Prometheus comes from Debian's package (`make tools` installs it). Alert expressions only fire
 after minutes or hours, so each alert is checked twice: the real Prometheus loads and evaluates
 the rule without error, and a probe built from the rule's own selectors returns data.
+
+The real operator (`python -m g2rpo_operator`, the Deployment's command) runs against KMock, the
+loopback stand-in for the Kubernetes API (no cluster here), reconciles a G2RPOJob and is scraped
+too, for the dashboard's operator panels. Faults are injected, named as such: KMock answers the
+operator's first create of a ConfigMap, a Service and a Deployment with a 500, so that the
+reconcile-error series exist and move (the operator retries with backoff and goes on). The
+controller gets two requests without the token (401s), for its error panel. The scrape config adds the `namespace` label a ServiceMonitor or
+PodMonitor would (the dashboard filters on it).
+Each panel's result over the run is drawn with matplotlib; with G2RPO_WRITE_DOCS=1 the PNGs are
+written to docs/dashboard/ (committed, so a person can see what the dashboard shows).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import json
 import os
 import re
@@ -16,6 +30,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -25,7 +40,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = ROOT / "manifests" / "prometheus" / "g2rpo-alerts.rules.yaml"
+RULES = ROOT / "charts" / "g2rpo" / "files" / "prometheus" / "g2rpo-alerts.rules.yaml"  # the source
+DASHBOARD = ROOT / "charts" / "g2rpo" / "dashboards" / "g2rpo.json"
+DOCS = ROOT / "docs" / "dashboard"
+NAMESPACE = "default"
+RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval gives for a 1 s scrape over a short range
 TOKEN = "e2e-token"
 JOB = "e2e-tiny"
 STEPS = 6
@@ -36,7 +55,7 @@ PROBES = {
     "G2RPOAccuracyRewardCollapse": 'avg_over_time(g2rpo_accuracy_reward{rollouts="all"}[15m])',
     "G2RPOGuidancePinnedAtMax": (
         "g2rpo_guidance_length_tokens - g2rpo_guidance_max_length_tokens"
-        ' and on (g2rpo_job) g2rpo_schedule_info{schedule="adaptive"} == 1'
+        ' and on (namespace, g2rpo_job) g2rpo_schedule_info{schedule="adaptive"} == 1'
     ),
     "G2RPOAdvantageStdNearZero": "g2rpo_advantage_std",
 }
@@ -45,6 +64,53 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Prometheus: `make tools` installs it"),
 ]
+
+
+@contextlib.contextmanager
+def _kmock_api():
+    """KMock serving on loopback from its own thread and event loop; yields (emulator, url, run)
+    where run(coroutine) executes on that loop."""
+    from kmock_support import new_emulator, serving
+
+    emulator = new_emulator()
+    loop = asyncio.new_event_loop()
+    ready, stop, box = threading.Event(), asyncio.Event(), {}
+
+    async def serve() -> None:
+        async with serving(emulator) as url:
+            box["url"] = url
+            ready.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(30), "KMock did not start"
+    try:
+        yield emulator, box["url"], lambda coroutine: asyncio.run_coroutine_threadsafe(coroutine, loop).result(30)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+
+
+def _start_operator(api_url: str, controller_port: int, tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """`python -m g2rpo_operator` against the API at `api_url` (a kubeconfig, as outside a cluster)."""
+    kubeconfig = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": api_url}}],
+        "users": [{"name": "kmock", "user": {}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+    }
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
+    metrics_port = _free_port()
+    env = {
+        **os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig"), "G2RPO_STANDALONE": "true",
+        "G2RPO_METRICS_PORT": str(metrics_port), "G2RPO_HEALTH_PORT": str(_free_port()), "G2RPO_RESYNC_SECONDS": "1",
+        # the job's controller is the real one this test runs
+        "G2RPO_CONTROLLER_URL_TEMPLATE": f"http://127.0.0.1:{controller_port}",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "g2rpo_operator"], env=env,
+                               stdout=open(tmp_path / "operator.log", "wb"), stderr=subprocess.STDOUT)
+    return process, metrics_port
 
 
 def _free_port() -> int:
@@ -98,6 +164,78 @@ spec:
 """
 
 
+def _dashboard_queries() -> list[tuple[str, str, str]]:
+    """(panel title, legend, PromQL) of every dashboard query, with Grafana's variables filled in."""
+    board = json.loads(DASHBOARD.read_text())
+    fill = {"$job": JOB, "$namespace": NAMESPACE, "$__rate_interval": RATE_INTERVAL}
+    queries = []
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in fill.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"{panel['title']}: unfilled variable in {expr}"
+            queries.append((panel["title"], target.get("legendFormat", ""), expr))
+    return queries
+
+
+def _query_range(prometheus: str, expr: str, start: float, end: float) -> list[dict]:
+    params = {"query": expr, "start": start, "end": end, "step": 1}
+    body = _get(f"{prometheus}/api/v1/query_range?" + urllib.parse.urlencode(params))
+    assert body is not None, f"Prometheus did not answer {expr}"
+    answer = json.loads(body)
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def _draw_panels(prometheus: str, start: float, end: float, folder: Path) -> list[Path]:
+    """One PNG per dashboard panel: its queries' results over the run, titled and labelled like the panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    board = json.loads(DASHBOARD.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    fill = {"$job": JOB, "$namespace": NAMESPACE, "$__rate_interval": RATE_INTERVAL}
+    panels = [p for p in board["panels"] if p.get("targets")]
+    for number, panel in enumerate(panels, 1):
+        figure, axes = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+        drawn = 0
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for variable, value in fill.items():
+                expr = expr.replace(variable, value)
+            for series in _query_range(prometheus, expr, start, end):
+                times = [float(t) - start for t, _ in series["values"]]
+                values = [float(v) for _, v in series["values"]]
+                legend = re.sub(r"\{\{(\w+)\}\}", lambda m: series["metric"].get(m.group(1), ""), target.get("legendFormat", ""))
+                style = "--" if legend in ("minLength", "maxLength") else "-"
+                axes.plot(times, values, style, label=legend or expr[:40], linewidth=1.8)
+                drawn += 1
+        defaults = panel["fieldConfig"]["defaults"]
+        axis = defaults.get("custom", {}).get("axisLabel") or defaults.get("unit", "")
+        axes.set_title(panel["title"], fontsize=11)
+        axes.set_xlabel("seconds since the run started")
+        axes.set_xlim(0, end - start)  # one time axis for every panel, as on the dashboard
+        unit = {"percentunit": "fraction", "s": "seconds"}.get(defaults.get("unit"), "")
+        axes.set_ylabel(f"{axis} ({unit})" if unit else axis)
+        if "min" in defaults or "max" in defaults:
+            axes.set_ylim(defaults.get("min"), defaults.get("max"))
+        if drawn:
+            axes.legend(fontsize=8, loc="best")
+        else:
+            axes.text(0.5, 0.5, "no data in this run", ha="center", va="center", transform=axes.transAxes, color="gray")
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        name = folder / f"{number:02d}-{re.sub(r'[^a-z0-9]+', '-', panel['title'].lower()).strip('-')}.png"
+        figure.savefig(name)
+        plt.close(figure)
+        written.append(name)
+    return written
+
+
 def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
     job_file = tmp_path / "job.yaml"
     job_file.write_text(_job_yaml(tiny_model_dir, max_steps=4))
@@ -106,6 +244,7 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
     controller = f"http://127.0.0.1:{controller_port}"
     prometheus = f"http://127.0.0.1:{prometheus_port}"
     processes: list[subprocess.Popen] = []
+    stack = contextlib.ExitStack()
     try:
         processes.append(
             subprocess.Popen(
@@ -116,6 +255,52 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
             )
         )
         _wait_for(lambda: _get(f"{controller}/readyz"), 30, "the controller")
+
+        from kmock_support import JOBS, PVCS, SECRETS
+
+        api = stack.enter_context(_kmock_api())
+        emulator, api_url, on_api = api
+        # Injected faults (see the docstring): the API server fails the operator's first create of
+        # each of three kinds of children, so reconciles fail, back off, and succeed.
+        for path in ("api/v1/namespaces/{ns}/configmaps", "api/v1/namespaces/{ns}/services",
+                     "apis/apps/v1/namespaces/{ns}/deployments"):
+            emulator[f"post /{path.format(ns=NAMESPACE)}"][:1] << 500 << {
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError",
+                "message": "injected by tests/test_prometheus_e2e.py", "code": 500}
+        operator, operator_port = _start_operator(api_url, controller_port, tmp_path)
+        processes.append(operator)
+        # Prometheus scrapes through the whole run, so rates and the PNGs show the run as it went.
+        target = {"targets": [f"127.0.0.1:{controller_port}"], "labels": {"namespace": NAMESPACE}}
+        operator_target = {"targets": [f"127.0.0.1:{operator_port}"], "labels": {"namespace": "g2rpo-system"}}
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": "g2rpo-controller", "static_configs": [target]},
+                               {"job_name": "g2rpo-operator", "static_configs": [operator_target]}],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        processes.append(
+            subprocess.Popen(
+                ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+                stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT,
+            )
+        )
+        _wait_for(lambda: _get(f"{prometheus}/-/ready"), 60, "Prometheus to start")
+        _wait_for(lambda: _query(prometheus, f'g2rpo_step{{g2rpo_job="{JOB}"}}'), 60, "the first scrape")
+        _wait_for(lambda: _query(prometheus, "g2rpo_operator_jobs"), 60, "the operator's first scrape")
+        started = time.time()
+        # The job is submitted once Prometheus watches, so that the dashboard sees the operator react.
+        on_api(emulator.create_object(PVCS, NAMESPACE, {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "g2rpo-checkpoints"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}))
+        # The controller token the operator would create: this controller's, so the operator can read it.
+        on_api(emulator.create_object(SECRETS, NAMESPACE, {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{JOB}-token"},
+            "data": {"token": base64.b64encode(TOKEN.encode()).decode()}}))
+        on_api(emulator.create_object(JOBS, NAMESPACE, {
+            "apiVersion": "g2rpo.dev/v1alpha1", "kind": "G2RPOJob", "metadata": {"name": JOB, "namespace": NAMESPACE},
+            "spec": yaml.safe_load(job_file.read_text())["spec"] | {"checkpoint": {"volumeClaim": "g2rpo-checkpoints"}}}))
 
         def train() -> None:
             trainer = subprocess.run(
@@ -137,22 +322,17 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
         assert state["state"]["step"] == STEPS
         assert state["state"]["rewards"][:4] == saved["state"]["rewards"]
         assert [e["event"] for e in state["events"]] == ["restore"]
+        # A client without the token, twice, a few scrapes apart: the first 401 creates the series,
+        # the second moves its rate (Prometheus cannot see a series' first increment).
+        assert _get(f"{controller}/v1/state") is None
+        time.sleep(3)
+        assert _get(f"{controller}/v1/state") is None
 
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "g2rpo-controller", "static_configs": [{"targets": [f"127.0.0.1:{controller_port}"]}]}],
-        }
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        processes.append(
-            subprocess.Popen(
-                ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prometheus_port}"],
-                stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT,
-            )
-        )
-        _wait_for(lambda: _get(f"{prometheus}/-/ready"), 60, "Prometheus to start")
         _wait_for(lambda: _query(prometheus, f'g2rpo_step{{g2rpo_job="{JOB}"}} == {STEPS}'), 60, "a scrape")
+        _wait_for(lambda: _query(prometheus, f'g2rpo_http_requests_total{{g2rpo_job="{JOB}",status="401"}} == 2'), 30,
+                  "the 401s to be scraped")
+        time.sleep(2)  # two more scrapes: every rate has its last sample
+        finished = time.time()
 
         exposition = _get(f"{controller}/metrics").decode()
         families = re.findall(r"^# TYPE (g2rpo_\w+) (\w+)", exposition, flags=re.MULTILINE)
@@ -172,6 +352,23 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
             assert _query(prometheus, PROBES[rule["alert"]]), f"{rule['alert']}'s selectors match no series"
             _query(prometheus, rule["expr"])  # the real expression evaluates without error
 
+        # Every dashboard query returns data over the run.
+        for title, legend, expr in _dashboard_queries():
+            result = _query_range(prometheus, expr, started, finished)
+            assert result, f"dashboard panel {title!r} ({legend}): no data for {expr}"
+            assert any(float(v) == float(v) for series in result for _, v in series["values"]), f"{title}: only NaN"
+        results = {s["metric"]["result"] for s in _query(prometheus, "g2rpo_operator_reconciles_total")}
+        assert results == {"ok", "error"}, results  # the injected 500s were retried, then reconciles went on
+        errors = _query(prometheus, 'g2rpo_operator_errors_total{kind="api_retryable"}')
+        assert errors and float(errors[0]["value"][1]) >= 2, errors  # a moving rate, not only a new series
+        assert _query(prometheus, 'g2rpo_operator_jobs{phase="Pending"} == 1'), "the operator tracks the job"
+        status = (emulator.stored(JOBS, NAMESPACE, JOB) or {}).get("status", {})
+        assert status.get("phase") == "Pending", status  # written by the operator (KMock runs no pods)
+        accuracy = _query(prometheus, f'g2rpo_accuracy_reward{{g2rpo_job="{JOB}", namespace="{NAMESPACE}"}}')
+        assert {s["metric"]["rollouts"] for s in accuracy} == {"all", "guided", "unguided"}
+        written = _draw_panels(prometheus, started, finished, DOCS if os.environ.get("G2RPO_WRITE_DOCS") else tmp_path / "png")
+        assert len(written) == sum(1 for p in json.loads(DASHBOARD.read_text())["panels"] if p.get("targets"))
+
         def evaluated_rules():
             groups = json.loads(_get(f"{prometheus}/api/v1/rules"))["data"]["groups"]
             loaded = [r for g in groups for r in g["rules"]]
@@ -187,3 +384,4 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+        stack.close()

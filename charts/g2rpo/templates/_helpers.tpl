@@ -1,0 +1,67 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "g2rpo.operatorName" -}}
+{{- printf "%s-operator" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "g2rpo.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "g2rpo.operatorName" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The operator pods' selector: immutable, so only names that never change with an upgrade. */}}
+{{- define "g2rpo.selectorLabels" -}}
+app.kubernetes.io/name: g2rpo
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "g2rpo.labels" -}}
+{{ include "g2rpo.selectorLabels" . }}
+app.kubernetes.io/part-of: g2rpo
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Labels of the monitoring objects: the chart's, plus monitoring.labels (a Prometheus' selector). */}}
+{{- define "g2rpo.monitoringLabels" -}}
+{{ include "g2rpo.labels" . }}
+{{- with .Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "g2rpo.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "g2rpo.trainerImage" -}}
+{{- printf "%s:%s" .Values.trainerImage.repository (default .Chart.AppVersion .Values.trainerImage.tag) -}}
+{{- end -}}
+
+{{/* The operator's API permissions: the one list in files/rbac/, pasted verbatim (comments kept).
+The argument is the peering mode: "clusterwide" or "namespaced". */}}
+{{- define "g2rpo.rbacRules" -}}
+{{ .root.Files.Get "files/rbac/operator-rules.yaml" }}
+{{- .root.Files.Get (printf "files/rbac/peering-%s.yaml" .peering) }}
+{{- end -}}
+
+{{/* The monitors scrape the controllers where jobs run: the watched namespaces, or all of them. */}}
+{{- define "g2rpo.jobNamespaceSelector" -}}
+{{- if .Values.watchNamespaces }}
+matchNames:
+{{- toYaml .Values.watchNamespaces | nindent 2 }}
+{{- else }}
+any: true
+{{- end }}
+{{- end -}}
+
+{{- define "g2rpo.checkMonitoring" -}}
+{{- if and .Values.monitoring.serviceMonitor.enabled .Values.monitoring.podMonitor.enabled -}}
+{{- fail "monitoring.serviceMonitor.enabled and monitoring.podMonitor.enabled are both true: enable one of them (each scrapes the same endpoints; both would scrape every job twice)" -}}
+{{- end -}}
+{{- end -}}
