@@ -594,3 +594,23 @@ async def test_two_replicas_do_not_fight(cluster, start_operator):
         sample.value for sample in op.operator.metrics.reconciles.collect()[0].samples if sample.name.endswith("_total")
     )  # noqa: E731
     assert count(leader) > 0 and count(follower) == 0
+
+
+async def test_namespaced_mode_with_peering_reconciles_a_job(cluster, start_operator):
+    """G2RPO_NAMESPACES with peering on: kopf keeps a KopfPeering in each watched namespace (the operator
+    creates it at startup), leads through it, and reconciles the jobs of that namespace."""
+    await cluster.create_claim()
+    running = await start_operator(standalone=False, namespaces=(NAMESPACE,), peering_priority=100)
+    await wait_for(
+        lambda: (cluster.emulator.stored(NAMESPACED_PEERINGS, NAMESPACE, "g2rpo-operator") or {}).get("status"),
+        what="the operator's namespaced peering record",
+    )
+    assert cluster.emulator.stored(PEERINGS, None, "g2rpo-operator") is None  # no cluster-wide object
+    await cluster.apply(job_manifest())
+    await all_children(cluster)
+    await wait_for(lambda: cluster.status().get("phase") == "Pending", what="the job reconciled")
+    requests = cluster.emulator[lambda r: r.resource is not None and r.resource.plural == "kopfpeerings"]
+    used = {_verb(r) for r in requests if not r.headers.get("User-Agent", "").startswith("kmock")}
+    granted = {verb for group, resource, verb in _granted() if resource == "kopfpeerings"}
+    assert used and used <= granted, (used, granted)
+    assert running.operator.metrics.tracked_jobs() == 1
