@@ -5,7 +5,9 @@
 The operator runs as it does in its pod: `python -m g2rpo_operator` in its own process, configured
 through G2RPO_* variables and a kubeconfig, so its memory and CPU are its own. The API server is
 KMock (tests/kmock_support.py) in this process. Reported:
-- latency per job, from the job's POST to all 8 children stored, and to its first status write;
+- latency per job, from the job's POST to all its children stored (the benchmark plays the
+  Deployment and Job controllers: the trainer Job comes once the rollout is Available), and to its
+  first status write;
 - the operator's reconcile pass duration (its own histogram) and the API calls it made;
 - resident memory before the jobs and with all of them, and CPU in the steady state (resync only);
 - API requests per job per minute in the steady state (nothing changes): the cost of keeping watch.
@@ -29,10 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from kmock_support import CHILD_RESOURCES, JOBS, PVCS, free_port, new_emulator, serving  # noqa: E402
+from kmock_support import BATCH_JOBS, CHILD_RESOURCES, DEPLOYMENTS, JOBS, PVCS, free_port, new_emulator, serving  # noqa: E402
 from operator_fixtures import NAMESPACE, job_manifest  # noqa: E402
 
-CHILDREN_PER_JOB = 8
+CHILDREN_PER_JOB = 11
+"""ConfigMap, Secret, 3 NetworkPolicies, 3 Services, 2 Deployments, the trainer Job (created last)."""
 
 
 def rss_mib(pid: int) -> float:
@@ -84,6 +87,12 @@ async def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60
     raise RuntimeError("the operator did not become healthy")
 
 
+async def make_available(emulator, name: str) -> None:
+    generation = emulator.stored(DEPLOYMENTS, NAMESPACE, name)["metadata"]["generation"]
+    status = {"observedGeneration": generation, "updatedReplicas": 1, "availableReplicas": 1}
+    await emulator.patch_object(DEPLOYMENTS, NAMESPACE, name, {"status": status}, status=True)
+
+
 def operator_requests(emulator) -> int:
     """Requests served to anyone but KMock's own client (the benchmark's writes): the operator's."""
     return sum(count for agent, count in emulator.served.items() if agent != "kmock")
@@ -122,11 +131,18 @@ async def bench(jobs: int, resync: float | None, steady: float, settle: float) -
                     raise
                 await asyncio.sleep(1)
                 idle_rss = rss_mib(process.pid)
-                claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "g2rpo-checkpoints"}}
+                claim = {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": "g2rpo-checkpoints"},
+                    "spec": {"accessModes": ["ReadWriteMany"]},
+                    "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"]},
+                }
                 await emulator.create_object(PVCS, NAMESPACE, claim)
                 names = [f"job-{i:03d}" for i in range(jobs)]
                 posted: dict[str, float] = {}
                 children_at: dict[str, float] = {}
+                available: set[str] = set()
                 status_at: dict[str, float] = {}
                 start = time.monotonic()
                 for name in names:
@@ -148,8 +164,14 @@ async def bench(jobs: int, resync: float | None, steady: float, settle: float) -
                         elif res == JOBS and (obj.get("status") or {}).get("phase"):
                             phases.add(name)
                     for name in names:
+                        if name not in available and counts.get(name) == CHILDREN_PER_JOB - 1:
+                            available.add(name)  # play the Deployment controller: the gang may start
+                            for component in ("controller", "rollout"):
+                                await make_available(emulator, f"{name}-{component}")
                         if name not in children_at and counts.get(name) == CHILDREN_PER_JOB:
                             children_at[name] = now
+                            ready = {"status": {"active": 2, "ready": 2}}  # and the Job controller: all ranks ready
+                            await emulator.patch_object(BATCH_JOBS, NAMESPACE, f"{name}-trainer", ready, status=True)
                         if name not in status_at and name in phases:
                             status_at[name] = now
                     await asyncio.sleep(0.05)
@@ -181,7 +203,7 @@ async def bench(jobs: int, resync: float | None, steady: float, settle: float) -
     pass_time = after["g2rpo_operator_reconcile_seconds_sum"] - before["g2rpo_operator_reconcile_seconds_sum"]
     resync_text = "the operator's default" if resync is None else f"{resync:g} s"
     print(f"jobs: {jobs}, resync: {resync_text}, steady state measured over {steady:g} s, {os.cpu_count()} CPUs")
-    for label, values in (("POST -> 8 children", child_latency), ("POST -> first status", status_latency)):
+    for label, values in (("POST -> all children", child_latency), ("POST -> first status", status_latency)):
         p50, p95, top = statistics.median(values), percentile(values, 0.95), max(values)
         print(f"{label:22s} p50 {p50 * 1000:7.0f} ms   p95 {p95 * 1000:7.0f} ms   max {top * 1000:7.0f} ms")
     print(f"all {jobs} jobs converged in {converged:.2f} s")

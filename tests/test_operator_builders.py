@@ -213,7 +213,7 @@ def test_volumes_are_bounded_and_the_claim_keeps_its_ownership_cheap():
         for volume in pod["volumes"]:
             if "emptyDir" in volume:
                 assert volume["emptyDir"]["sizeLimit"], (manifest["metadata"]["name"], volume)
-        for container in pod["containers"]:
+        for container in pod["containers"] + pod.get("initContainers", []):
             assert container["resources"]["requests"]["ephemeral-storage"]
     cache = next(v for v in pod_spec(trainer.job(c))["volumes"] if v["name"] == "cache")
     assert cache["emptyDir"]["sizeLimit"] == OperatorSettings().gpu_cache_size

@@ -134,7 +134,10 @@ def _pod_spec(ctx: JobContext) -> Manifest:
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": check_command(),
                 "env": [{"name": "WORLD_SIZE", "value": str(placement.replicas * placement.gpus_per_replica)}],
-                "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
+                "resources": {
+                    "requests": {"cpu": "100m", "memory": "512Mi", "ephemeral-storage": "64Mi"},
+                    "limits": {"memory": "512Mi"},
+                },
                 "securityContext": container_security_context(read_only_root=True),
                 "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
             }
