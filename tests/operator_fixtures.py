@@ -58,7 +58,9 @@ class Cluster:
     async def apply(self, manifest: dict) -> dict:
         return await self.emulator.create_object(JOBS, self.namespace, manifest)
 
-    async def create_claim(self, name: str = CLAIM, modes: tuple[str, ...] = ("ReadWriteMany",), phase: str = "Bound") -> None:
+    async def create_claim(
+        self, name: str = CLAIM, modes: tuple[str, ...] = ("ReadWriteMany",), phase: str = "Bound"
+    ) -> None:
         """A claim as the PV controller leaves it: requested access modes, and a phase (Bound by default)."""
         claim = {
             "apiVersion": "v1",

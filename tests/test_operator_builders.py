@@ -12,8 +12,7 @@ from datetime import UTC, datetime, timedelta
 import kubernetes_validate
 import pytest
 import yaml
-from g2rpo.spec import parse_job, parse_spec
-from g2rpo.spec import EXIT_INVALID_SPEC
+from g2rpo.spec import EXIT_INVALID_SPEC, parse_job, parse_spec
 from g2rpo_operator.builders import JobContext, children, config, controller, gang, network, rollout, trainer
 from g2rpo_operator.reconcile import (
     MUTABLE_FIELDS,
@@ -134,7 +133,13 @@ def test_rollout_serves_vllm_through_trl_with_the_spec_parallelism():
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert pod["nodeSelector"] == {}  # the product affinity, not one exact label, places GPU pods by default
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    assert terms == [{"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": list(DEFAULT_GPU_PRODUCTS)}]}]
+    assert terms == [
+        {
+            "matchExpressions": [
+                {"key": "nvidia.com/gpu.product", "operator": "In", "values": list(DEFAULT_GPU_PRODUCTS)}
+            ]
+        }
+    ]
     assert {"NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-80GB-PCIe", "NVIDIA-A100-PCIE-40GB"} < set(DEFAULT_GPU_PRODUCTS)
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
@@ -172,10 +177,16 @@ def test_trainer_is_an_indexed_job_with_rendezvous_env():
 
 
 def test_placement_overrides_per_job_and_per_operator():
-    wide = OperatorSettings(gpu_node_selector={"pool": "h100"}, gpu_products=("NVIDIA-H100-80GB-HBM3",), trainer_image="registry.local/trainer:1")
+    wide = OperatorSettings(
+        gpu_node_selector={"pool": "h100"},
+        gpu_products=("NVIDIA-H100-80GB-HBM3",),
+        trainer_image="registry.local/trainer:1",
+    )
     pod = pod_spec(trainer.job(ctx(wide)))
     assert pod["nodeSelector"] == {"pool": "h100"} and pod["containers"][0]["image"] == "registry.local/trainer:1"
-    expression = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    expression = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][
+        0
+    ]
     assert expression["matchExpressions"][0]["values"] == ["NVIDIA-H100-80GB-HBM3"]
     own = ctx(
         wide,
@@ -235,7 +246,11 @@ def test_trainer_failure_policy_ignores_disruptions_and_fails_fast_on_bad_config
 def test_rollout_startup_probe_and_trainer_wait_come_from_one_field():
     c = ctx(rollout={"startupTimeoutSeconds": 905})
     probe = pod_spec(rollout.deployment(c))["containers"][0]["startupProbe"]
-    assert probe["periodSeconds"] * probe["failureThreshold"] >= 905 > probe["periodSeconds"] * (probe["failureThreshold"] - 1)
+    assert (
+        probe["periodSeconds"] * probe["failureThreshold"]
+        >= 905
+        > probe["periodSeconds"] * (probe["failureThreshold"] - 1)
+    )
     default = pod_spec(rollout.deployment(ctx()))["containers"][0]["startupProbe"]
     assert default["periodSeconds"] * default["failureThreshold"] == 1200
 
@@ -253,7 +268,9 @@ def _peers(policy: dict) -> list[list[dict]]:
 
 
 def test_network_policies_admit_only_the_job_the_operator_and_monitoring():
-    settings = OperatorSettings(operator_namespace="ops", monitoring_namespace="prom", operator_pod_labels={"app": "op"})
+    settings = OperatorSettings(
+        operator_namespace="ops", monitoring_namespace="prom", operator_pod_labels={"app": "op"}
+    )
     by_name = {p["metadata"]["name"]: p for p in network.policies(ctx(settings))}
     assert set(by_name) == {"qwen-controller", "qwen-rollout", "qwen-trainer"}
     for policy in by_name.values():
@@ -393,7 +410,10 @@ def failed_pod(uid: str, exit_code: int = 137, disrupted: bool = False) -> dict:
         status["conditions"] = [
             {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler", "message": "preempted"}
         ]
-    return {"metadata": {"name": "qwen-trainer-0-x", "ownerReferences": [{"uid": uid, "controller": True}]}, "status": status}
+    return {
+        "metadata": {"name": "qwen-trainer-0-x", "ownerReferences": [{"uid": uid, "controller": True}]},
+        "status": status,
+    }
 
 
 def test_progress_counts_a_failure_once_then_deletes_then_fails_past_the_budget():
@@ -506,5 +526,10 @@ def test_claim_must_be_bound_and_shared_by_a_multi_node_trainer():
         "storageClassName": "efs-sc",
     }
     assert "ownerReferences" not in created["metadata"]  # checkpoints outlive the job
-    own = checkpoint_claim(ctx(OperatorSettings(storage_class_name="efs-sc"), checkpoint={"volumeSize": "1Ti", "storageClassName": "azurefile-csi"}))
+    own = checkpoint_claim(
+        ctx(
+            OperatorSettings(storage_class_name="efs-sc"),
+            checkpoint={"volumeSize": "1Ti", "storageClassName": "azurefile-csi"},
+        )
+    )
     assert own["spec"]["storageClassName"] == "azurefile-csi"

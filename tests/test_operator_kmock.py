@@ -299,12 +299,19 @@ async def test_disrupted_trainer_restarts_the_gang_without_spending_the_budget(c
         "metadata": {
             "name": "demo-trainer-1-x",
             "labels": job["spec"]["template"]["metadata"]["labels"],
-            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo-trainer", "uid": uid, "controller": True}],
+            "ownerReferences": [
+                {"apiVersion": "batch/v1", "kind": "Job", "name": "demo-trainer", "uid": uid, "controller": True}
+            ],
         },
         "status": {
             "phase": "Failed",
             "conditions": [
-                {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler", "message": "preempted"}
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "PreemptionByScheduler",
+                    "message": "preempted",
+                }
             ],
         },
     }
@@ -323,8 +330,16 @@ async def test_pending_says_why_the_pods_wait(cluster, start_operator):
     await children_before_trainer(cluster)
     await wait_for(lambda: condition(cluster, "StorageReady").get("reason") == "ClaimNotBound", what="claim unbound")
     assert condition(cluster, "Ready")["reason"] == "ClaimNotBound" and cluster.status()["phase"] == "Pending"
-    await cluster.emulator.patch_object(PVCS, NAMESPACE, "g2rpo-checkpoints", {"status": {"phase": "Bound", "accessModes": ["ReadWriteMany"]}}, status=True)
-    await wait_for(lambda: condition(cluster, "StorageReady").get("status") == "True", what="claim bound (a watch event)")
+    await cluster.emulator.patch_object(
+        PVCS,
+        NAMESPACE,
+        "g2rpo-checkpoints",
+        {"status": {"phase": "Bound", "accessModes": ["ReadWriteMany"]}},
+        status=True,
+    )
+    await wait_for(
+        lambda: condition(cluster, "StorageReady").get("status") == "True", what="claim bound (a watch event)"
+    )
     rollout_pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -352,8 +367,14 @@ async def test_pending_says_why_the_pods_wait(cluster, start_operator):
     await cluster.emulator.create_object(PODS, NAMESPACE, rollout_pod)
     await wait_for(lambda: condition(cluster, "Ready").get("reason") == "Unschedulable", what="Unschedulable")
     assert "pod demo-rollout-abc: 0/3 nodes are available" in condition(cluster, "Ready")["message"]
-    pulling = {"containerStatuses": [{"name": "vllm", "state": {"waiting": {"reason": "ErrImagePull", "message": "manifest unknown"}}}]}
-    await cluster.emulator.patch_object(PODS, NAMESPACE, "demo-rollout-abc", {"status": {"conditions": [], **pulling}}, status=True)
+    pulling = {
+        "containerStatuses": [
+            {"name": "vllm", "state": {"waiting": {"reason": "ErrImagePull", "message": "manifest unknown"}}}
+        ]
+    }
+    await cluster.emulator.patch_object(
+        PODS, NAMESPACE, "demo-rollout-abc", {"status": {"conditions": [], **pulling}}, status=True
+    )
     await wait_for(lambda: condition(cluster, "Ready").get("reason") == "ErrImagePull", what="ErrImagePull")
     assert cluster.status()["phase"] == "Pending"
 
@@ -388,7 +409,17 @@ async def test_network_policies_are_owned_children(cluster, start_operator):
     for policy in policies.values():
         assert owner_uids(policy) == [job["metadata"]["uid"]]
     rollout_from = policies["demo-rollout"]["spec"]["ingress"][0]["from"]
-    assert rollout_from == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "g2rpo", "app.kubernetes.io/instance": "demo", "app.kubernetes.io/component": "trainer"}}}]
+    assert rollout_from == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "g2rpo",
+                    "app.kubernetes.io/instance": "demo",
+                    "app.kubernetes.io/component": "trainer",
+                }
+            }
+        }
+    ]
 
 
 async def test_suspend_scales_to_zero_and_resume_brings_the_trainer_back(cluster, start_operator):
@@ -536,7 +567,11 @@ def _granted() -> set[tuple[str, str, str]]:
 NOT_EXERCISED = {
     ("", "events", "create"),
     ("g2rpo.dev", "g2rpojobs/finalizers", "update"),
-    *(("kopf.dev", kind, verb) for kind in ("clusterkopfpeerings", "kopfpeerings") for verb in ("get", "list", "watch", "patch", "create")),
+    *(
+        ("kopf.dev", kind, verb)
+        for kind in ("clusterkopfpeerings", "kopfpeerings")
+        for verb in ("get", "list", "watch", "patch", "create")
+    ),
 }
 
 

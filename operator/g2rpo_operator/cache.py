@@ -98,7 +98,9 @@ class View:
             self.cache.store(resource_of(manifest), created)
         return created
 
-    def patch(self, res: Resource, namespace: str, name: str, body: Manifest, subresource: str | None = None) -> Manifest:
+    def patch(
+        self, res: Resource, namespace: str, name: str, body: Manifest, subresource: str | None = None
+    ) -> Manifest:
         patched = self.api.patch(res, namespace, name, body, subresource)
         if subresource is None and patched.get("metadata", {}).get("name"):
             self.cache.store(res, patched)

@@ -6,8 +6,8 @@ woken, and otherwise sleeps:
   app.kubernetes.io/managed-by=g2rpo-operator, filtered by the API server) and the claims; every event
   lands in the cache (cache.py) and wakes the owning job (its app.kubernetes.io/instance label; a
   claim wakes the jobs of its namespace); an event of the job itself (a spec edit) wakes it too;
-- every settings.poll_seconds a pass runs from the cache (no API request): the controller's
-  progress, the deadline, unwatched references;
+- every settings.poll_seconds, while the job runs or misses an unwatched reference, a pass runs
+  from the cache (no API request): the controller's progress, the deadline, the missing Secret;
 - every settings.resync_seconds the pass reads everything from the API (repairs a lost event).
 The daemon writes the status itself (a merge patch of the status subresource) when it changed.
 A steady job therefore costs no API request between two resyncs (bench/operator_reconcile.py).
@@ -21,6 +21,7 @@ operator and a crash would help nobody. Either way the daemon keeps running.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from g2rpo_operator.kube import PVCS, KubeApi, KubeError, Manifest, Resource
 from g2rpo_operator.metrics import OperatorMetrics
 from g2rpo_operator.reconcile import Reconciler
 from g2rpo_operator.settings import OperatorSettings
+from g2rpo_operator.status import REFERENCES_RESOLVED
 
 ANNOTATION_PREFIX = "g2rpo.dev"
 PEERING_NAME = "g2rpo-operator"
@@ -83,6 +85,17 @@ class Operator:
         self.metrics.errors.labels(kind).inc()
 
 
+def needs_poll(status: dict) -> bool:
+    """Whether the job must be looked at without an event: while it runs (the controller's progress, the
+    deadline) or misses a reference no watch reports (the envFromSecret Secret). Otherwise a job waits
+    for watch events (its children, its claim, its spec) and the resync alone."""
+    if status.get("phase") == "Running":
+        return True
+    return any(
+        c.get("type") == REFERENCES_RESOLVED and c.get("status") == "False" for c in status.get("conditions") or []
+    )
+
+
 async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
     """Until woken, stopped, or `seconds` passed."""
     waits = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())}
@@ -114,7 +127,14 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) 
                 try:
                     status = await asyncio.to_thread(operator.run, "resync" if fresh else trigger, current, fresh)
                     if status is not None:
-                        await asyncio.to_thread(api.patch, G2RPOJOBS, key[0], key[1], {"status": status}, "status")
+                        patched = await asyncio.to_thread(
+                            api.patch, G2RPOJOBS, key[0], key[1], {"status": status}, "status"
+                        )
+                        # The next pass must see this status even before its watch event arrives (this
+                        # daemon is the status's only writer); the spec stays the newest one seen.
+                        if isinstance(patched.get("status"), dict):
+                            newest = operator.latest.get(key) or current
+                            operator.latest[key] = {**newest, "status": patched["status"]}
                 except KubeError as exc:
                     retry += 1
                     delay = min(2.0**retry, MAX_RETRY_DELAY) if exc.retryable else NON_RETRYABLE_DELAY
@@ -125,7 +145,7 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) 
                     logger.exception(f"reconcile failed unexpectedly, retrying in {delay:g} s")
                 else:
                     retry = 0
-                    delay = settings.poll_seconds
+                    delay = settings.poll_seconds if needs_poll(status or current.get("status") or {}) else math.inf
                     if fresh:
                         next_resync = loop.time() + settings.resync_seconds
                 await _sleep(wake, stopped, min(delay, max(0.0, next_resync - loop.time())))
@@ -230,7 +250,9 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     selector = ",".join(f"{k}={v}" for k, v in WATCH_LABELS.items())
     for res in WATCHED:
         if res is not PVCS:  # server-side: the operator never streams the cluster's other pods
-            ks.watching.label_selectors[(res.group, res.version, res.plural) if res.group else (res.version, res.plural)] = selector
+            ks.watching.label_selectors[
+                (res.group, res.version, res.plural) if res.group else (res.version, res.plural)
+            ] = selector
     ks.peering.name = PEERING_NAME
     ks.peering.standalone = settings.standalone
     ks.peering.mandatory = not settings.standalone

@@ -111,7 +111,9 @@ MAX_NAME_LENGTH = 52
 # --- pure decisions ------------------------------------------------------------------------------
 
 
-def validate(name: str, raw_spec: Any, settings: OperatorSettings | None = None) -> tuple[G2RPOJobSpec | None, list[str]]:
+def validate(
+    name: str, raw_spec: Any, settings: OperatorSettings | None = None
+) -> tuple[G2RPOJobSpec | None, list[str]]:
     """The spec if it can run on a cluster, else every reason why not (`field.path: reason`).
 
     Beyond the model's own validation (which the CRD schema cannot fully express: cross-field
@@ -241,7 +243,8 @@ def disrupted(pods: list[Manifest]) -> list[str]:
     for pod in pods:
         cond = _true_condition(pod, "DisruptionTarget")
         if cond:
-            found.append(f"pod {pod['metadata']['name']}: {cond.get('reason', 'DisruptionTarget')}: {cond.get('message', '')}".rstrip(": "))
+            why = f"{cond.get('reason', 'DisruptionTarget')}: {cond.get('message', '')}".rstrip(": ")
+            found.append(f"pod {pod['metadata']['name']}: {why}")
     return found
 
 
@@ -255,9 +258,7 @@ def ready_count(job: Manifest | None) -> int:
     return int(((job or {}).get("status") or {}).get("ready") or 0)
 
 
-def progress(
-    spec: G2RPOJobSpec, prev: Manifest, job: Manifest | None, pods: list[Manifest], now: datetime
-) -> Progress:
+def progress(spec: G2RPOJobSpec, prev: Manifest, job: Manifest | None, pods: list[Manifest], now: datetime) -> Progress:
     """The phase and the trainer's fate, from the previous status, the trainer Job, its pods and the clock.
 
     Precedence: a finished job stays finished; then the trainer's success; then suspend (which
@@ -333,7 +334,9 @@ def progress(
                 last_failed_trainer=job["metadata"]["uid"],
                 completion_time=stamp,
             )
-        return _gang_restart(base, job["metadata"]["uid"], detail, disruption=False, limit=spec.run_policy.backoff_limit)
+        return _gang_restart(
+            base, job["metadata"]["uid"], detail, disruption=False, limit=spec.run_policy.backoff_limit
+        )
     deadline = spec.run_policy.active_deadline_seconds
     if deadline and base.start_time and now - parse_timestamp(base.start_time) > timedelta(seconds=deadline):
         return replace(
@@ -402,7 +405,9 @@ def deployment_available(obj: Manifest | None, gang_epoch: int | None = None) ->
 
 
 IMAGE_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
-START_PROBLEMS = frozenset({"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"})
+START_PROBLEMS = frozenset(
+    {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
+)
 
 
 def pod_problems(pods: list[Manifest]) -> list[tuple[str, str]]:
@@ -416,11 +421,15 @@ def pod_problems(pods: list[Manifest]) -> list[tuple[str, str]]:
         name, status = pod["metadata"]["name"], pod.get("status") or {}
         for cond in status.get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                found.append((cond.get("reason") or "Unschedulable", f"pod {name}: {cond.get('message', '')}".rstrip(": ")))
+                found.append(
+                    (cond.get("reason") or "Unschedulable", f"pod {name}: {cond.get('message', '')}".rstrip(": "))
+                )
         for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
             waiting = (container.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in IMAGE_PROBLEMS | START_PROBLEMS:
-                message = f"pod {name}: container {container['name']}: {waiting['reason']}: {waiting.get('message', '')}"
+                message = (
+                    f"pod {name}: container {container['name']}: {waiting['reason']}: {waiting.get('message', '')}"
+                )
                 found.append((waiting["reason"], message.rstrip(": ")))
     return found
 
@@ -514,7 +523,8 @@ def _ready(facts: Facts) -> Verdict:
         return (
             False,
             "WaitingForRollout",
-            "the trainer Job is created once these are Available: " + ", ".join(facts.waiting_for)
+            "the trainer Job is created once these are Available: "
+            + ", ".join(facts.waiting_for)
             + " (vLLM may take up to spec.rollout.startupTimeoutSeconds to load the model)",
         )
     if facts.trainer_ready:
@@ -609,7 +619,11 @@ def checkpoint_claim(ctx: JobContext) -> Manifest:
     storage_class = checkpoint.storage_class_name or ctx.settings.storage_class_name
     if storage_class:
         spec["storageClassName"] = storage_class
-    labels = {**job_pod_labels(ctx.name), "app.kubernetes.io/component": "checkpoints", "app.kubernetes.io/managed-by": MANAGED_BY}
+    labels = {
+        **job_pod_labels(ctx.name),
+        "app.kubernetes.io/component": "checkpoints",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
@@ -658,7 +672,9 @@ class Reconciler:
         ctx, refused = self._effective(name, namespace, spec, accepted)
         observed = self._observe(view, ctx, configmap)
         missing = self._missing_references(view, ctx)
-        claim = view.get(PVCS, namespace, ctx.spec.checkpoint.volume_claim) if ctx.spec.checkpoint.volume_claim else None
+        claim = (
+            view.get(PVCS, namespace, ctx.spec.checkpoint.volume_claim) if ctx.spec.checkpoint.volume_claim else None
+        )
         storage = claim_problems(claim, ctx.spec.checkpoint.volume_claim or "", ctx.spec.trainer.replicas)
         job = observed.get(_key(JOBS, ctx.child("trainer")))
         pods = view.list(PODS, namespace, job_pod_labels(name))
@@ -668,7 +684,13 @@ class Reconciler:
         token = self._token(observed.get(_key(SECRETS, ctx.token_name)), body["metadata"]["uid"])
         blocked = bool(missing) or (storage is not None and storage[0] == "ClaimNotShared")
         conflicts = self._apply(
-            view, ctx, body, observed, prog, token or secrets.token_urlsafe(32), create=not blocked,
+            view,
+            ctx,
+            body,
+            observed,
+            prog,
+            token or secrets.token_urlsafe(32),
+            create=not blocked,
             with_trainer=trainer_waits_in_process(ctx) or not waiting_for,
         )
         report = self._read_controller(ctx, observed, token)
@@ -740,7 +762,11 @@ class Reconciler:
         """Objects the spec names but the job does not own: they must exist before any pod can start.
         A missing claim with checkpoint.volumeSize is created instead (see checkpoint_claim)."""
         checkpoint = ctx.spec.checkpoint
-        if checkpoint.volume_claim and checkpoint.volume_size and view.get(PVCS, ctx.namespace, checkpoint.volume_claim) is None:
+        if (
+            checkpoint.volume_claim
+            and checkpoint.volume_size
+            and view.get(PVCS, ctx.namespace, checkpoint.volume_claim) is None
+        ):
             try:
                 view.create(checkpoint_claim(ctx))
             except KubeError as exc:
@@ -824,7 +850,7 @@ class Reconciler:
             if exc.status != 409:
                 raise
         meta = manifest["metadata"]
-        return view.api.get(resource_of(manifest), meta["namespace"], meta["name"])
+        return View(view.api, view.cache, fresh=True).get(resource_of(manifest), meta["namespace"], meta["name"])
 
     def _update(self, view: View, res: Resource, current: Manifest, desired: Manifest) -> None:
         """Only what may change on a live child: Deployment scale, the rollout's gang epoch, and the

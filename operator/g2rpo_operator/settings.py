@@ -4,8 +4,9 @@ A job's placement fields override these per job; these override the built-in def
 A100 nodes as labelled by NVIDIA's GPU feature discovery (a required node affinity on
 `nvidia.com/gpu.product` In the A100 variants) and tolerate the `nvidia.com/gpu` taint that GPU node
 pools usually carry. On a cluster without GPU feature discovery set G2RPO_GPU_PRODUCTS to `[]` (no
-product constraint) and, if needed, G2RPO_GPU_NODE_SELECTOR to the pool's own label. JSON is used for the structured values
-(node selectors, tolerations) so that one env var holds one value, as in a Deployment's env list.
+product constraint) and, if needed, G2RPO_GPU_NODE_SELECTOR to the pool's own label. JSON is used
+for the structured values (node selectors, tolerations, products) so that one env var holds one
+value, as in a Deployment's env list.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ class OperatorSettings:
     """How often each job gets a full pass that reads every child from the API, even without events.
     Changes reach the operator through watches; this only repairs what a lost watch event missed."""
     poll_seconds: float = 30.0
-    """How often a job's pass runs from the watch cache (no API reads): the controller's progress
-    (step, reward) for the status, the deadline, and references that are not watched (a missing Secret)."""
+    """How often a running job's pass runs from the watch cache (no API reads): the controller's progress
+    (step, reward) for the status and the deadline; also a job missing an unwatched reference (a Secret)."""
     http_timeout_seconds: float = 3.0
     metrics_port: int = 9090
     health_port: int = 8081

@@ -12,7 +12,9 @@ from g2rpo_operator.builders import config, controller, gang, network, rollout, 
 from g2rpo_operator.builders.common import JobContext, Manifest
 
 
-def children(ctx: JobContext, token: str, active: bool, gang_epoch: int = 0, with_trainer: bool = True) -> list[Manifest]:
+def children(
+    ctx: JobContext, token: str, active: bool, gang_epoch: int = 0, with_trainer: bool = True
+) -> list[Manifest]:
     """Every child of the job. `active` False (suspended or finished): workloads at zero, no trainer Job.
     `gang_epoch` counts gang restarts (the rollout pod is replaced when it rises); `with_trainer` False
     leaves the trainer Job out (it waits for the rollout, see reconcile.py)."""

@@ -60,12 +60,19 @@ def _namespace(name: str) -> Manifest:
 def policies(ctx: JobContext) -> list[Manifest]:
     settings = ctx.settings
     api_port = [{"protocol": "TCP", "port": CONTROLLER_PORT}]
-    operator = {**_namespace(settings.operator_namespace), "podSelector": {"matchLabels": dict(settings.operator_pod_labels)}}
+    operator = {
+        **_namespace(settings.operator_namespace),
+        "podSelector": {"matchLabels": dict(settings.operator_pod_labels)},
+    }
     return [
-        _policy(ctx, "controller", [
-            {"from": [_job_pods(ctx), operator], "ports": api_port},
-            {"from": [_namespace(settings.monitoring_namespace)], "ports": api_port},
-        ]),
+        _policy(
+            ctx,
+            "controller",
+            [
+                {"from": [_job_pods(ctx), operator], "ports": api_port},
+                {"from": [_namespace(settings.monitoring_namespace)], "ports": api_port},
+            ],
+        ),
         _policy(ctx, "rollout", [{"from": [_job_pods(ctx, "trainer")]}]),
         _policy(ctx, "trainer", [{"from": [_job_pods(ctx, "trainer"), _job_pods(ctx, "rollout")]}]),
     ]

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from g2rpo_operator.builders.common import (
     CACHE_MOUNT,
+    GANG_EPOCH_ANNOTATION,
     ROLLOUT_PORT,
     JobContext,
     Manifest,
-    GANG_EPOCH_ANNOTATION,
     cache_env,
     container_security_context,
     gpu_placement,

@@ -30,8 +30,8 @@ from g2rpo.spec import EXIT_INVALID_SPEC
 from g2rpo_operator.builders.common import (
     ACCELERATE_FILE,
     CACHE_MOUNT,
-    CONFIG_DIR,
     CHECKPOINT_MOUNT,
+    CONFIG_DIR,
     JOB_FILE,
     RENDEZVOUS_PORT,
     ROLLOUT_GROUP_PORT,
@@ -244,4 +244,3 @@ def headless_service(ctx: JobContext) -> Manifest:
             ],
         },
     }
-

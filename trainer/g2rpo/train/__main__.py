@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         vllm_server_url=os.environ.get("G2RPO_ROLLOUT_URL") or None,
         weight_sync_port=int(os.environ.get("G2RPO_ROLLOUT_GROUP_PORT", "51216")),
     )
-    trainer = build_trainer(job, layout, guidance_client_factory=lambda params: HttpGuidanceClient.from_env(), generation=generation)
+    trainer = build_trainer(
+        job, layout, guidance_client_factory=lambda params: HttpGuidanceClient.from_env(), generation=generation
+    )
     trainer.train(resume_from_checkpoint=resolve_resume(job.spec, layout.checkpoint_dir))
     trainer.save_model(str(layout.run_dir / "final"))
     return 0
