@@ -323,6 +323,20 @@ async def test_disrupted_trainer_restarts_the_gang_without_spending_the_budget(c
     assert cluster.status()["restarts"] == 0 and cluster.status()["phase"] != "Failed"  # backoffLimit 0 untouched
 
 
+async def test_configuration_error_fails_the_job_at_once(cluster, start_operator):
+    """The check-spec init container exits EXIT_INVALID_SPEC; the Job's podFailurePolicy fails it (FailJob)
+    and the operator fails the job without spending its retries: another attempt would fail the same way."""
+    await cluster.create_claim()
+    await start_operator()
+    await cluster.apply(job_manifest(runPolicy={"backoffLimit": 3}))
+    await all_children(cluster)
+    await fail_trainer(cluster, exit_code=2, reason="Error")
+    await wait_for(phase_is(cluster, "Failed"), what="phase Failed")
+    failed = condition(cluster, "Failed")
+    assert failed["reason"] == "InvalidConfiguration" and "exited with code 2" in failed["message"]
+    assert cluster.status()["restarts"] == 0 and rollout_epoch(cluster) == "0"
+
+
 async def test_pending_says_why_the_pods_wait(cluster, start_operator):
     await cluster.create_claim(phase="Pending")
     await start_operator()

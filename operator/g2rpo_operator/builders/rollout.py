@@ -5,6 +5,11 @@ that the trainer can push each step's weights into it (the trainer connects to p
 the NCCL group on port 51216 of trainer rank 0). One pod only: TRL's client syncs weights to a
 single server, so generation scales inside the pod (tensor/data parallel over its GPUs).
 
+The pod template carries the gang epoch (restarts + disruptions so far): the operator raises it when
+the trainer restarts, so the Deployment replaces the vLLM pod and the new trainer meets a server
+without the dead rank 0's NCCL weight-sync group. The startup probe allows
+rollout.startupTimeoutSeconds, as long as the trainer waits for the server (vllm_server_timeout).
+
 vLLM and its kernels (Triton, FlashInfer) write JIT caches under HOME and /tmp, which go to volumes
 here; the root filesystem stays writable because the GPU image's libraries were not verified to
 run read-only (no GPU on the machines that build this).
