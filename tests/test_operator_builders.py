@@ -533,3 +533,28 @@ def test_claim_must_be_bound_and_shared_by_a_multi_node_trainer():
         )
     )
     assert own["spec"]["storageClassName"] == "azurefile-csi"
+
+
+@pytest.mark.slow  # imports torch and TRL and builds a real trainer (tiny model)
+def test_the_trainer_waits_for_vllm_as_long_as_the_rollout_may_start(tiny_model_dir, tmp_path):
+    """The contract between the rollout's startup probe and TRL: the trainer built from the job the operator
+    mounts gets vllm_server_timeout = rollout.startupTimeoutSeconds (real GRPOConfig, tiny model)."""
+    from g2rpo.controller.client import InProcessGuidanceClient
+    from g2rpo.controller.core import GuidanceController
+    from g2rpo.train.build import RunLayout, build_trainer
+
+    c = ctx(
+        model={"name": str(tiny_model_dir), "dtype": "float32"},
+        dataset={"name": "builtin:arithmetic", "arithmetic": {"numProblems": 8}},
+        training={"numGenerations": 2, "perDeviceBatchSize": 2, "maxSteps": 1, "maxCompletionLength": 8},
+        guidance={"ratio": 0.5, "initialLength": 4, "minLength": 1, "maxLength": 8},
+        checkpoint={"dir": str(tmp_path / "ckpt")},
+        rollout={"startupTimeoutSeconds": 905},
+    )
+    job = parse_job(yaml.safe_load(config.configmap(c)["data"]["job.yaml"]))
+    trainer = build_trainer(
+        job,
+        RunLayout.for_job(job, tmp_path / "run"),
+        guidance_client_factory=lambda params: InProcessGuidanceClient(GuidanceController(params)),
+    )
+    assert trainer.args.vllm_server_timeout == 905
