@@ -108,8 +108,8 @@ async def start_trainer(cluster: Cluster, replicas: int = 2) -> None:
     )
 
 
-async def fail_trainer(cluster: Cluster, exit_code: int = 137, reason: str = "OOMKilled") -> str:
-    """What the Job controller and kubelet do when rank 0 dies: a Failed pod, then a Failed Job."""
+async def fail_trainer_pod(cluster: Cluster, exit_code: int, reason: str, container: str = "trainer") -> str:
+    """What the kubelet reports when rank 0's `container` ends: a Failed pod of the current trainer Job."""
     job = cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer")
     uid = job["metadata"]["uid"]
     pod = {
@@ -124,12 +124,18 @@ async def fail_trainer(cluster: Cluster, exit_code: int = 137, reason: str = "OO
         },
         "status": {
             "phase": "Failed",
-            "containerStatuses": [
-                {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "reason": reason}}}
+            "initContainerStatuses" if container == "check-spec" else "containerStatuses": [
+                {"name": container, "state": {"terminated": {"exitCode": exit_code, "reason": reason}}}
             ],
         },
     }
     await cluster.emulator.create_object(PODS, NAMESPACE, pod)
+    return uid
+
+
+async def fail_trainer(cluster: Cluster, exit_code: int = 137, reason: str = "OOMKilled") -> str:
+    """What the Job controller and kubelet do when rank 0 dies: a Failed pod, then a Failed Job."""
+    uid = await fail_trainer_pod(cluster, exit_code, reason)
     failed = {
         "type": "Failed",
         "status": "True",
@@ -330,10 +336,11 @@ async def test_configuration_error_fails_the_job_at_once(cluster, start_operator
     await start_operator()
     await cluster.apply(job_manifest(runPolicy={"backoffLimit": 3}))
     await all_children(cluster)
-    await fail_trainer(cluster, exit_code=2, reason="Error")
+    # The operator acts on the pod's exit code, before (or without) the Job controller's FailJob verdict.
+    await fail_trainer_pod(cluster, exit_code=2, reason="Error", container="check-spec")
     await wait_for(phase_is(cluster, "Failed"), what="phase Failed")
     failed = condition(cluster, "Failed")
-    assert failed["reason"] == "InvalidConfiguration" and "exited with code 2" in failed["message"]
+    assert failed["reason"] == "InvalidConfiguration" and "container check-spec exited with code 2" in failed["message"]
     assert cluster.status()["restarts"] == 0 and rollout_epoch(cluster) == "0"
 
 
