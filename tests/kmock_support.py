@@ -37,8 +37,10 @@ PVCS = kmock.resource("v1/persistentvolumeclaims")
 DEPLOYMENTS = kmock.resource("apps/v1/deployments")
 BATCH_JOBS = kmock.resource("batch/v1/jobs")
 PEERINGS = kmock.resource("kopf.dev/v1/clusterkopfpeerings")
+NAMESPACED_PEERINGS = kmock.resource("kopf.dev/v1/kopfpeerings")
 PODGROUPS = kmock.resource("scheduling.volcano.sh/v1beta1/podgroups")
-CHILD_RESOURCES = (CONFIGMAPS, SECRETS, SERVICES, DEPLOYMENTS, BATCH_JOBS)
+NETWORK_POLICIES = kmock.resource("networking.k8s.io/v1/networkpolicies")
+CHILD_RESOURCES = (CONFIGMAPS, SECRETS, SERVICES, DEPLOYMENTS, BATCH_JOBS, NETWORK_POLICIES)
 
 
 def _path(res: kmock.resource, namespace: str, name: str | None = None) -> str:
@@ -175,6 +177,12 @@ def new_emulator() -> Emulator:
         kind="ClusterKopfPeering",
         singular="clusterkopfpeering",
         namespaced=False,
+        verbs={"create", "get", "list", "patch", "watch"},
+    )
+    emulator.resources[NAMESPACED_PEERINGS] = kmock.ResourceInfo(
+        kind="KopfPeering",
+        singular="kopfpeering",
+        namespaced=True,
         verbs={"create", "get", "list", "patch", "watch"},
     )
     return emulator

@@ -58,8 +58,17 @@ class Cluster:
     async def apply(self, manifest: dict) -> dict:
         return await self.emulator.create_object(JOBS, self.namespace, manifest)
 
-    async def create_claim(self, name: str = CLAIM) -> None:
-        claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}}
+    async def create_claim(
+        self, name: str = CLAIM, modes: tuple[str, ...] = ("ReadWriteMany",), phase: str = "Bound"
+    ) -> None:
+        """A claim as the PV controller leaves it: requested access modes, and a phase (Bound by default)."""
+        claim = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name},
+            "spec": {"accessModes": list(modes), "resources": {"requests": {"storage": "1Ti"}}},
+            "status": {"phase": phase, "accessModes": list(modes)} if phase == "Bound" else {"phase": phase},
+        }
         await self.emulator.create_object(PVCS, self.namespace, claim)
 
     def job(self, name: str = "demo") -> dict | None:
@@ -142,7 +151,9 @@ async def start_operator(cluster: Cluster) -> AsyncIterator[Callable[..., Awaita
 
     async def start(**overrides: Any) -> RunningOperator:
         values = {
-            "resync_seconds": 0.2,
+            # Changes must arrive through watches: a full API resync would hide a missing one.
+            "resync_seconds": 3600.0,
+            "poll_seconds": 0.2,
             "http_timeout_seconds": 1.0,
             "controller_url_template": NO_CONTROLLER,
             "standalone": True,

@@ -12,7 +12,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from g2rpo.spec import parse_job
-from g2rpo_operator.reconcile import validate
+from g2rpo_operator.builders import JobContext
+from g2rpo_operator.reconcile import checkpoint_claim, validate
+from g2rpo_operator.settings import OperatorSettings
 from operator_fixtures import crd_json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,12 +47,15 @@ def test_kustomize_builds_the_same_documents():
 def test_example_job_is_valid_for_the_crd_the_model_and_the_operator():
     lines = EXAMPLE.read_text().splitlines()
     assert lines[0] == "# kubectl apply -n default -f manifests/examples/g2rpojob.yaml"
-    claim, job = list(yaml.safe_load_all(EXAMPLE.read_text()))
-    kubernetes_validate.validate(claim, KUBE_VERSION, strict=True)
+    (job,) = list(yaml.safe_load_all(EXAMPLE.read_text()))
     jsonschema.Draft4Validator(crd_json_schema()).validate(job)
     spec = parse_job(job).spec
     assert validate(job["metadata"]["name"], job["spec"])[1] == []
-    assert spec.checkpoint.volume_claim == claim["metadata"]["name"]
+    # The operator creates the claim: ReadWriteMany on a named RWX class (the clouds' defaults are RWO).
+    claim = checkpoint_claim(JobContext.resolve(job["metadata"]["name"], "default", spec, OperatorSettings()))
+    kubernetes_validate.validate(claim, KUBE_VERSION, strict=True)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "efs-sc"
+    assert all(name in EXAMPLE.read_text() for name in ("efs-sc", "standard-rwx", "azurefile-csi", "cephfs"))
     assert spec.trainer.gpus_per_replica + spec.rollout.gpus == 8  # the paper's 8 A100s
     assert (spec.training.num_generations, spec.guidance.ratio, spec.guidance.initial_length) == (12, 0.25, 3072)
 

@@ -12,10 +12,19 @@ from datetime import UTC, datetime, timedelta
 import kubernetes_validate
 import pytest
 import yaml
-from g2rpo.spec import parse_job, parse_spec
-from g2rpo_operator.builders import JobContext, children, config, controller, rollout, trainer
-from g2rpo_operator.reconcile import MUTABLE_FIELDS, progress, spec_changes, validate
-from g2rpo_operator.settings import DEFAULT_GPU_NODE_SELECTOR, OperatorSettings
+from g2rpo.spec import EXIT_INVALID_SPEC, parse_job, parse_spec
+from g2rpo_operator.builders import JobContext, children, config, controller, gang, network, rollout, trainer
+from g2rpo_operator.reconcile import (
+    MUTABLE_FIELDS,
+    checkpoint_claim,
+    claim_problems,
+    deployment_available,
+    pod_problems,
+    progress,
+    spec_changes,
+    validate,
+)
+from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
 from g2rpo_operator.status import timestamp
 from operator_fixtures import CLAIM, job_manifest
 
@@ -45,6 +54,7 @@ def env(container: dict) -> dict:
 @pytest.mark.parametrize("active", [True, False])
 def test_every_child_is_schema_valid_labelled_and_namespaced(active):
     objs = children(ctx(runPolicy={"gangScheduler": "kueue", "queue": "gpu"}), "t0ken", active)
+    objs.append(checkpoint_claim(ctx(checkpoint={"volumeSize": "1Ti", "storageClassName": "efs-sc"})))
     for obj in objs:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         assert obj["metadata"]["namespace"] == "ml"
@@ -121,7 +131,16 @@ def test_rollout_serves_vllm_through_trl_with_the_spec_parallelism():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
-    assert pod["nodeSelector"] == DEFAULT_GPU_NODE_SELECTOR
+    assert pod["nodeSelector"] == {}  # the product affinity, not one exact label, places GPU pods by default
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [
+        {
+            "matchExpressions": [
+                {"key": "nvidia.com/gpu.product", "operator": "In", "values": list(DEFAULT_GPU_PRODUCTS)}
+            ]
+        }
+    ]
+    assert {"NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-80GB-PCIe", "NVIDIA-A100-PCIE-40GB"} < set(DEFAULT_GPU_PRODUCTS)
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
@@ -158,13 +177,122 @@ def test_trainer_is_an_indexed_job_with_rendezvous_env():
 
 
 def test_placement_overrides_per_job_and_per_operator():
-    wide = OperatorSettings(gpu_node_selector={"pool": "h100"}, trainer_image="registry.local/trainer:1")
+    wide = OperatorSettings(
+        gpu_node_selector={"pool": "h100"},
+        gpu_products=("NVIDIA-H100-80GB-HBM3",),
+        trainer_image="registry.local/trainer:1",
+    )
     pod = pod_spec(trainer.job(ctx(wide)))
     assert pod["nodeSelector"] == {"pool": "h100"} and pod["containers"][0]["image"] == "registry.local/trainer:1"
-    own = ctx(wide, trainer={"nodeSelector": {}, "tolerations": [], "image": "mine:2", "memory": "100Gi"})
+    expression = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][
+        0
+    ]
+    assert expression["matchExpressions"][0]["values"] == ["NVIDIA-H100-80GB-HBM3"]
+    own = ctx(
+        wide,
+        trainer={"nodeSelector": {}, "tolerations": [], "gpuProducts": [], "image": "mine:2", "memory": "100Gi"},
+    )
     pod = pod_spec(trainer.job(own))
     assert pod["nodeSelector"] == {} and pod["tolerations"] == [] and pod["containers"][0]["image"] == "mine:2"
+    assert "affinity" not in pod  # no GPU feature discovery: no product constraint at all
     assert pod["containers"][0]["resources"]["limits"]["memory"] == "100Gi"
+    assert "affinity" not in pod_spec(rollout.deployment(ctx(OperatorSettings(gpu_products=()))))
+
+
+def test_nccl_env_and_rdma_resources_per_job():
+    c = ctx(
+        trainer={
+            "env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}, {"name": "NCCL_DEBUG", "value": "INFO"}],
+            "extraResources": {"rdma/hca_shared_devices_a": "1"},
+        },
+        rollout={"env": [{"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}]},
+    )
+    container = pod_spec(trainer.job(c))["containers"][0]
+    assert env(container)["NCCL_IB_HCA"] == "mlx5" and container["env"][-1] == {"name": "NCCL_DEBUG", "value": "INFO"}
+    resources = container["resources"]
+    assert resources["limits"]["rdma/hca_shared_devices_a"] == resources["requests"]["rdma/hca_shared_devices_a"] == "1"
+    assert env(pod_spec(rollout.deployment(c))["containers"][0])["NCCL_SOCKET_IFNAME"] == "eth0"
+    with pytest.raises(Exception, match="NCCL_DEBUG more than once"):
+        ctx(trainer={"env": [{"name": "NCCL_DEBUG", "value": "1"}, {"name": "NCCL_DEBUG", "value": "2"}]})
+
+
+def test_volumes_are_bounded_and_the_claim_keeps_its_ownership_cheap():
+    c = ctx()
+    for manifest in (trainer.job(c), rollout.deployment(c), controller.deployment(c)):
+        pod = pod_spec(manifest)
+        assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+        for volume in pod["volumes"]:
+            if "emptyDir" in volume:
+                assert volume["emptyDir"]["sizeLimit"], (manifest["metadata"]["name"], volume)
+        for container in pod["containers"] + pod.get("initContainers", []):
+            assert container["resources"]["requests"]["ephemeral-storage"]
+    cache = next(v for v in pod_spec(trainer.job(c))["volumes"] if v["name"] == "cache")
+    assert cache["emptyDir"]["sizeLimit"] == OperatorSettings().gpu_cache_size
+
+
+def test_trainer_failure_policy_ignores_disruptions_and_fails_fast_on_bad_configuration():
+    job = trainer.job(ctx())
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_INVALID_SPEC]}}
+    pod = pod_spec(job)
+    assert pod["restartPolicy"] == "Never"  # the API server refuses a podFailurePolicy otherwise
+    check = pod["initContainers"][0]
+    assert check["command"] == ["python", "-m", "g2rpo.train", "--job", "/etc/g2rpo/config/job.yaml", "--check"]
+    assert env(check)["WORLD_SIZE"] == "16"
+    assert "activeDeadlineSeconds" not in job["spec"]  # the operator counts the deadline from Running
+
+
+def test_rollout_startup_probe_and_trainer_wait_come_from_one_field():
+    c = ctx(rollout={"startupTimeoutSeconds": 905})
+    probe = pod_spec(rollout.deployment(c))["containers"][0]["startupProbe"]
+    assert (
+        probe["periodSeconds"] * probe["failureThreshold"]
+        >= 905
+        > probe["periodSeconds"] * (probe["failureThreshold"] - 1)
+    )
+    default = pod_spec(rollout.deployment(ctx()))["containers"][0]["startupProbe"]
+    assert default["periodSeconds"] * default["failureThreshold"] == 1200
+
+
+def test_only_the_controller_service_carries_scrape_annotations():
+    c = ctx()
+    assert controller.service(c)["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    template = controller.deployment(c)["spec"]["template"]["metadata"]
+    assert not any(key.startswith("prometheus.io/") for key in template.get("annotations") or {})
+    assert template["labels"]["app.kubernetes.io/component"] == "controller"
+
+
+def _peers(policy: dict) -> list[list[dict]]:
+    return [rule["from"] for rule in policy["spec"]["ingress"]]
+
+
+def test_network_policies_admit_only_the_job_the_operator_and_monitoring():
+    settings = OperatorSettings(
+        operator_namespace="ops", monitoring_namespace="prom", operator_pod_labels={"app": "op"}
+    )
+    by_name = {p["metadata"]["name"]: p for p in network.policies(ctx(settings))}
+    assert set(by_name) == {"qwen-controller", "qwen-rollout", "qwen-trainer"}
+    for policy in by_name.values():
+        kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+    job_pods = {"app.kubernetes.io/name": "g2rpo", "app.kubernetes.io/instance": "qwen"}
+    trainers = {**job_pods, "app.kubernetes.io/component": "trainer"}
+    rollouts = {**job_pods, "app.kubernetes.io/component": "rollout"}
+    rollout_policy = by_name["qwen-rollout"]
+    assert rollout_policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "rollout"
+    assert _peers(rollout_policy) == [[{"podSelector": {"matchLabels": trainers}}]]  # nobody else reaches vLLM
+    assert _peers(by_name["qwen-trainer"]) == [
+        [{"podSelector": {"matchLabels": trainers}}, {"podSelector": {"matchLabels": rollouts}}]
+    ]
+    api, metrics = by_name["qwen-controller"]["spec"]["ingress"]
+    assert api["ports"] == metrics["ports"] == [{"protocol": "TCP", "port": 8080}]
+    operator = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}},
+        "podSelector": {"matchLabels": {"app": "op"}},
+    }
+    assert api["from"] == [{"podSelector": {"matchLabels": job_pods}}, operator]
+    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prom"}}}]
 
 
 def test_env_from_secret_reaches_trainer_and_rollout():
@@ -176,25 +304,64 @@ def test_env_from_secret_reaches_trainer_and_rollout():
 
 def test_operator_settings_from_env():
     settings = OperatorSettings.from_env(
-        {"G2RPO_GPU_NODE_SELECTOR": '{"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}', "G2RPO_RESYNC_SECONDS": "5"}
+        {
+            "G2RPO_GPU_NODE_SELECTOR": '{"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}',
+            "G2RPO_GPU_PRODUCTS": "[]",
+            "G2RPO_RESYNC_SECONDS": "5",
+            "G2RPO_KUEUE_QUEUE": "team-a",
+            "G2RPO_STORAGE_CLASS_NAME": "efs-sc",
+            "G2RPO_MONITORING_NAMESPACE": "observability",
+        }
     )
     assert (
         settings.gpu_node_selector == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
         and settings.resync_seconds == 5
+        and settings.gpu_products == ()
+    )
+    assert (settings.kueue_queue, settings.storage_class_name, settings.monitoring_namespace) == (
+        "team-a",
+        "efs-sc",
+        "observability",
     )
     with pytest.raises(ValueError, match="G2RPO_GPU_TOLERATIONS"):
         OperatorSettings.from_env({"G2RPO_GPU_TOLERATIONS": '{"not": "a list"}'})
 
 
 def test_gang_scheduling_with_kueue_or_volcano():
-    kueue = trainer.job(ctx(runPolicy={"gangScheduler": "kueue", "queue": "team-a"}))
-    assert kueue["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and kueue["spec"]["suspend"] is True
-    c = ctx(runPolicy={"gangScheduler": "volcano", "queue": "gpu"})
+    kueue = ctx(runPolicy={"gangScheduler": "kueue", "queue": "team-a"})
+    job = trainer.job(kueue)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and job["spec"]["suspend"] is True
+    served = rollout.deployment(kueue)
+    assert served["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert served["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    by_default = ctx(OperatorSettings(kueue_queue="shared"), runPolicy={"gangScheduler": "kueue"})
+    assert trainer.job(by_default)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "shared"
+    c = ctx(runPolicy={"gangScheduler": "volcano", "queue": "gpu"})  # 2 trainer pods + the rollout pod
+    group = {"scheduling.k8s.io/group-name": "qwen-gang"}
     volcano = trainer.job(c)
-    assert volcano["spec"]["template"]["metadata"]["annotations"] == {"scheduling.k8s.io/group-name": "qwen-trainer"}
+    assert volcano["spec"]["template"]["metadata"]["annotations"] == group
     assert pod_spec(volcano)["schedulerName"] == "volcano"
-    assert trainer.volcano_pod_group(c)["spec"] == {"minMember": 2, "queue": "gpu"}
-    assert any(o["kind"] == "PodGroup" for o in children(c, "t", True))
+    served = rollout.deployment(c)
+    assert group.items() <= served["spec"]["template"]["metadata"]["annotations"].items()
+    assert pod_spec(served)["schedulerName"] == "volcano"
+    assert gang.volcano_pod_group(c)["spec"] == {"minMember": 3, "queue": "gpu"}
+    kinds = [o["kind"] for o in children(c, "t", True)]
+    assert kinds.index("PodGroup") < kinds.index("Deployment")  # the gang exists before its first pod
+
+
+def test_kueue_needs_a_queue_from_the_job_or_the_operator():
+    raw = job_manifest(runPolicy={"gangScheduler": "kueue"})["spec"]
+    assert any(e.startswith("spec.runPolicy.queue:") for e in validate("ok", raw, OperatorSettings())[1])
+    assert validate("ok", raw, OperatorSettings(kueue_queue="shared"))[1] == []
+
+
+def test_rollout_availability_means_this_gang_epoch_rolled_out():
+    deployment = rollout.deployment(ctx(), gang_epoch=1)
+    deployment["metadata"]["generation"] = 2
+    deployment["status"] = {"observedGeneration": 2, "updatedReplicas": 1, "availableReplicas": 1}
+    assert deployment_available(deployment, 1) and not deployment_available(deployment, 2)
+    deployment["status"]["observedGeneration"] = 1  # the controller has not seen the new template yet
+    assert not deployment_available(deployment, 1)
 
 
 # --- validation and lifecycle decisions ----------------------------------------------------------
@@ -210,6 +377,7 @@ def test_gang_scheduling_with_kueue_or_volcano():
         ("ok", {"rollout": {"gpus": 2, "tensorParallelSize": 2, "dataParallelSize": 2}}, "spec.rollout"),
         ("ok", {"guidance": {"ratio": 0.05}}, "spec.guidance.ratio"),
         ("ok", {"guidance": {"schedule": "linear"}}, "spec.guidance.totalSteps"),
+        ("ok", {"training": {"numGenerations": 7}}, "spec.training.perDeviceBatchSize"),
     ],
 )
 def test_validate_names_the_field(name, spec, field):
@@ -226,48 +394,167 @@ def test_spec_changes_lists_paths_and_ignores_fields_the_accepted_spec_lacks():
     assert "suspend" in MUTABLE_FIELDS and "model.name" not in MUTABLE_FIELDS
 
 
-def trainer_job(uid: str = "u1", active: int = 0, condition: str | None = None) -> dict:
-    status: dict = {"active": active}
+def trainer_job(uid: str = "u1", ready: int = 0, condition: str | None = None) -> dict:
+    status: dict = {"active": 2, "ready": ready}
     if condition:
         status["conditions"] = [{"type": condition, "status": "True", "reason": "BackoffLimitExceeded", "message": "m"}]
     return {"metadata": {"name": "qwen-trainer", "uid": uid}, "status": status}
 
 
+def failed_pod(uid: str, exit_code: int = 137, disrupted: bool = False) -> dict:
+    status: dict = {
+        "phase": "Failed",
+        "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "reason": "Error"}}}],
+    }
+    if disrupted:
+        status["conditions"] = [
+            {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler", "message": "preempted"}
+        ]
+    return {
+        "metadata": {"name": "qwen-trainer-0-x", "ownerReferences": [{"uid": uid, "controller": True}]},
+        "status": status,
+    }
+
+
 def test_progress_counts_a_failure_once_then_deletes_then_fails_past_the_budget():
     spec = ctx(runPolicy={"backoffLimit": 1}).spec
-    first = progress(spec, {}, trainer_job("a", condition="Failed"), "d", NOW)
-    assert (first.phase, first.restarts, first.delete_trainer, first.last_failed_trainer) == ("Running", 1, False, "a")
+    first = progress(spec, {}, trainer_job("a", condition="Failed"), [failed_pod("a")], NOW)
+    assert (first.phase, first.restarts, first.delete_trainer, first.last_failed_trainer) == ("Pending", 1, False, "a")
+    assert first.gang_epoch == 1  # the rollout pod is replaced with the trainer
     prev = {"restarts": first.restarts, "lastFailedTrainer": first.last_failed_trainer}
-    again = progress(spec, prev, trainer_job("a", condition="Failed"), "d", NOW)  # the same failure, next pass
+    again = progress(spec, prev, trainer_job("a", condition="Failed"), [], NOW)  # the same failure, next pass
     assert (again.restarts, again.delete_trainer, again.active) == (1, True, True)
-    final = progress(spec, prev, trainer_job("b", condition="Failed"), "exit 137", NOW)
+    final = progress(spec, prev, trainer_job("b", condition="Failed"), [failed_pod("b", 137)], NOW)
     assert (final.phase, final.reason, final.active, final.completion_time) == (
         "Failed",
         "TrainerFailed",
         False,
         timestamp(NOW),
     )
-    assert "exit 137" in final.message
+    assert "exited with code 137" in final.message
 
 
-def test_progress_running_suspended_deadline_and_success():
+def test_disruptions_restart_the_gang_without_spending_the_budget():
+    spec = ctx(runPolicy={"backoffLimit": 0}).spec
+    evicted = progress(spec, {}, trainer_job("a", ready=1), [failed_pod("a", disrupted=True)], NOW)
+    assert (evicted.restarts, evicted.disruptions, evicted.reason, evicted.active) == (0, 1, "Restarting", True)
+    assert "PreemptionByScheduler" in evicted.message and evicted.gang_epoch == 1
+    prev = {"disruptions": 1, "lastFailedTrainer": "a"}
+    removed = progress(spec, prev, trainer_job("a", ready=1), [failed_pod("a", disrupted=True)], NOW)
+    assert (removed.disruptions, removed.delete_trainer) == (1, True)
+    # Even a Job that failed (a rank hung after its peer was evicted) is free when a pod was disrupted.
+    failed = progress(spec, {}, trainer_job("c", condition="Failed"), [failed_pod("c", disrupted=True)], NOW)
+    assert (failed.phase, failed.restarts, failed.disruptions) == ("Pending", 0, 1)
+
+
+def test_configuration_errors_fail_at_once():
+    spec = ctx(runPolicy={"backoffLimit": 5}).spec
+    bad = progress(spec, {}, trainer_job("a", condition="Failed"), [failed_pod("a", EXIT_INVALID_SPEC)], NOW)
+    assert (bad.phase, bad.reason, bad.restarts, bad.active) == ("Failed", "InvalidConfiguration", 0, False)
+
+
+def test_progress_running_needs_ready_pods_and_the_deadline_counts_from_running():
     spec = ctx(runPolicy={"activeDeadlineSeconds": 60}).spec
-    running = progress(spec, {}, trainer_job(active=2), "", NOW)
+    scheduled = progress(spec, {}, trainer_job(ready=1), [], NOW)  # 2 pods active, only one ready
+    assert (scheduled.phase, scheduled.start_time) == ("Pending", None)
+    queued = progress(spec, {}, trainer_job(ready=0), [], NOW + timedelta(days=3))  # queueing is not counted
+    assert queued.phase == "Pending"
+    running = progress(spec, {}, trainer_job(ready=2), [], NOW)
     assert (running.phase, running.start_time) == ("Running", timestamp(NOW))
-    late = progress(spec, {"startTime": running.start_time}, trainer_job(active=2), "", NOW + timedelta(seconds=61))
+    late = progress(spec, {"startTime": running.start_time}, trainer_job(ready=2), [], NOW + timedelta(seconds=61))
     assert (late.phase, late.reason, late.delete_trainer) == ("Failed", "DeadlineExceeded", True)
-    suspended = progress(ctx(suspend=True).spec, {"startTime": running.start_time}, trainer_job(active=2), "", NOW)
+    suspended = progress(ctx(suspend=True).spec, {"startTime": running.start_time}, trainer_job(ready=2), [], NOW)
     assert (suspended.phase, suspended.active, suspended.delete_trainer, suspended.start_time) == (
         "Suspended",
         False,
         True,
         None,
     )
-    done = progress(spec, {}, trainer_job(condition="Complete"), "", NOW)
+    done = progress(spec, {}, trainer_job(condition="Complete"), [], NOW)
     assert (done.phase, done.active, done.delete_trainer) == ("Succeeded", False, False)
     prev = {
         "phase": "Succeeded",
         "completionTime": done.completion_time,
         "conditions": [{"type": "Complete", "reason": "TrainerSucceeded", "message": "ok"}],
     }
-    assert progress(spec, prev, None, "", NOW).phase == "Succeeded"  # finished jobs never restart
+    assert progress(spec, prev, None, [], NOW).phase == "Succeeded"  # finished jobs never restart
+
+
+def test_pending_reasons_name_the_pod_and_the_cause():
+    unschedulable = {
+        "metadata": {"name": "qwen-rollout-abc"},
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+                }
+            ],
+        },
+    }
+    pulling = {
+        "metadata": {"name": "qwen-trainer-0-x"},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}
+            ],
+        },
+    }
+    leaving = {**pulling, "metadata": {"name": "old", "deletionTimestamp": "2026-01-01T00:00:00Z"}}
+    assert pod_problems([unschedulable, pulling, leaving]) == [
+        ("Unschedulable", "pod qwen-rollout-abc: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu."),
+        ("ImagePullBackOff", "pod qwen-trainer-0-x: container trainer: ImagePullBackOff: not found"),
+    ]
+
+
+def test_claim_must_be_bound_and_shared_by_a_multi_node_trainer():
+    rwo = {"spec": {"accessModes": ["ReadWriteOnce"]}, "status": {"phase": "Bound", "accessModes": ["ReadWriteOnce"]}}
+    reason, message = claim_problems(rwo, "ckpt", replicas=2)
+    assert reason == "ClaimNotShared" and "'ckpt'" in message and "ReadWriteOnce" in message
+    assert claim_problems(rwo, "ckpt", replicas=1) is None
+    pending = {"spec": {"accessModes": ["ReadWriteMany"]}, "status": {"phase": "Pending"}}
+    reason, message = claim_problems(pending, "ckpt", replicas=2)
+    assert reason == "ClaimNotBound" and "Pending" in message
+    created = checkpoint_claim(ctx(OperatorSettings(storage_class_name="efs-sc"), checkpoint={"volumeSize": "1Ti"}))
+    assert created["spec"] == {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": "1Ti"}},
+        "storageClassName": "efs-sc",
+    }
+    assert "ownerReferences" not in created["metadata"]  # checkpoints outlive the job
+    own = checkpoint_claim(
+        ctx(
+            OperatorSettings(storage_class_name="efs-sc"),
+            checkpoint={"volumeSize": "1Ti", "storageClassName": "azurefile-csi"},
+        )
+    )
+    assert own["spec"]["storageClassName"] == "azurefile-csi"
+
+
+@pytest.mark.slow  # imports torch and TRL and builds a real trainer (tiny model)
+def test_the_trainer_waits_for_vllm_as_long_as_the_rollout_may_start(tiny_model_dir, tmp_path):
+    """The contract between the rollout's startup probe and TRL: the trainer built from the job the operator
+    mounts gets vllm_server_timeout = rollout.startupTimeoutSeconds (real GRPOConfig, tiny model)."""
+    from g2rpo.controller.client import InProcessGuidanceClient
+    from g2rpo.controller.core import GuidanceController
+    from g2rpo.train.build import RunLayout, build_trainer
+
+    c = ctx(
+        model={"name": str(tiny_model_dir), "dtype": "float32"},
+        dataset={"name": "builtin:arithmetic", "arithmetic": {"numProblems": 8}},
+        training={"numGenerations": 2, "perDeviceBatchSize": 2, "maxSteps": 1, "maxCompletionLength": 8},
+        guidance={"ratio": 0.5, "initialLength": 4, "minLength": 1, "maxLength": 8},
+        checkpoint={"dir": str(tmp_path / "ckpt")},
+        rollout={"startupTimeoutSeconds": 905},
+    )
+    job = parse_job(yaml.safe_load(config.configmap(c)["data"]["job.yaml"]))
+    trainer = build_trainer(
+        job,
+        RunLayout.for_job(job, tmp_path / "run"),
+        guidance_client_factory=lambda params: InProcessGuidanceClient(GuidanceController(params)),
+    )
+    assert trainer.args.vllm_server_timeout == 905

@@ -2,8 +2,9 @@
 
 The same flows as tests/test_operator_kmock.py where a cluster without GPUs allows them: apply ->
 children with owners and labels, suspend/resume, an invalid spec, an operator killed mid-reconcile,
-and delete -> children removed by the real garbage collector. (Trainer and rollout pods stay
-Pending without A100 nodes, so the status flows that need running pods are KMock-only.)
+and delete -> children removed by the real garbage collector. (Rollout pods stay Pending without
+A100 nodes, so the trainer Job, which waits for an Available rollout, is never created here; the
+flows that need running pods are KMock-only.) One trainer replica: the test claim is ReadWriteOnce.
 Everything happens in a fresh namespace, removed afterwards; the operator watches only it.
 Needs kubectl and permission to install the CRD.
 """
@@ -28,7 +29,9 @@ from g2rpo_operator.settings import OperatorSettings
 from operator_fixtures import CLAIM, RunningOperator, job_manifest, launch
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = "configmaps,secrets,services,deployments,jobs.batch"
+KINDS = "configmaps,secrets,services,deployments,jobs.batch,networkpolicies.networking.k8s.io"
+BEFORE_TRAINER = 10
+"""ConfigMap, Secret, 3 NetworkPolicies, 3 Services, 2 Deployments."""
 
 
 def _reachable() -> bool:
@@ -76,7 +79,7 @@ def namespace() -> Iterator[str]:
 
 
 def start(namespace: str) -> RunningOperator:
-    settings = OperatorSettings(namespaces=(namespace,), standalone=True, resync_seconds=1.0)
+    settings = OperatorSettings(namespaces=(namespace,), standalone=True, resync_seconds=5.0, poll_seconds=1.0)
     return launch(KubeApi.from_environment(), settings)
 
 
@@ -88,7 +91,7 @@ def operator(namespace: str) -> Iterator[RunningOperator]:
 
 
 def apply(namespace: str, name: str, **spec: Any) -> dict:
-    manifest = job_manifest(name, **spec)
+    manifest = job_manifest(name, **{"trainer": {"replicas": 1, "gpusPerReplica": 8}, **spec})
     manifest["metadata"]["namespace"] = namespace
     kubectl("apply", "-f", "-", document=manifest)
     return json.loads(kubectl("get", "g2rpojob", name, "-n", namespace, "-o", "json"))
@@ -106,11 +109,19 @@ def status(namespace: str, name: str) -> dict:
 
 
 def all_children(namespace: str, name: str) -> dict:
+    """Every child the job has while its rollout is not Available (no GPU here): all but the trainer Job."""
+
     def complete() -> dict | None:
         found = children(namespace, name)
-        return found if len(found) == 8 else None
+        return found if len(found) == BEFORE_TRAINER else None
 
-    return wait_until(complete, what="8 children")
+    found = wait_until(complete, what=f"{BEFORE_TRAINER} children")
+    assert ("Job", f"{name}-trainer") not in found
+    return found
+
+
+def ready_reason(namespace: str, name: str) -> str | None:
+    return next((c["reason"] for c in status(namespace, name).get("conditions", []) if c["type"] == "Ready"), None)
 
 
 def test_apply_creates_owned_children_and_delete_removes_them(namespace, operator):
@@ -121,6 +132,8 @@ def test_apply_creates_owned_children_and_delete_removes_them(namespace, operato
         assert [r["uid"] for r in refs if r.get("controller")] == [job["metadata"]["uid"]]
         assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "g2rpo-operator"
     wait_until(lambda: status(namespace, "apply").get("phase") == "Pending", what="phase Pending")
+    # No A100 here: the rollout pod is Unschedulable (the scheduler's message) or waits to become Available.
+    wait_until(lambda: ready_reason(namespace, "apply") in ("Unschedulable", "WaitingForRollout"), what="why")
     kubectl("delete", "g2rpojob", "apply", "-n", namespace, "--wait=true", "--timeout=60s")
     wait_until(lambda: not children(namespace, "apply"), what="garbage collection")
 
@@ -130,9 +143,10 @@ def test_suspend_and_resume(namespace, operator):
     all_children(namespace, "pause")
     kubectl("patch", "g2rpojob", "pause", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": true}}')
     wait_until(lambda: status(namespace, "pause").get("phase") == "Suspended", what="Suspended")
-    wait_until(lambda: ("Job", "pause-trainer") not in children(namespace, "pause"), what="trainer deleted")
+    rollout = ("Deployment", "pause-rollout")
+    wait_until(lambda: children(namespace, "pause")[rollout]["spec"]["replicas"] == 0, what="scaled to zero")
     kubectl("patch", "g2rpojob", "pause", "-n", namespace, "--type=merge", "-p", '{"spec": {"suspend": false}}')
-    wait_until(lambda: ("Job", "pause-trainer") in children(namespace, "pause"), what="trainer recreated")
+    wait_until(lambda: children(namespace, "pause")[rollout]["spec"]["replicas"] == 1, what="scaled back up")
 
 
 def test_invalid_spec_creates_nothing(namespace, operator):

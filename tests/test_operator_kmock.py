@@ -26,9 +26,12 @@ from kmock_support import (
     CONFIGMAPS,
     DEPLOYMENTS,
     JOBS,
+    NAMESPACED_PEERINGS,
+    NETWORK_POLICIES,
     PEERINGS,
     PODGROUPS,
     PODS,
+    PVCS,
     SECRETS,
     free_port,
     wait_for,
@@ -38,16 +41,19 @@ from operator_fixtures import NAMESPACE, Cluster, cluster, job_manifest, start_o
 pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parents[1]
 
-EXPECTED = {
+BEFORE_TRAINER = {
     ("configmaps", "demo-config"),
     ("secrets", "demo-token"),
+    ("networkpolicies", "demo-controller"),
+    ("networkpolicies", "demo-rollout"),
+    ("networkpolicies", "demo-trainer"),
     ("services", "demo-controller"),
     ("services", "demo-rollout"),
     ("services", "demo-trainer"),
     ("deployments", "demo-controller"),
     ("deployments", "demo-rollout"),
-    ("jobs", "demo-trainer"),
 }
+EXPECTED = BEFORE_TRAINER | {("jobs", "demo-trainer")}
 
 
 def children(cluster: Cluster) -> dict[tuple[str, str], dict]:
@@ -68,7 +74,19 @@ def phase_is(cluster: Cluster, phase: str):
     return lambda: cluster.status().get("phase") == phase
 
 
+async def children_before_trainer(cluster: Cluster) -> dict[tuple[str, str], dict]:
+    def complete() -> dict | None:
+        found = children(cluster)
+        return found if BEFORE_TRAINER <= set(found) <= EXPECTED else None
+
+    return await wait_for(complete, what="every child but (perhaps) the trainer Job")
+
+
 async def all_children(cluster: Cluster) -> dict[tuple[str, str], dict]:
+    """Every child: the gang comes up in order (the Deployment controller is played here)."""
+    await children_before_trainer(cluster)
+    await make_available(cluster, "demo-controller", "demo-rollout")
+
     def complete() -> dict | None:
         found = children(cluster)
         return found if set(found) == EXPECTED else None
@@ -77,20 +95,21 @@ async def all_children(cluster: Cluster) -> dict[tuple[str, str], dict]:
 
 
 async def make_available(cluster: Cluster, *deployments: str) -> None:
+    """What the Deployment controller reports once the current template's pod is available."""
     for name in deployments:
-        await cluster.emulator.patch_object(
-            DEPLOYMENTS, NAMESPACE, name, {"status": {"availableReplicas": 1}}, status=True
-        )
+        generation = cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, name)["metadata"]["generation"]
+        status = {"observedGeneration": generation, "updatedReplicas": 1, "availableReplicas": 1, "replicas": 1}
+        await cluster.emulator.patch_object(DEPLOYMENTS, NAMESPACE, name, {"status": status}, status=True)
 
 
 async def start_trainer(cluster: Cluster, replicas: int = 2) -> None:
     await cluster.emulator.patch_object(
-        BATCH_JOBS, NAMESPACE, "demo-trainer", {"status": {"active": replicas}}, status=True
+        BATCH_JOBS, NAMESPACE, "demo-trainer", {"status": {"active": replicas, "ready": replicas}}, status=True
     )
 
 
-async def fail_trainer(cluster: Cluster, exit_code: int = 137, reason: str = "OOMKilled") -> str:
-    """What the Job controller and kubelet do when rank 0 dies: a Failed pod, then a Failed Job."""
+async def fail_trainer_pod(cluster: Cluster, exit_code: int, reason: str, container: str = "trainer") -> str:
+    """What the kubelet reports when rank 0's `container` ends: a Failed pod of the current trainer Job."""
     job = cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer")
     uid = job["metadata"]["uid"]
     pod = {
@@ -105,12 +124,18 @@ async def fail_trainer(cluster: Cluster, exit_code: int = 137, reason: str = "OO
         },
         "status": {
             "phase": "Failed",
-            "containerStatuses": [
-                {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "reason": reason}}}
+            "initContainerStatuses" if container == "check-spec" else "containerStatuses": [
+                {"name": container, "state": {"terminated": {"exitCode": exit_code, "reason": reason}}}
             ],
         },
     }
     await cluster.emulator.create_object(PODS, NAMESPACE, pod)
+    return uid
+
+
+async def fail_trainer(cluster: Cluster, exit_code: int = 137, reason: str = "OOMKilled") -> str:
+    """What the Job controller and kubelet do when rank 0 dies: a Failed pod, then a Failed Job."""
+    uid = await fail_trainer_pod(cluster, exit_code, reason)
     failed = {
         "type": "Failed",
         "status": "True",
@@ -158,15 +183,15 @@ async def test_apply_creates_every_child_owned_and_labelled(cluster, start_opera
         "trl",
         "vllm-serve",
     ]
-    await wait_for(phase_is(cluster, "Pending"), what="phase Pending")
-    assert condition(cluster, "Ready")["reason"] == "Waiting"
+    await wait_for(lambda: "(0/2 ready)" in condition(cluster, "Ready").get("message", ""), what="waiting for pods")
+    assert cluster.status()["phase"] == "Pending" and condition(cluster, "Ready")["reason"] == "Waiting"
     async with aiohttp.ClientSession() as http:
         async with http.get(running.health_url) as response:
             assert response.status == 200
         async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
             text = await response.text()
     assert 'g2rpo_operator_jobs{phase="Pending"} 1.0' in text
-    assert 'g2rpo_operator_reconciles_total{result="ok",trigger="timer"}' in text
+    assert 'g2rpo_operator_reconciles_total{result="ok",trigger="watch"}' in text
 
 
 async def test_status_follows_the_children_and_the_controller(cluster, start_operator, tmp_path):
@@ -206,28 +231,216 @@ async def test_status_follows_the_children_and_the_controller(cluster, start_ope
         await server.close()
 
 
-async def test_failed_trainer_restarts_from_checkpoint_then_fails_past_the_budget(cluster, start_operator):
+def rollout_epoch(cluster: Cluster) -> str | None:
+    template = cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")["spec"]["template"]["metadata"]
+    return (template.get("annotations") or {}).get("g2rpo.dev/gang-epoch")
+
+
+def trainer_uid(cluster: Cluster) -> str | None:
+    job = cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer")
+    return job["metadata"]["uid"] if job else None
+
+
+async def test_gating_no_trainer_job_before_the_rollout_is_available(cluster, start_operator):
+    await cluster.create_claim()
+    await start_operator()
+    await cluster.apply(job_manifest(rollout={"startupTimeoutSeconds": 600}))
+    await children_before_trainer(cluster)
+    await make_available(cluster, "demo-controller")
+    await wait_for(
+        lambda: "Available: rollout Deployment demo-rollout (" in condition(cluster, "Ready").get("message", ""),
+        what="the rollout named as what the trainer waits for",
+    )
+    assert condition(cluster, "Ready")["reason"] == "WaitingForRollout"
+    await asyncio.sleep(0.5)  # several polls: still no trainer, still Pending
+    assert trainer_uid(cluster) is None and cluster.status()["phase"] == "Pending"
+    await make_available(cluster, "demo-rollout")
+    await wait_for(lambda: trainer_uid(cluster), what="the trainer Job once the rollout is Available")
+
+
+async def test_failed_trainer_restarts_the_whole_gang_then_fails_past_the_budget(cluster, start_operator):
     await cluster.create_claim()
     await start_operator()
     await cluster.apply(job_manifest(runPolicy={"backoffLimit": 1}))
     await all_children(cluster)
     await start_trainer(cluster)
+    await wait_for(phase_is(cluster, "Running"), what="phase Running")
+    assert rollout_epoch(cluster) == "0"
     first = await fail_trainer(cluster)
     await wait_for(lambda: cluster.status().get("restarts") == 1, what="one restart")
-    assert condition(cluster, "Ready")["reason"] == "Restarting"
-    replaced = lambda: (
-        (j := cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer")) and j["metadata"]["uid"] != first
-    )  # noqa: E731
-    await wait_for(replaced, what="a new trainer Job")
+    # The gang restarts: vLLM's pod is replaced (new epoch on its template) and the old trainer goes.
+    await wait_for(lambda: rollout_epoch(cluster) == "1", what="the rollout pod replaced")
+    await wait_for(lambda: trainer_uid(cluster) is None, what="the failed trainer Job removed")
     assert not cluster.emulator.named(PODS, NAMESPACE), "the failed attempt's pods go with its Job"
+    await wait_for(lambda: condition(cluster, "Ready").get("reason") == "WaitingForRollout", what="waiting again")
+    await asyncio.sleep(0.5)  # the old rollout pod's availability does not count for the new epoch
+    assert trainer_uid(cluster) is None and cluster.status()["phase"] == "Pending"
+    await make_available(cluster, "demo-rollout")
+    await wait_for(lambda: trainer_uid(cluster) not in (None, first), what="a new trainer Job")
     second = await fail_trainer(cluster, exit_code=1, reason="Error")
     await wait_for(phase_is(cluster, "Failed"), what="phase Failed")
     failed = condition(cluster, "Failed")
     assert failed["reason"] == "TrainerFailed" and "exited with code 1 (Error)" in failed["message"]
     assert cluster.status()["restarts"] == 1 and cluster.status()["completionTime"]
-    await asyncio.sleep(0.5)  # several resyncs: a failed job is never restarted again
-    assert cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer")["metadata"]["uid"] == second
+    await asyncio.sleep(0.5)  # several passes: a failed job is never restarted again
+    assert trainer_uid(cluster) == second
     assert cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")["spec"]["replicas"] == 0
+
+
+async def test_disrupted_trainer_restarts_the_gang_without_spending_the_budget(cluster, start_operator):
+    """A preempted rank (the kubelet's DisruptionTarget condition; the Job's podFailurePolicy ignores it)."""
+    await cluster.create_claim()
+    await start_operator()
+    await cluster.apply(job_manifest(runPolicy={"backoffLimit": 0}))
+    await all_children(cluster)
+    assert cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer")["spec"]["podFailurePolicy"]["rules"][0][
+        "onPodConditions"
+    ] == [{"type": "DisruptionTarget", "status": "True"}]
+    await start_trainer(cluster)
+    job = cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer")
+    uid = job["metadata"]["uid"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "demo-trainer-1-x",
+            "labels": job["spec"]["template"]["metadata"]["labels"],
+            "ownerReferences": [
+                {"apiVersion": "batch/v1", "kind": "Job", "name": "demo-trainer", "uid": uid, "controller": True}
+            ],
+        },
+        "status": {
+            "phase": "Failed",
+            "conditions": [
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "PreemptionByScheduler",
+                    "message": "preempted",
+                }
+            ],
+        },
+    }
+    await cluster.emulator.create_object(PODS, NAMESPACE, pod)
+    await wait_for(lambda: cluster.status().get("disruptions") == 1, what="a disruption counted")
+    await wait_for(lambda: trainer_uid(cluster) is None and rollout_epoch(cluster) == "1", what="the gang restarted")
+    await make_available(cluster, "demo-rollout")
+    await wait_for(lambda: trainer_uid(cluster) not in (None, uid), what="a new trainer Job")
+    assert cluster.status()["restarts"] == 0 and cluster.status()["phase"] != "Failed"  # backoffLimit 0 untouched
+
+
+async def test_configuration_error_fails_the_job_at_once(cluster, start_operator):
+    """The check-spec init container exits EXIT_INVALID_SPEC; the Job's podFailurePolicy fails it (FailJob)
+    and the operator fails the job without spending its retries: another attempt would fail the same way."""
+    await cluster.create_claim()
+    await start_operator()
+    await cluster.apply(job_manifest(runPolicy={"backoffLimit": 3}))
+    await all_children(cluster)
+    # The operator acts on the pod's exit code, before (or without) the Job controller's FailJob verdict.
+    await fail_trainer_pod(cluster, exit_code=2, reason="Error", container="check-spec")
+    await wait_for(phase_is(cluster, "Failed"), what="phase Failed")
+    failed = condition(cluster, "Failed")
+    assert failed["reason"] == "InvalidConfiguration" and "container check-spec exited with code 2" in failed["message"]
+    assert cluster.status()["restarts"] == 0 and rollout_epoch(cluster) == "0"
+
+
+async def test_pending_says_why_the_pods_wait(cluster, start_operator):
+    await cluster.create_claim(phase="Pending")
+    await start_operator()
+    await cluster.apply(job_manifest())
+    await children_before_trainer(cluster)
+    await wait_for(lambda: condition(cluster, "StorageReady").get("reason") == "ClaimNotBound", what="claim unbound")
+    assert condition(cluster, "Ready")["reason"] == "ClaimNotBound" and cluster.status()["phase"] == "Pending"
+    await cluster.emulator.patch_object(
+        PVCS,
+        NAMESPACE,
+        "g2rpo-checkpoints",
+        {"status": {"phase": "Bound", "accessModes": ["ReadWriteMany"]}},
+        status=True,
+    )
+    await wait_for(
+        lambda: condition(cluster, "StorageReady").get("status") == "True", what="claim bound (a watch event)"
+    )
+    rollout_pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "demo-rollout-abc",
+            "labels": {
+                "app.kubernetes.io/name": "g2rpo",
+                "app.kubernetes.io/instance": "demo",
+                "app.kubernetes.io/component": "rollout",
+                "app.kubernetes.io/managed-by": "g2rpo-operator",
+            },
+        },
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector.",
+                }
+            ],
+        },
+    }
+    await cluster.emulator.create_object(PODS, NAMESPACE, rollout_pod)
+    await wait_for(lambda: condition(cluster, "Ready").get("reason") == "Unschedulable", what="Unschedulable")
+    assert "pod demo-rollout-abc: 0/3 nodes are available" in condition(cluster, "Ready")["message"]
+    pulling = {
+        "containerStatuses": [
+            {"name": "vllm", "state": {"waiting": {"reason": "ErrImagePull", "message": "manifest unknown"}}}
+        ]
+    }
+    await cluster.emulator.patch_object(
+        PODS, NAMESPACE, "demo-rollout-abc", {"status": {"conditions": [], **pulling}}, status=True
+    )
+    await wait_for(lambda: condition(cluster, "Ready").get("reason") == "ErrImagePull", what="ErrImagePull")
+    assert cluster.status()["phase"] == "Pending"
+
+
+async def test_multi_node_trainer_needs_a_shared_claim(cluster, start_operator):
+    await cluster.create_claim(modes=("ReadWriteOnce",))
+    await start_operator()
+    await cluster.apply(job_manifest(trainer={"replicas": 2}))
+    await wait_for(lambda: condition(cluster, "StorageReady").get("reason") == "ClaimNotShared", what="ClaimNotShared")
+    message = condition(cluster, "StorageReady")["message"]
+    assert "'g2rpo-checkpoints'" in message and "ReadWriteOnce" in message and "ReadWriteMany" in message
+    assert condition(cluster, "Ready")["reason"] == "ClaimNotShared"
+    await asyncio.sleep(0.3)
+    assert not children(cluster)  # nothing would start: the second node could not attach the claim
+
+
+async def test_claim_created_from_the_spec_with_the_storage_class(cluster, start_operator):
+    await start_operator(storage_class_name="standard-rwx")
+    await cluster.apply(job_manifest(checkpoint={"volumeSize": "500Gi"}))
+    claim = await wait_for(lambda: cluster.emulator.stored(PVCS, NAMESPACE, "g2rpo-checkpoints"), what="the claim")
+    assert claim["spec"]["storageClassName"] == "standard-rwx" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert "ownerReferences" not in claim["metadata"]
+    await children_before_trainer(cluster)
+
+
+async def test_network_policies_are_owned_children(cluster, start_operator):
+    await cluster.create_claim()
+    job = await start_operator(operator_namespace="g2rpo-system") and await cluster.apply(job_manifest())
+    await children_before_trainer(cluster)
+    policies = cluster.emulator.named(NETWORK_POLICIES, NAMESPACE)
+    assert set(policies) == {"demo-controller", "demo-rollout", "demo-trainer"}
+    for policy in policies.values():
+        assert owner_uids(policy) == [job["metadata"]["uid"]]
+    rollout_from = policies["demo-rollout"]["spec"]["ingress"][0]["from"]
+    assert rollout_from == [
+        {
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "g2rpo",
+                    "app.kubernetes.io/instance": "demo",
+                    "app.kubernetes.io/component": "trainer",
+                }
+            }
+        }
+    ]
 
 
 async def test_suspend_scales_to_zero_and_resume_brings_the_trainer_back(cluster, start_operator):
@@ -247,11 +460,12 @@ async def test_suspend_scales_to_zero_and_resume_brings_the_trainer_back(cluster
         assert cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, name)["spec"]["replicas"] == 0
     assert "startTime" not in cluster.status() and condition(cluster, "Suspended")["status"] == "True"
     await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": False}})
-    await wait_for(lambda: cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer"), what="trainer recreated")
     await wait_for(
         lambda: cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")["spec"]["replicas"] == 1,
         what="scaled up",
     )
+    await make_available(cluster, "demo-controller", "demo-rollout")
+    await wait_for(lambda: cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer"), what="trainer recreated")
     await start_trainer(cluster)
     await wait_for(phase_is(cluster, "Running"), what="phase Running again")
 
@@ -374,25 +588,28 @@ def _granted() -> set[tuple[str, str, str]]:
 NOT_EXERCISED = {
     ("", "events", "create"),
     ("g2rpo.dev", "g2rpojobs/finalizers", "update"),
-    *(("kopf.dev", "clusterkopfpeerings", verb) for verb in ("get", "list", "watch", "patch", "create")),
+    *(
+        ("kopf.dev", kind, verb)
+        for kind in ("clusterkopfpeerings", "kopfpeerings")
+        for verb in ("get", "list", "watch", "patch", "create")
+    ),
 }
 
 
 async def test_the_operator_uses_exactly_the_rbac_it_is_granted(cluster, start_operator):
     """Every request the operator makes over a whole lifecycle (volcano gang, restart, edit, suspend)
     is allowed by manifests/rbac/cluster-role.yaml, and the role grants nothing it does not use."""
-    await cluster.create_claim()
-    await start_operator()
-    await cluster.apply(job_manifest(runPolicy={"backoffLimit": 2, "gangScheduler": "volcano"}))
+    await start_operator()  # no claim: the operator creates it from checkpoint.volumeSize
+    await cluster.apply(
+        job_manifest(runPolicy={"backoffLimit": 2, "gangScheduler": "volcano"}, checkpoint={"volumeSize": "1Ti"})
+    )
     await all_children(cluster)
     await wait_for(lambda: cluster.emulator.named(PODGROUPS, NAMESPACE), what="the PodGroup")
-    await make_available(cluster, "demo-controller", "demo-rollout")
     await start_trainer(cluster)
     first = await fail_trainer(cluster)
-    await wait_for(
-        lambda: (j := cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer")) and j["metadata"]["uid"] != first,
-        what="restart",
-    )
+    await wait_for(lambda: rollout_epoch(cluster) == "1", what="the gang epoch raised")
+    await make_available(cluster, "demo-rollout")
+    await wait_for(lambda: trainer_uid(cluster) not in (None, first), what="restart")
     await cluster.emulator.patch_object(
         JOBS, NAMESPACE, "demo", {"spec": {"runPolicy": {"backoffLimit": 3}, "suspend": True}}
     )
@@ -433,3 +650,23 @@ async def test_two_replicas_do_not_fight(cluster, start_operator):
         sample.value for sample in op.operator.metrics.reconciles.collect()[0].samples if sample.name.endswith("_total")
     )  # noqa: E731
     assert count(leader) > 0 and count(follower) == 0
+
+
+async def test_namespaced_mode_with_peering_reconciles_a_job(cluster, start_operator):
+    """G2RPO_NAMESPACES with peering on: kopf keeps a KopfPeering in each watched namespace (the operator
+    creates it at startup), leads through it, and reconciles the jobs of that namespace."""
+    await cluster.create_claim()
+    running = await start_operator(standalone=False, namespaces=(NAMESPACE,), peering_priority=100)
+    await wait_for(
+        lambda: (cluster.emulator.stored(NAMESPACED_PEERINGS, NAMESPACE, "g2rpo-operator") or {}).get("status"),
+        what="the operator's namespaced peering record",
+    )
+    assert cluster.emulator.stored(PEERINGS, None, "g2rpo-operator") is None  # no cluster-wide object
+    await cluster.apply(job_manifest())
+    await all_children(cluster)
+    await wait_for(lambda: cluster.status().get("phase") == "Pending", what="the job reconciled")
+    requests = cluster.emulator[lambda r: r.resource is not None and r.resource.plural == "kopfpeerings"]
+    used = {_verb(r) for r in requests if not r.headers.get("User-Agent", "").startswith("kmock")}
+    granted = {verb for group, resource, verb in _granted() if resource == "kopfpeerings"}
+    assert used and used <= granted, (used, granted)
+    assert running.operator.metrics.tracked_jobs() == 1

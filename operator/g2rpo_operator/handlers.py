@@ -1,83 +1,176 @@
 """kopf handlers: thin adapters from kopf's events to `Reconciler.reconcile`.
 
-Two triggers reach the same level-triggered pass: a timer per job (every `resync_seconds`; it also
-fires as soon as a job is first seen, which creates its children, and again after an operator
-restart) and spec edits (so suspend/resume or a refused edit shows at once, not one interval
-later). A per-job lock in kopf's per-object memo keeps the two from running the same job's pass
-concurrently. kopf runs these sync handlers in its thread pool; the pass's blocking API calls
-stay off the event loop.
+Watches, not polling. Each job has a kopf daemon that runs its level-triggered pass whenever it is
+woken, and otherwise sleeps:
+- kopf watches the job's children (Deployments, Jobs, Pods labelled
+  app.kubernetes.io/managed-by=g2rpo-operator, filtered by the API server) and the claims; every event
+  lands in the cache (cache.py) and wakes the owning job (its app.kubernetes.io/instance label; a
+  claim wakes the jobs of its namespace); an event of the job itself (a spec edit) wakes it too;
+- every settings.poll_seconds, while the job runs or misses an unwatched reference, a pass runs
+  from the cache (no API request): the controller's progress, the deadline, the missing Secret;
+- every settings.resync_seconds the pass reads everything from the API (repairs a lost event).
+The daemon writes the status itself (a merge patch of the status subresource) when it changed.
+A steady job therefore costs no API request between two resyncs (bench/operator_reconcile.py).
+The pass's blocking API calls run in a thread, off kopf's event loop.
 
-Errors: API errors that may pass (429, 5xx, no connection) become kopf.TemporaryError with an
-exponential delay; others (403 from RBAC, 422 from an admission webhook) are retried slowly,
-because the cause lies outside the operator and a crash would help nobody.
+Errors: API errors that may pass (429, 5xx, no connection) are retried with an exponential delay;
+others (403 from RBAC, 422 from an admission webhook) slowly, because the cause lies outside the
+operator and a crash would help nobody. Either way the daemon keeps running.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 from g2rpo.spec import API_GROUP, API_VERSION
 
+from g2rpo_operator.builders.common import MANAGED_BY
+from g2rpo_operator.cache import WATCHED, ObjectCache
 from g2rpo_operator.crd import PLURAL
-from g2rpo_operator.kube import KubeApi, KubeError
+from g2rpo_operator.kube import PVCS, KubeApi, KubeError, Manifest, Resource
 from g2rpo_operator.metrics import OperatorMetrics
 from g2rpo_operator.reconcile import Reconciler
 from g2rpo_operator.settings import OperatorSettings
+from g2rpo_operator.status import REFERENCES_RESOLVED
 
 ANNOTATION_PREFIX = "g2rpo.dev"
 PEERING_NAME = "g2rpo-operator"
 MAX_RETRY_DELAY = 60.0
 NON_RETRYABLE_DELAY = 120.0
+WATCH_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
+G2RPOJOBS = Resource(API_GROUP, API_VERSION, PLURAL, "G2RPOJob")
 
 
 @dataclass
 class Operator:
-    """What the handlers share: the reconciler, the settings and the metrics."""
+    """What the handlers share: the reconciler, the settings, the metrics, and each job's wake-up."""
 
     reconciler: Reconciler
     settings: OperatorSettings
     metrics: OperatorMetrics
+    wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+    latest: dict[tuple[str, str], dict] = field(default_factory=dict)
+    """The newest body of each job seen in a watch event (a pass must never act on an older spec)."""
 
-    def run(self, trigger: str, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int) -> None:
-        """One reconcile pass for one job, its status into kopf's patch; errors become kopf retries."""
-        key = f"{body.metadata.namespace}/{body.metadata.name}"
-        with memo.setdefault("reconcile_lock", threading.Lock()):
-            started = time.perf_counter()
-            try:
-                status = self.reconciler.reconcile(dict(body))
-            except KubeError as exc:
-                self._failed(trigger, "api_retryable" if exc.retryable else "api")
-                delay = min(2.0**retry, MAX_RETRY_DELAY) if exc.retryable else NON_RETRYABLE_DELAY
-                raise kopf.TemporaryError(f"{key}: {exc}", delay=delay) from exc
-            except Exception:
-                self._failed(trigger, "unexpected")  # kopf logs it and retries with its own backoff
-                raise
-            self.metrics.duration.observe(time.perf_counter() - started)
+    def wake(self, namespace: str, name: str | None = None) -> None:
+        """Wake one job's daemon, or every job of `namespace` (name None). Runs on kopf's event loop."""
+        for (ns, job), event in self.wakeups.items():
+            if ns == namespace and name in (None, job):
+                event.set()
+
+    def run(self, trigger: str, body: dict, fresh: bool) -> Manifest | None:
+        """One reconcile pass for one job (blocking: runs in a thread); KubeErrors propagate."""
+        key = f"{body['metadata']['namespace']}/{body['metadata']['name']}"
+        started = time.perf_counter()
+        try:
+            status = self.reconciler.reconcile(body, fresh=fresh)
+        except KubeError as exc:
+            self._failed(trigger, "api_retryable" if exc.retryable else "api")
+            raise
+        except Exception:
+            self._failed(trigger, "unexpected")
+            raise
+        self.metrics.duration.observe(time.perf_counter() - started)
         self.metrics.reconciles.labels(trigger, "ok").inc()
-        if status is not None:
-            patch.status.update(status)
-        self.metrics.observe_phase(key, (status or body.status).get("phase"))
+        self.metrics.observe_phase(key, (status or body.get("status") or {}).get("phase"))
+        return status
 
     def _failed(self, trigger: str, kind: str) -> None:
         self.metrics.reconciles.labels(trigger, "error").inc()
         self.metrics.errors.labels(kind).inc()
 
 
-def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
+def needs_poll(status: dict) -> bool:
+    """Whether the job must be looked at without an event: while it runs (the controller's progress, the
+    deadline) or misses a reference no watch reports (the envFromSecret Secret). Otherwise a job waits
+    for watch events (its children, its claim, its spec) and the resync alone."""
+    if status.get("phase") == "Running":
+        return True
+    return any(
+        c.get("type") == REFERENCES_RESOLVED and c.get("status") == "False" for c in status.get("conditions") or []
+    )
+
+
+async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
+    """Until woken, stopped, or `seconds` passed."""
+    waits = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())}
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+
+
+def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) -> None:
     """Register the handlers into `registry` (a fresh one per operator: tests run several)."""
     resource = (API_GROUP, API_VERSION, PLURAL)
+    settings = operator.settings
+    cache = operator.reconciler.cache
 
-    @kopf.timer(*resource, id="resync", interval=operator.settings.resync_seconds, registry=registry)
-    def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, **_: Any) -> None:
-        operator.run("timer", body, patch, memo, retry)
+    @kopf.daemon(*resource, id="reconcile", cancellation_backoff=1.0, cancellation_timeout=10.0, registry=registry)
+    async def reconcile_job(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any) -> None:
+        """The job's passes: at once, then on every wake-up, poll and resync (see the module docstring)."""
+        key = (body.metadata.namespace, body.metadata.name)
+        wake = operator.wakeups.setdefault(key, asyncio.Event())
+        loop = asyncio.get_running_loop()
+        next_resync, retry, trigger = 0.0, 0, "start"
+        try:
+            while not stopped:
+                fresh = loop.time() >= next_resync
+                wake.clear()
+                current = operator.latest.get(key) or dict(body)
+                try:
+                    status = await asyncio.to_thread(operator.run, "resync" if fresh else trigger, current, fresh)
+                    if status is not None:
+                        patched = await asyncio.to_thread(
+                            api.patch, G2RPOJOBS, key[0], key[1], {"status": status}, "status"
+                        )
+                        # The next pass must see this status even before its watch event arrives (this
+                        # daemon is the status's only writer); the spec stays the newest one seen.
+                        if isinstance(patched.get("status"), dict):
+                            newest = operator.latest.get(key) or current
+                            operator.latest[key] = {**newest, "status": patched["status"]}
+                except KubeError as exc:
+                    retry += 1
+                    delay = min(2.0**retry, MAX_RETRY_DELAY) if exc.retryable else NON_RETRYABLE_DELAY
+                    logger.warning(f"reconcile failed, retrying in {delay:g} s: {exc}")
+                except Exception:
+                    retry += 1
+                    delay = min(2.0**retry, MAX_RETRY_DELAY)
+                    logger.exception(f"reconcile failed unexpectedly, retrying in {delay:g} s")
+                else:
+                    retry = 0
+                    delay = settings.poll_seconds if needs_poll(status or current.get("status") or {}) else math.inf
+                    if fresh:
+                        next_resync = loop.time() + settings.resync_seconds
+                await _sleep(wake, stopped, min(delay, max(0.0, next_resync - loop.time())))
+                trigger = "watch" if wake.is_set() else "poll"
+        finally:
+            operator.wakeups.pop(key, None)
+            operator.latest.pop(key, None)
 
-    @kopf.on.update(*resource, id="spec", field="spec", registry=registry)
-    def spec_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, **_: Any) -> None:
-        operator.run("update", body, patch, memo, retry)
+    @kopf.on.event(*resource, id="job-changed", registry=registry)
+    async def job_changed(type: str, body: kopf.Body, **_: Any) -> None:
+        key = (body.metadata.namespace, body.metadata.name)
+        if type == "DELETED":
+            operator.latest.pop(key, None)
+            return
+        operator.latest[key] = dict(body)
+        operator.wake(*key)
+
+    for child in WATCHED:
+        _watch_child(registry, operator, cache, child)
+
+    @kopf.on.event("v1", "persistentvolumeclaims", id="claim-changed", registry=registry)
+    async def claim_changed(type: str, body: kopf.Body, **_: Any) -> None:
+        """Claims are the users' objects (no label of ours): a change wakes the jobs of its namespace."""
+        _store(cache, PVCS, type, dict(body))
+        operator.wake(body.metadata.namespace)
 
     @kopf.on.delete(*resource, id="forget", optional=True, registry=registry)
     def forget(body: kopf.Body, **_: Any) -> None:
@@ -87,6 +180,25 @@ def register(registry: kopf.OperatorRegistry, operator: Operator) -> None:
     @kopf.on.probe(id="jobs", registry=registry)
     def jobs(**_: Any) -> int:
         return operator.metrics.tracked_jobs()
+
+
+def _store(cache: ObjectCache, res: Resource, type_: str | None, obj: dict) -> None:
+    if type_ == "DELETED":
+        cache.forget(res, obj["metadata"].get("namespace") or "", obj["metadata"]["name"])
+    else:
+        cache.store(res, obj)
+
+
+def _watch_child(registry: kopf.OperatorRegistry, operator: Operator, cache: ObjectCache, res: Resource) -> None:
+    """Cache the job's children of kind `res` and wake their job (app.kubernetes.io/instance) on any change."""
+    selector = (res.group, res.version, res.plural) if res.group else (res.version, res.plural)
+
+    @kopf.on.event(*selector, id=f"{res.plural}-changed", labels=WATCH_LABELS, registry=registry)
+    async def child_changed(type: str, body: kopf.Body, **_: Any) -> None:
+        _store(cache, res, type, dict(body))
+        job = body.metadata.labels.get("app.kubernetes.io/instance")
+        if job:
+            operator.wake(body.metadata.namespace, job)
 
 
 def register_peering(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) -> None:
@@ -119,7 +231,7 @@ def register_client_login(registry: kopf.OperatorRegistry) -> None:
 def build(api: KubeApi, settings: OperatorSettings, registry: kopf.OperatorRegistry) -> Operator:
     """The operator, its handlers registered into `registry` (what __main__ runs; tests too)."""
     operator = Operator(Reconciler(api, settings), settings, OperatorMetrics())
-    register(registry, operator)
+    register(registry, operator, api)
     if not settings.standalone:
         register_peering(registry, operator, api)
     return operator
@@ -127,12 +239,20 @@ def build(api: KubeApi, settings: OperatorSettings, registry: kopf.OperatorRegis
 
 def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     """kopf's own settings: bookkeeping in g2rpo.dev annotations (the status schema is strict), no
-    CRD scanning (so no cluster-wide CRD read permission), peering so that replicas never both act."""
+    CRD scanning (so no cluster-wide CRD read permission), peering so that replicas never both act
+    (cluster-wide ClusterKopfPeering, or one KopfPeering per watched namespace with G2RPO_NAMESPACES),
+    and the children's watches filtered by our managed-by label on the API server."""
     ks = kopf.OperatorSettings()
     ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
     ks.persistence.finalizer = f"{ANNOTATION_PREFIX}/operator"
     ks.scanning.disabled = True
+    selector = ",".join(f"{k}={v}" for k, v in WATCH_LABELS.items())
+    for res in WATCHED:
+        if res is not PVCS:  # server-side: the operator never streams the cluster's other pods
+            ks.watching.label_selectors[
+                (res.group, res.version, res.plural) if res.group else (res.version, res.plural)
+            ] = selector
     ks.peering.name = PEERING_NAME
     ks.peering.standalone = settings.standalone
     ks.peering.mandatory = not settings.standalone

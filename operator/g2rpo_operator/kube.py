@@ -49,11 +49,24 @@ PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
 JOBS = Resource("batch", "v1", "jobs", "Job")
 PODGROUPS = Resource("scheduling.volcano.sh", "v1beta1", "podgroups", "PodGroup")
+NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 CLUSTER_PEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering", namespaced=False)
 PEERINGS = Resource("kopf.dev", "v1", "kopfpeerings", "KopfPeering")
 _BY_KIND = {
     (r.api_version, r.kind): r
-    for r in (CONFIGMAPS, SECRETS, SERVICES, DEPLOYMENTS, JOBS, PODGROUPS, PODS, PVCS, CLUSTER_PEERINGS, PEERINGS)
+    for r in (
+        CONFIGMAPS,
+        SECRETS,
+        SERVICES,
+        DEPLOYMENTS,
+        JOBS,
+        PODGROUPS,
+        NETWORK_POLICIES,
+        PODS,
+        PVCS,
+        CLUSTER_PEERINGS,
+        PEERINGS,
+    )
 }
 
 

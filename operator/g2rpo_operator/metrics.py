@@ -1,7 +1,8 @@
 """The operator's own Prometheus metrics, on their own registry and port.
 
-Reconcile counts and durations by trigger and result, API/controller errors by kind, and jobs by
-phase (a gauge recomputed from the phases the operator last wrote). An own registry keeps several
+Reconcile counts and durations by trigger (start: a job's first pass; watch: a child, claim or
+spec event; poll: a running job's cache-only pass; resync: the periodic full read) and result,
+API/controller errors by kind, and jobs by phase (a gauge recomputed from the phases the operator last wrote). An own registry keeps several
 operators in one process (tests) apart and leaves the default process collectors out.
 """
 

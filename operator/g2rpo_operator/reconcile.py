@@ -12,12 +12,33 @@ Rules worth knowing:
 - The ConfigMap's job.yaml is the accepted spec. An edit touching only MUTABLE_FIELDS is applied;
   any other edit is refused as a whole (condition SpecApplied=False naming the fields) and the job
   keeps running the accepted spec. An edit to an invalid spec is refused the same way.
+- The gang starts in order: the trainer Job is created only once the controller and the rollout
+  Deployments are Available (with the current gang epoch), Ready=False WaitingForRollout until
+  then. Under Volcano the Job is created with the rollout (the PodGroup must see every pod) and the
+  trainer waits in process (vllm_server_timeout = rollout.startupTimeoutSeconds).
 - A failed trainer Job is first counted (status.restarts, status.lastFailedTrainer = its uid), and
   deleted on the next pass; so a crash between the two can neither skip nor double-count a restart.
-  Within runPolicy.backoffLimit the next pass creates it again and the trainer resumes from the
-  newest checkpoint (checkpoint.resume auto); past it the job fails with the pods' exit reasons.
+  Counting raises the gang epoch (restarts + disruptions), an annotation of the rollout's pod
+  template: the Deployment replaces the vLLM pod, which drops its NCCL weight-sync group with the
+  dead rank 0, and the next trainer Job waits until the new rollout is Available. Within
+  runPolicy.backoffLimit the trainer resumes from the newest checkpoint (checkpoint.resume auto);
+  past it the job fails with the pods' exit reasons.
+- A trainer pod disrupted by the cluster (condition DisruptionTarget: preemption, drain, eviction)
+  restarts the gang the same way but counts in status.disruptions, not against backoffLimit; a pod
+  that exits with EXIT_INVALID_SPEC fails the job at once (InvalidConfiguration).
+- Phase Running means every trainer pod is ready (Job status.ready), not merely created: until then
+  the phase is Pending and Ready says why (claim not Bound, Unschedulable with the scheduler's
+  message, image pull errors, waiting for the rollout). status.startTime is the first time every
+  rank was ready; runPolicy.activeDeadlineSeconds counts from it (the Job's own deadline would count
+  queueing and image pulls, so the operator enforces it and leaves the Job's unset).
+- The checkpoint claim must exist (or is created from checkpoint.volumeSize), must request
+  ReadWriteMany when trainer.replicas > 1 (nothing is created otherwise) and is reported until Bound
+  (condition StorageReady; pods are still created, since WaitForFirstConsumer classes bind only
+  for a pod).
 - Suspend deletes the trainer Job and scales the Deployments to zero; resume recreates them. A
   finished job (status.completionTime set) is never restarted; its GPUs are released.
+- Passes read through a watch-fed cache (cache.py) except every settings.resync_seconds, when they
+  read everything from the API.
 """
 
 from __future__ import annotations
@@ -31,12 +52,21 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from g2rpo.spec import G2RPOJobSpec, SpecError, parse_spec
+from g2rpo.spec import EXIT_INVALID_SPEC, G2RPOJobSpec, SpecError, check_batch_layout, parse_spec
 from kopf import append_owner_reference
 from pydantic import ValidationError
 
 from g2rpo_operator.builders import JobContext, children, config
-from g2rpo_operator.builders.common import CHECKPOINT_MOUNT, TOKEN_KEY, child_name
+from g2rpo_operator.builders.common import (
+    APP_NAME,
+    CHECKPOINT_MOUNT,
+    GANG_EPOCH_ANNOTATION,
+    MANAGED_BY,
+    TOKEN_KEY,
+    child_name,
+)
+from g2rpo_operator.builders.gang import trainer_waits_in_process
+from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.controller_client import ControllerReport, read_controller
 from g2rpo_operator.kube import (
     CONFIGMAPS,
@@ -60,6 +90,7 @@ from g2rpo_operator.status import (
     REFERENCES_RESOLVED,
     SPEC_APPLIED,
     SPEC_VALID,
+    STORAGE_READY,
     SUSPENDED,
     JobStatus,
     Phase,
@@ -80,7 +111,9 @@ MAX_NAME_LENGTH = 52
 # --- pure decisions ------------------------------------------------------------------------------
 
 
-def validate(name: str, raw_spec: Any) -> tuple[G2RPOJobSpec | None, list[str]]:
+def validate(
+    name: str, raw_spec: Any, settings: OperatorSettings | None = None
+) -> tuple[G2RPOJobSpec | None, list[str]]:
     """The spec if it can run on a cluster, else every reason why not (`field.path: reason`).
 
     Beyond the model's own validation (which the CRD schema cannot fully express: cross-field
@@ -107,6 +140,15 @@ def validate(name: str, raw_spec: Any) -> tuple[G2RPOJobSpec | None, list[str]]:
             f"spec.guidance.totalSteps: the {spec.guidance.schedule} schedule needs the run's length on a cluster "
             "(set guidance.totalSteps or training.maxSteps): the controller pod computes l_k without the dataset"
         )
+    if spec.run_policy.gang_scheduler == "kueue" and not (spec.run_policy.queue or (settings and settings.kueue_queue)):
+        errors.append(
+            "spec.runPolicy.queue: gangScheduler kueue needs a queue (the Kueue LocalQueue name); the operator "
+            "has no default (G2RPO_KUEUE_QUEUE)"
+        )
+    try:
+        check_batch_layout(spec, spec.trainer.replicas * spec.trainer.gpus_per_replica)
+    except SpecError as exc:
+        errors += exc.lines()
     directory = spec.checkpoint.dir
     if directory and directory != CHECKPOINT_MOUNT and not directory.startswith(CHECKPOINT_MOUNT + "/"):
         errors.append(
@@ -140,9 +182,15 @@ class Progress:
     """Workloads should run (not suspended, not finished)."""
     delete_trainer: bool
     restarts: int
+    disruptions: int
     last_failed_trainer: str | None
     start_time: str | None
     completion_time: str | None
+
+    @property
+    def gang_epoch(self) -> int:
+        """Gang restarts so far, of either kind: the rollout pod is replaced each time it rises."""
+        return self.restarts + self.disruptions
 
 
 def _true_condition(obj: Manifest | None, type_: str) -> dict | None:
@@ -161,36 +209,70 @@ def trainer_outcome(job: Manifest | None) -> str | None:
     return None
 
 
+def _terminations(pod: Manifest) -> list[tuple[str, dict]]:
+    status = pod.get("status") or {}
+    return [
+        (container["name"], ended)
+        for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+        if (ended := (container.get("state") or {}).get("terminated"))
+    ]
+
+
 def failure_detail(job: Manifest, pods: list[Manifest]) -> str:
     """Why a trainer Job failed: its condition, then each failed pod's exit code and reason."""
     cond = _true_condition(job, "Failed") or {}
     parts = [f"{cond.get('reason', 'Failed')}: {cond.get('message', 'the trainer Job failed')}"]
     for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Failed":
+            continue
         status = pod.get("status") or {}
         name = pod["metadata"]["name"]
         if status.get("reason"):
             parts.append(f"pod {name}: {status['reason']}: {status.get('message', '')}".rstrip(": "))
-        for container in status.get("containerStatuses") or []:
-            ended = (container.get("state") or {}).get("terminated")
-            if ended and ended.get("exitCode"):
+        for container, ended in _terminations(pod):
+            if ended.get("exitCode"):
                 why = f" ({ended['reason']})" if ended.get("reason") else ""
-                parts.append(f"pod {name}: container {container['name']} exited with code {ended['exitCode']}{why}")
+                parts.append(f"pod {name}: container {container} exited with code {ended['exitCode']}{why}")
     return "; ".join(parts)
 
 
-def progress(spec: G2RPOJobSpec, prev: Manifest, job: Manifest | None, detail: str, now: datetime) -> Progress:
-    """The phase and the trainer's fate, from the previous status, the trainer Job and the clock.
+def disrupted(pods: list[Manifest]) -> list[str]:
+    """Trainer pods the cluster took away (DisruptionTarget: preemption, drain, eviction), with the reason.
+    The Job's podFailurePolicy ignores them; the gang restarts without spending the retry budget."""
+    found = []
+    for pod in pods:
+        cond = _true_condition(pod, "DisruptionTarget")
+        if cond:
+            why = f"{cond.get('reason', 'DisruptionTarget')}: {cond.get('message', '')}".rstrip(": ")
+            found.append(f"pod {pod['metadata']['name']}: {why}")
+    return found
+
+
+def invalid_configuration(pods: list[Manifest]) -> bool:
+    """A trainer container said its job cannot run (EXIT_INVALID_SPEC): retrying would fail the same way."""
+    return any(ended.get("exitCode") == EXIT_INVALID_SPEC for pod in pods for _, ended in _terminations(pod))
+
+
+def ready_count(job: Manifest | None) -> int:
+    """Trainer pods that are ready (Job status.ready); `active` would also count Pending pods."""
+    return int(((job or {}).get("status") or {}).get("ready") or 0)
+
+
+def progress(spec: G2RPOJobSpec, prev: Manifest, job: Manifest | None, pods: list[Manifest], now: datetime) -> Progress:
+    """The phase and the trainer's fate, from the previous status, the trainer Job, its pods and the clock.
 
     Precedence: a finished job stays finished; then the trainer's success; then suspend (which
-    wins over a failure, so a suspended job is never restarted); then a failure; then the deadline.
+    wins over a failure, so a suspended job is never restarted); then a configuration error, a
+    disruption, a failure; then the deadline. Running needs every trainer pod ready.
     """
     base = Progress(
         phase="Pending",
         reason="Starting",
-        message="waiting for the trainer pods to start",
+        message="waiting for the trainer pods to become ready",
         active=True,
         delete_trainer=False,
         restarts=int(prev.get("restarts") or 0),
+        disruptions=int(prev.get("disruptions") or 0),
         last_failed_trainer=prev.get("lastFailedTrainer"),
         start_time=prev.get("startTime"),
         completion_time=prev.get("completionTime"),
@@ -222,46 +304,76 @@ def progress(spec: G2RPOJobSpec, prev: Manifest, job: Manifest | None, detail: s
             delete_trainer=job is not None,
             start_time=None,
         )
+    if job is not None and invalid_configuration(pods):
+        return replace(
+            base,
+            phase="Failed",
+            reason="InvalidConfiguration",
+            message=f"the trainer cannot run this job (exit code {EXIT_INVALID_SPEC}, not retried): "
+            + failure_detail(job, pods),
+            active=False,
+            delete_trainer=unfinished,
+            last_failed_trainer=job["metadata"]["uid"],
+            completion_time=stamp,
+        )
+    evicted = disrupted(pods) if job is not None else []
+    if evicted:
+        assert job is not None
+        return _gang_restart(base, job["metadata"]["uid"], "; ".join(evicted), disruption=True, limit=0)
     if outcome == "failed":
         assert job is not None
-        return _after_failure(spec, base, job["metadata"]["uid"], detail, stamp)
+        detail = failure_detail(job, pods)
+        if job["metadata"]["uid"] != base.last_failed_trainer and base.restarts >= spec.run_policy.backoff_limit:
+            return replace(
+                base,
+                phase="Failed",
+                reason="TrainerFailed",
+                message=f"the trainer failed {base.restarts + 1} times (runPolicy.backoffLimit "
+                f"{spec.run_policy.backoff_limit}); last: {detail}",
+                active=False,
+                last_failed_trainer=job["metadata"]["uid"],
+                completion_time=stamp,
+            )
+        return _gang_restart(
+            base, job["metadata"]["uid"], detail, disruption=False, limit=spec.run_policy.backoff_limit
+        )
     deadline = spec.run_policy.active_deadline_seconds
     if deadline and base.start_time and now - parse_timestamp(base.start_time) > timedelta(seconds=deadline):
         return replace(
             base,
             phase="Failed",
             reason="DeadlineExceeded",
-            message=f"running longer than runPolicy.activeDeadlineSeconds ({deadline} s)",
+            message=f"running longer than runPolicy.activeDeadlineSeconds ({deadline} s, counted from "
+            f"status.startTime {base.start_time})",
             active=False,
             delete_trainer=unfinished,
             completion_time=stamp,
         )
-    if job is not None and int((job.get("status") or {}).get("active") or 0) > 0:
+    if job is not None and not job["metadata"].get("deletionTimestamp") and ready_count(job) >= spec.trainer.replicas:
         started = base.start_time or stamp
         return replace(
-            base, phase="Running", reason="TrainerRunning", message="the trainer is running", start_time=started
+            base, phase="Running", reason="TrainerRunning", message="every trainer pod is ready", start_time=started
         )
-    return replace(base, phase="Running" if base.start_time else "Pending")
+    if base.last_failed_trainer and job is not None and job["metadata"]["uid"] == base.last_failed_trainer:
+        return replace(base, reason="Restarting", message="the failed trainer is being removed", delete_trainer=True)
+    return base
 
 
-def _after_failure(spec: G2RPOJobSpec, base: Progress, uid: str, detail: str, stamp: str) -> Progress:
-    limit = spec.run_policy.backoff_limit
+def _gang_restart(base: Progress, uid: str, detail: str, disruption: bool, limit: int) -> Progress:
+    """Count the trainer Job `uid`'s end once (a restart, or a disruption that is free), then delete it."""
     if uid == base.last_failed_trainer:  # counted on an earlier pass: now remove it, the next pass recreates it
-        message = f"restart {base.restarts} of {limit}: {detail}"
-        return replace(base, phase="Running", reason="Restarting", message=message, delete_trainer=True)
-    if base.restarts >= limit:
+        what = f"disruption {base.disruptions} (not counted)" if disruption else f"restart {base.restarts} of {limit}"
+        return replace(base, reason="Restarting", message=f"{what}: {detail}", delete_trainer=True)
+    if disruption:
         return replace(
             base,
-            phase="Failed",
-            reason="TrainerFailed",
-            message=f"the trainer failed {base.restarts + 1} times (runPolicy.backoffLimit {limit}); last: {detail}",
-            active=False,
+            reason="Restarting",
+            message=f"disruption {base.disruptions + 1} (not counted against runPolicy.backoffLimit): {detail}",
+            disruptions=base.disruptions + 1,
             last_failed_trainer=uid,
-            completion_time=stamp,
         )
     return replace(
         base,
-        phase="Running",
         reason="Restarting",
         message=f"restart {base.restarts + 1} of {limit}: {detail}",
         restarts=base.restarts + 1,
@@ -276,8 +388,77 @@ def _previous(prev: Manifest, type_: str) -> tuple[str, str]:
     return type_, ""
 
 
-def deployment_available(obj: Manifest | None) -> bool:
-    return int(((obj or {}).get("status") or {}).get("availableReplicas") or 0) >= 1
+def deployment_available(obj: Manifest | None, gang_epoch: int | None = None) -> bool:
+    """The Deployment's controller has rolled out the current template (and, for the rollout, the current
+    gang epoch) and its pod is available: not a pod of an earlier epoch still answering."""
+    if obj is None:
+        return False
+    meta, status = obj["metadata"], obj.get("status") or {}
+    if gang_epoch is not None:
+        annotations = obj["spec"]["template"]["metadata"].get("annotations") or {}
+        if annotations.get(GANG_EPOCH_ANNOTATION, "0") != str(gang_epoch):
+            return False
+    observed = status.get("observedGeneration")
+    if observed is None or int(observed) < int(meta.get("generation") or 0):
+        return False
+    return int(status.get("updatedReplicas") or 0) >= 1 and int(status.get("availableReplicas") or 0) >= 1
+
+
+IMAGE_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+START_PROBLEMS = frozenset(
+    {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
+)
+
+
+def pod_problems(pods: list[Manifest]) -> list[tuple[str, str]]:
+    """(reason, message) for each pod that waits on something the user or the cluster must fix: the
+    scheduler's Unschedulable (with its message: which resources, taints, affinity), image pulls,
+    container start errors. Pods being deleted are skipped (an old attempt going away)."""
+    found: list[tuple[str, str]] = []
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        name, status = pod["metadata"]["name"], pod.get("status") or {}
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                found.append(
+                    (cond.get("reason") or "Unschedulable", f"pod {name}: {cond.get('message', '')}".rstrip(": "))
+                )
+        for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in IMAGE_PROBLEMS | START_PROBLEMS:
+                message = (
+                    f"pod {name}: container {container['name']}: {waiting['reason']}: {waiting.get('message', '')}"
+                )
+                found.append((waiting["reason"], message.rstrip(": ")))
+    return found
+
+
+def claim_problems(claim: Manifest | None, name: str, replicas: int) -> tuple[str, str] | None:
+    """Why the checkpoint claim cannot serve the job yet, as (reason, message); None when it can.
+
+    ClaimNotShared (a multi-node trainer on a claim that does not request ReadWriteMany) blocks the
+    job: its pods would hang on the attach. ClaimNotBound is reported but not blocking: claims of
+    WaitForFirstConsumer classes bind only once a pod uses them.
+    """
+    if claim is None:
+        return None
+    modes = (claim.get("status") or {}).get("accessModes") or (claim.get("spec") or {}).get("accessModes") or []
+    phase = (claim.get("status") or {}).get("phase") or "Pending"
+    if replicas > 1 and "ReadWriteMany" not in modes:
+        return (
+            "ClaimNotShared",
+            f"PersistentVolumeClaim {name!r} has access modes {modes or 'none'} (phase {phase}); trainer.replicas "
+            f"{replicas} pods on different nodes need ReadWriteMany: use a claim of an RWX class (see "
+            "spec.checkpoint.storageClassName)",
+        )
+    if phase != "Bound":
+        return (
+            "ClaimNotBound",
+            f"PersistentVolumeClaim {name!r} is {phase}, not Bound (access modes {modes or 'none'}): check its "
+            "storageClassName and `kubectl describe pvc`",
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -292,7 +473,12 @@ class Facts:
     refused: list[str]
     missing: list[str]
     conflicts: list[str]
-    waiting: list[str]
+    storage: tuple[str, str] | None
+    problems: list[tuple[str, str]]
+    waiting_for: list[str]
+    """Deployments the trainer waits for (gating), empty once it may start."""
+    trainer_ready: str
+    """'ready/replicas' of the current trainer Job, '' when there is none."""
     report: ControllerReport | None
 
 
@@ -316,21 +502,47 @@ def _spec_applied(facts: Facts) -> Verdict:
 
 
 def _ready(facts: Facts) -> Verdict:
+    """Why the job is not (yet) running, most actionable reason first."""
     p = facts.progress
-    if p.phase in ("Succeeded", "Failed", "Suspended") or p.reason == "Restarting":
+    if p.phase in ("Succeeded", "Failed", "Suspended"):
         return False, p.reason, p.message
+    if p.phase == "Running":
+        return True, "Running", "the controller, the rollout server and every trainer pod are ready"
     if facts.missing:
         return False, "MissingReference", "; ".join(facts.missing)
     if facts.conflicts:
         owned = "; ".join(f"{c} exists and is not owned by this job (delete or rename it)" for c in facts.conflicts)
         return False, "ChildConflict", owned
-    if facts.waiting:
-        return False, "Waiting", "waiting for: " + ", ".join(facts.waiting)
-    return True, "Running", "the controller, the rollout server and the trainer are up"
+    if facts.storage:
+        return False, *facts.storage
+    if facts.problems:
+        return False, facts.problems[0][0], "; ".join(message for _, message in facts.problems)
+    if p.reason == "Restarting":
+        return False, p.reason, p.message
+    if facts.waiting_for:
+        return (
+            False,
+            "WaitingForRollout",
+            "the trainer Job is created once these are Available: "
+            + ", ".join(facts.waiting_for)
+            + " (vLLM may take up to spec.rollout.startupTimeoutSeconds to load the model)",
+        )
+    if facts.trainer_ready:
+        return False, "Waiting", f"waiting for the trainer pods to become ready ({facts.trainer_ready} ready)"
+    return False, "Waiting", "waiting for the trainer Job"
 
 
 def _in_phase(p: Progress, phase: str, otherwise: str) -> Verdict:
     return (True, p.reason, p.message) if p.phase == phase else (False, otherwise, "")
+
+
+def _storage(facts: Facts) -> Verdict:
+    claim = facts.spec.checkpoint.volume_claim
+    if any("spec.checkpoint.volumeClaim" in m for m in facts.missing):
+        return False, "MissingReference", f"PersistentVolumeClaim {claim!r} not found"
+    if facts.storage:
+        return False, *facts.storage
+    return True, "Bound", f"PersistentVolumeClaim {claim!r} is Bound"
 
 
 def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
@@ -340,6 +552,7 @@ def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
         SPEC_VALID: (False, "InvalidSpec", errors) if errors else (True, "Valid", "the spec is valid"),
         SPEC_APPLIED: _spec_applied(facts),
         REFERENCES_RESOLVED: (False, "MissingReference", missing) if missing else (True, "Resolved", "all exist"),
+        STORAGE_READY: _storage(facts),
         READY: _ready(facts),
         SUSPENDED: _in_phase(p, "Suspended", "NotSuspended"),
         COMPLETE: _in_phase(p, "Succeeded", "NotComplete"),
@@ -362,6 +575,7 @@ def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
         start_time=p.start_time,
         completion_time=p.completion_time,
         restarts=p.restarts,
+        disruptions=p.disruptions,
         last_failed_trainer=p.last_failed_trainer,
     )
 
@@ -392,6 +606,32 @@ def owned_by(obj: Manifest, uid: str) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences") or [])
 
 
+def job_pod_labels(name: str) -> dict[str, str]:
+    """Every pod of the job (all components), as its builders label them."""
+    return {"app.kubernetes.io/name": APP_NAME, "app.kubernetes.io/instance": name}
+
+
+def checkpoint_claim(ctx: JobContext) -> Manifest:
+    """The claim the operator creates from checkpoint.volumeSize: ReadWriteMany (every trainer pod and the
+    controller mount it), labelled but not owned by the job (checkpoints outlive it)."""
+    checkpoint = ctx.spec.checkpoint
+    spec: Manifest = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": checkpoint.volume_size}}}
+    storage_class = checkpoint.storage_class_name or ctx.settings.storage_class_name
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    labels = {
+        **job_pod_labels(ctx.name),
+        "app.kubernetes.io/component": "checkpoints",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": checkpoint.volume_claim, "namespace": ctx.namespace, "labels": labels},
+        "spec": spec,
+    }
+
+
 # --- the shell: read, decide, write --------------------------------------------------------------
 
 
@@ -407,32 +647,52 @@ class Reconciler:
         api: KubeApi,
         settings: OperatorSettings,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        cache: ObjectCache | None = None,
     ):
         self.api = api
         self.settings = settings
         self.clock = clock
+        self.cache = cache if cache is not None else ObjectCache()
 
-    def reconcile(self, body: Manifest) -> Manifest | None:
-        """Bring the job's children one step closer to its spec; returns the status patch (None: unchanged)."""
+    def reconcile(self, body: Manifest, fresh: bool = True) -> Manifest | None:
+        """Bring the job's children one step closer to its spec; returns the status patch (None: unchanged).
+        `fresh` reads everything from the API; otherwise watched kinds come from the cache (cache.py)."""
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
             return None  # the garbage collector removes the children through their ownerReferences
+        view = View(self.api, self.cache, fresh)
         name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
         prev = body.get("status") or {}
         now = self.clock()
-        spec, errors = validate(name, body.get("spec"))
-        configmap = self.api.get(CONFIGMAPS, namespace, child_name(name, "config"))
+        spec, errors = validate(name, body.get("spec"), self.settings)
+        configmap = view.get(CONFIGMAPS, namespace, child_name(name, "config"))
         accepted = self._accepted(name, namespace, configmap)
         if spec is None and accepted is None:
             return status_patch(invalid_status(errors, prev, now, generation), prev)
         ctx, refused = self._effective(name, namespace, spec, accepted)
-        observed = self._observe(ctx, configmap)
-        missing = self._missing_references(ctx)
+        observed = self._observe(view, ctx, configmap)
+        missing = self._missing_references(view, ctx)
+        claim = (
+            view.get(PVCS, namespace, ctx.spec.checkpoint.volume_claim) if ctx.spec.checkpoint.volume_claim else None
+        )
+        storage = claim_problems(claim, ctx.spec.checkpoint.volume_claim or "", ctx.spec.trainer.replicas)
         job = observed.get(_key(JOBS, ctx.child("trainer")))
-        detail = failure_detail(job, self._trainer_pods(ctx, job)) if trainer_outcome(job) == "failed" else ""
-        prog = progress(ctx.spec, prev, job, detail, now)
+        pods = view.list(PODS, namespace, job_pod_labels(name))
+        trainer_pods = [pod for pod in pods if job is not None and owned_by(pod, job["metadata"]["uid"])]
+        prog = progress(ctx.spec, prev, job, trainer_pods, now)
+        waiting_for = self._waiting_for(ctx, observed, prog.gang_epoch)
         token = self._token(observed.get(_key(SECRETS, ctx.token_name)), body["metadata"]["uid"])
-        conflicts = self._apply(ctx, body, observed, prog, token or secrets.token_urlsafe(32), create=not missing)
+        blocked = bool(missing) or (storage is not None and storage[0] == "ClaimNotShared")
+        conflicts = self._apply(
+            view,
+            ctx,
+            body,
+            observed,
+            prog,
+            token or secrets.token_urlsafe(32),
+            create=not blocked,
+            with_trainer=trainer_waits_in_process(ctx) or not waiting_for,
+        )
         report = self._read_controller(ctx, observed, token)
         facts = Facts(
             progress=prog,
@@ -443,7 +703,10 @@ class Reconciler:
             refused=refused,
             missing=missing,
             conflicts=conflicts,
-            waiting=self._waiting(ctx, observed, job) if prog.active else [],
+            storage=storage,
+            problems=pod_problems(pods) if prog.active else [],
+            waiting_for=waiting_for if job is None else [],
+            trainer_ready=f"{ready_count(job)}/{ctx.spec.trainer.replicas}" if job is not None else "",
             report=report,
         )
         return status_patch(job_status(facts, prev, now), prev)
@@ -484,37 +747,41 @@ class Reconciler:
             )
             return None
 
-    def _observe(self, ctx: JobContext, configmap: Manifest | None) -> dict[tuple[str, str], Manifest]:
+    def _observe(self, view: View, ctx: JobContext, configmap: Manifest | None) -> dict[tuple[str, str], Manifest]:
         found = {_key(CONFIGMAPS, ctx.config_name): configmap} if configmap else {}
         for manifest in children(ctx, token="", active=True):
             res = resource_of(manifest)
             key = _key(res, manifest["metadata"]["name"])
             if key not in found and res is not CONFIGMAPS:
-                obj = self.api.get(res, ctx.namespace, key[1])
+                obj = view.get(res, ctx.namespace, key[1])
                 if obj is not None:
                     found[key] = obj
         return found
 
-    def _missing_references(self, ctx: JobContext) -> list[str]:
-        """Objects the spec names but the job does not own: they must exist before any pod can start."""
+    def _missing_references(self, view: View, ctx: JobContext) -> list[str]:
+        """Objects the spec names but the job does not own: they must exist before any pod can start.
+        A missing claim with checkpoint.volumeSize is created instead (see checkpoint_claim)."""
+        checkpoint = ctx.spec.checkpoint
+        if (
+            checkpoint.volume_claim
+            and checkpoint.volume_size
+            and view.get(PVCS, ctx.namespace, checkpoint.volume_claim) is None
+        ):
+            try:
+                view.create(checkpoint_claim(ctx))
+            except KubeError as exc:
+                if exc.status != 409:
+                    raise
         wanted = [
-            (PVCS, ctx.spec.checkpoint.volume_claim, "spec.checkpoint.volumeClaim"),
+            (PVCS, checkpoint.volume_claim, "spec.checkpoint.volumeClaim"),
             (SECRETS, ctx.spec.env_from_secret, "spec.envFromSecret"),
         ]
         return [
             f"{res.kind} {name!r} ({field}) not found in namespace {ctx.namespace!r}; "
-            f"retrying every {self.settings.resync_seconds:g} s"
+            f"retrying every {self.settings.poll_seconds:g} s"
             for res, name, field in wanted
-            if name and self.api.get(res, ctx.namespace, name) is None
+            if name and view.get(res, ctx.namespace, name) is None
         ]
-
-    def _trainer_pods(self, ctx: JobContext, job: Manifest | None) -> list[Manifest]:
-        if job is None:
-            return []
-        labels = {"app.kubernetes.io/instance": ctx.name, "app.kubernetes.io/component": "trainer"}
-        pods = self.api.list(PODS, ctx.namespace, labels)
-        uid = job["metadata"]["uid"]
-        return [pod for pod in pods if owned_by(pod, uid) and (pod.get("status") or {}).get("phase") == "Failed"]
 
     @staticmethod
     def _token(secret: Manifest | None, uid: str) -> str | None:
@@ -525,49 +792,51 @@ class Reconciler:
         return base64.b64decode(encoded).decode() if encoded else None
 
     @staticmethod
-    def _waiting(ctx: JobContext, observed: dict[tuple[str, str], Manifest], job: Manifest | None) -> list[str]:
-        waiting = [
+    def _waiting_for(ctx: JobContext, observed: dict[tuple[str, str], Manifest], gang_epoch: int) -> list[str]:
+        """The Deployments the trainer must wait for: the controller, and the rollout of this gang epoch."""
+        epochs = {"controller": None, "rollout": gang_epoch}
+        return [
             f"{component} Deployment {ctx.child(component)}"
-            for component in ("controller", "rollout")
-            if not deployment_available(observed.get(_key(DEPLOYMENTS, ctx.child(component))))
+            for component, epoch in epochs.items()
+            if not deployment_available(observed.get(_key(DEPLOYMENTS, ctx.child(component))), epoch)
         ]
-        if job is None or int((job.get("status") or {}).get("active") or 0) < ctx.spec.trainer.replicas:
-            waiting.append(f"trainer pods of Job {ctx.child('trainer')}")
-        return waiting
 
     def _apply(
         self,
+        view: View,
         ctx: JobContext,
         owner: Manifest,
         observed: dict[tuple[str, str], Manifest],
         prog: Progress,
         token: str,
         create: bool,
+        with_trainer: bool,
     ) -> list[str]:
-        """Create what is missing, scale what exists, delete the trainer when due; returns conflicts."""
+        """Create what is missing, update what may change, delete the trainer when due; returns conflicts."""
         uid = owner["metadata"]["uid"]
         job = observed.get(_key(JOBS, ctx.child("trainer")))
         if prog.delete_trainer and job is not None and not job["metadata"].get("deletionTimestamp"):
             # Foreground: the Job disappears only after its pods, so a new attempt never overlaps the old one.
-            self.api.delete(JOBS, ctx.namespace, job["metadata"]["name"], propagation="Foreground")
+            view.delete(JOBS, ctx.namespace, job["metadata"]["name"], propagation="Foreground")
+            job = None
         conflicts: list[str] = []
-        for manifest in children(ctx, token, prog.active):
+        for manifest in children(ctx, token, prog.active, prog.gang_epoch, with_trainer and not prog.delete_trainer):
             res = resource_of(manifest)
             name = manifest["metadata"]["name"]
             current = observed.get(_key(res, name))
             if current is None:
                 if not create:
                     continue
-                current = self._create(manifest, owner)
+                current = self._create(view, manifest, owner)
                 if current is None:
                     continue
             if not owned_by(current, uid):
                 conflicts.append(f"{res.kind} {name}")
             else:
-                self._update(res, current, manifest)
+                self._update(view, res, current, manifest)
         return conflicts
 
-    def _create(self, manifest: Manifest, owner: Manifest) -> Manifest | None:
+    def _create(self, view: View, manifest: Manifest, owner: Manifest) -> Manifest | None:
         """Create; on 409 return what is there (ours from an interrupted pass, or a conflict to report).
 
         Ownership is kopf.append_owner_reference, not kopf.adopt: adopt also copies the job's labels
@@ -575,22 +844,32 @@ class Reconciler:
         """
         append_owner_reference(manifest, owner=owner)
         try:
-            self.api.create(manifest)
+            view.create(manifest)
             return None
         except KubeError as exc:
             if exc.status != 409:
                 raise
         meta = manifest["metadata"]
-        return self.api.get(resource_of(manifest), meta["namespace"], meta["name"])
+        return View(view.api, view.cache, fresh=True).get(resource_of(manifest), meta["namespace"], meta["name"])
 
-    def _update(self, res: Resource, current: Manifest, desired: Manifest) -> None:
-        """Only what may change on a live child: Deployment scale and the ConfigMap's accepted spec.
+    def _update(self, view: View, res: Resource, current: Manifest, desired: Manifest) -> None:
+        """Only what may change on a live child: Deployment scale, the rollout's gang epoch, and the
+        ConfigMap's accepted spec.
 
-        Pod templates are never rewritten: that would restart vLLM or the controller mid-run (and a
-        Job's template is immutable); placement fields are therefore not in MUTABLE_FIELDS.
+        Pod templates are otherwise never rewritten: that would restart vLLM or the controller mid-run
+        (and a Job's template is immutable); placement fields are therefore not in MUTABLE_FIELDS.
+        The gang-epoch annotation is the one deliberate exception: raising it replaces the vLLM pod.
         """
         meta = current["metadata"]
-        if res is DEPLOYMENTS and current["spec"].get("replicas") != desired["spec"]["replicas"]:
-            self.api.patch(res, meta["namespace"], meta["name"], {"spec": {"replicas": desired["spec"]["replicas"]}})
+        if res is DEPLOYMENTS:
+            patch: Manifest = {}
+            if current["spec"].get("replicas") != desired["spec"]["replicas"]:
+                patch["replicas"] = desired["spec"]["replicas"]
+            wanted = (desired["spec"]["template"]["metadata"].get("annotations") or {}).get(GANG_EPOCH_ANNOTATION)
+            have = (current["spec"]["template"]["metadata"].get("annotations") or {}).get(GANG_EPOCH_ANNOTATION)
+            if wanted is not None and wanted != have:
+                patch["template"] = {"metadata": {"annotations": {GANG_EPOCH_ANNOTATION: wanted}}}
+            if patch:
+                view.patch(res, meta["namespace"], meta["name"], {"spec": patch})
         elif res is CONFIGMAPS and current.get("data") != desired["data"]:
-            self.api.patch(res, meta["namespace"], meta["name"], {"data": desired["data"]})
+            view.patch(res, meta["namespace"], meta["name"], {"data": desired["data"]})

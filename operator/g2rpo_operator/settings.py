@@ -1,9 +1,12 @@
 """Operator-wide defaults, read once from the environment (the operator Deployment / Helm values set them).
 
 A job's placement fields override these per job; these override the built-in defaults, which target
-A100 nodes as labelled by NVIDIA's GPU feature discovery (`nvidia.com/gpu.product`) and tolerate the
-`nvidia.com/gpu` taint that GPU node pools usually carry. JSON is used for the structured values
-(node selectors, tolerations) so that one env var holds one value, as in a Deployment's env list.
+A100 nodes as labelled by NVIDIA's GPU feature discovery (a required node affinity on
+`nvidia.com/gpu.product` In the A100 variants) and tolerate the `nvidia.com/gpu` taint that GPU node
+pools usually carry. On a cluster without GPU feature discovery set G2RPO_GPU_PRODUCTS to `[]` (no
+product constraint) and, if needed, G2RPO_GPU_NODE_SELECTOR to the pool's own label. JSON is used
+for the structured values (node selectors, tolerations, products) so that one env var holds one
+value, as in a Deployment's env list.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_GPU_NODE_SELECTOR = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+DEFAULT_GPU_PRODUCTS = (
+    "NVIDIA-A100-SXM4-80GB",
+    "NVIDIA-A100-SXM4-40GB",
+    "NVIDIA-A100-80GB-PCIe",
+    "NVIDIA-A100-PCIE-40GB",
+)
+"""nvidia.com/gpu.product values of A100 nodes as GPU feature discovery spells them (80/40 GB, SXM/PCIe)."""
+DEFAULT_OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "g2rpo", "app.kubernetes.io/component": "operator"}
 DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
@@ -27,7 +37,10 @@ class OperatorSettings:
     trainer_image: str = "ghcr.io/g2rpo/g2rpo-trainer:0.1.0"
     rollout_image: str = "ghcr.io/g2rpo/g2rpo-trainer:0.1.0"
     """The trainer image ships vLLM and TRL, so `trl vllm-serve` runs from it by default."""
-    gpu_node_selector: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_GPU_NODE_SELECTOR))
+    gpu_products: tuple[str, ...] = DEFAULT_GPU_PRODUCTS
+    """Allowed nvidia.com/gpu.product values of GPU pods (required node affinity); empty: any product."""
+    gpu_node_selector: Mapping[str, str] = field(default_factory=dict)
+    """An exact node selector for GPU pods, on top of the product affinity (e.g. a node pool label)."""
     gpu_tolerations: tuple[Mapping[str, Any], ...] = tuple(DEFAULT_GPU_TOLERATIONS)
     controller_node_selector: Mapping[str, str] = field(default_factory=dict)
     controller_tolerations: tuple[Mapping[str, Any], ...] = ()
@@ -37,11 +50,31 @@ class OperatorSettings:
     rollout_memory: str = "64Gi"
     controller_cpu: str = "100m"
     controller_memory: str = "256Mi"
+    gpu_cache_size: str = "100Gi"
+    """sizeLimit of the GPU pods' cache volume (HOME, Hugging Face downloads, kernel JIT caches), also
+    their ephemeral-storage request: a model and its compiled kernels must fit."""
+    controller_scratch_size: str = "1Gi"
+    """sizeLimit of the controller's /tmp, also its ephemeral-storage request."""
     image_pull_policy: str = "IfNotPresent"
+    kueue_queue: str | None = None
+    """The Kueue LocalQueue of jobs with runPolicy.gangScheduler kueue that name no queue."""
+    storage_class_name: str | None = None
+    """StorageClass of checkpoint claims the operator creates (checkpoint.volumeSize) that name none;
+    None leaves it to the cluster's default class."""
+    operator_namespace: str = "g2rpo-system"
+    """Where the operator's pods run: the jobs' NetworkPolicies admit its pods to the controllers' API."""
+    operator_pod_labels: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_OPERATOR_POD_LABELS))
+    """Labels selecting the operator's pods (in operator_namespace) in the jobs' NetworkPolicies."""
+    monitoring_namespace: str = "monitoring"
+    """The namespace whose pods (Prometheus) may scrape the controllers' /metrics through the NetworkPolicy."""
     controller_url_template: str = "http://{name}-controller.{namespace}.svc:8080"
     """Where the operator reaches a job's controller; tests point it at loopback."""
-    resync_seconds: float = 15.0
-    """How often each job is reconciled even without events (status from children and controller)."""
+    resync_seconds: float = 1800.0
+    """How often each job gets a full pass that reads every child from the API, even without events.
+    Changes reach the operator through watches; this only repairs what a lost watch event missed."""
+    poll_seconds: float = 30.0
+    """How often a running job's pass runs from the watch cache (no API reads): the controller's progress
+    (step, reward) for the status and the deadline; also a job missing an unwatched reference (a Secret)."""
     http_timeout_seconds: float = 3.0
     metrics_port: int = 9090
     health_port: int = 8081
@@ -82,6 +115,13 @@ def _json_list(raw: str) -> tuple[dict[str, Any], ...]:
     return tuple(value)
 
 
+def _json_strings(raw: str) -> tuple[str, ...]:
+    value = json.loads(raw)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a JSON list of strings")
+    return tuple(value)
+
+
 def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
@@ -90,6 +130,7 @@ _ENV: dict[str, Any] = {
     "controller_image": str,
     "trainer_image": str,
     "rollout_image": str,
+    "gpu_products": _json_strings,
     "gpu_node_selector": _json_mapping,
     "gpu_tolerations": _json_list,
     "controller_node_selector": _json_mapping,
@@ -100,9 +141,17 @@ _ENV: dict[str, Any] = {
     "rollout_memory": str,
     "controller_cpu": str,
     "controller_memory": str,
+    "gpu_cache_size": str,
+    "controller_scratch_size": str,
     "image_pull_policy": str,
+    "kueue_queue": str,
+    "storage_class_name": str,
+    "operator_namespace": str,
+    "operator_pod_labels": _json_mapping,
+    "monitoring_namespace": str,
     "controller_url_template": str,
     "resync_seconds": float,
+    "poll_seconds": float,
     "http_timeout_seconds": float,
     "metrics_port": int,
     "health_port": int,

@@ -19,11 +19,12 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 SPEC_VALID = "SpecValid"
 SPEC_APPLIED = "SpecApplied"
 REFERENCES_RESOLVED = "ReferencesResolved"
+STORAGE_READY = "StorageReady"
 READY = "Ready"
 SUSPENDED = "Suspended"
 COMPLETE = "Complete"
 FAILED = "Failed"
-CONDITION_TYPES = (SPEC_VALID, SPEC_APPLIED, REFERENCES_RESOLVED, READY, SUSPENDED, COMPLETE, FAILED)
+CONDITION_TYPES = (SPEC_VALID, SPEC_APPLIED, REFERENCES_RESOLVED, STORAGE_READY, READY, SUSPENDED, COMPLETE, FAILED)
 
 
 class StatusModel(BaseModel):
@@ -51,9 +52,18 @@ class JobStatus(StatusModel):
         description="The newest checkpoint the run has reached by its schedule (checkpoint.everySteps): "
         "<checkpoint.dir>/checkpoint-<step>.",
     )
-    start_time: str | None = Field(None, description="When the trainer first ran (reset by suspend, as for Jobs).")
+    start_time: str | None = Field(
+        None,
+        description="When every trainer pod was first ready (reset by suspend, as for Jobs); "
+        "runPolicy.activeDeadlineSeconds counts from it.",
+    )
     completion_time: str | None = Field(None, description="When the job succeeded or failed.")
     restarts: int = Field(0, description="Trainer restarts from a checkpoint after a failure (runPolicy.backoffLimit).")
+    disruptions: int = Field(
+        0,
+        description="Gang restarts after the cluster took a trainer pod away (preemption, drain, eviction); "
+        "not counted against runPolicy.backoffLimit.",
+    )
     last_failed_trainer: str | None = Field(
         None, description="uid of the last failed trainer Job counted as a restart (so none is counted twice)."
     )

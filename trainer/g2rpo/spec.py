@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "g2rpo.dev"
+EXIT_INVALID_SPEC = 2
+"""Exit code of a trainer process that found its job unusable (bad spec or batch layout, as argparse's
+usage errors): the operator fails the job at once instead of retrying (runPolicy.backoffLimit)."""
 API_VERSION = "v1alpha1"
 KIND = "G2RPOJob"
 
@@ -39,6 +42,14 @@ class SpecModel(BaseModel):
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
+Quantity = Annotated[
+    str,
+    Field(
+        pattern=r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+        description="A Kubernetes quantity (e.g. 500m, 4, 16Gi).",
+    ),
+]
+
 
 
 # --- training part -------------------------------------------------------------------------------
@@ -244,7 +255,22 @@ class CheckpointSpec(SpecModel):
     dir: str | None = Field(
         None, description="Checkpoint folder. Local default: <output>/checkpoints; in a cluster: the volume's mount."
     )
-    volume_claim: str | None = Field(None, description="PersistentVolumeClaim holding checkpoints (cluster only).")
+    volume_claim: str | None = Field(
+        None,
+        description="PersistentVolumeClaim holding checkpoints (cluster only). It must be Bound, and ReadWriteMany "
+        "when trainer.replicas > 1 (every trainer pod and the controller mount it).",
+    )
+    volume_size: Quantity | None = Field(
+        None,
+        description="cluster only: when set and the claim `volumeClaim` does not exist, the operator creates it with "
+        "this size, `storageClassName` and ReadWriteMany. The claim is not owned by the job: checkpoints outlive it.",
+    )
+    storage_class_name: str | None = Field(
+        None,
+        description="StorageClass of a claim the operator creates (volumeSize). It must offer ReadWriteMany: "
+        "EKS efs-sc (EFS CSI), GKE standard-rwx (Filestore), AKS azurefile-csi, on-premises an NFS or CephFS "
+        "class. Default: the operator's G2RPO_STORAGE_CLASS_NAME, else the cluster's default class.",
+    )
     resume: Literal["auto", "never"] | str = Field(
         "auto",
         description="auto: continue from the newest checkpoint in dir, if any; never: start fresh; or a "
@@ -257,15 +283,6 @@ class CheckpointSpec(SpecModel):
 #
 # None in a placement field means "the operator's default" (set per install, e.g. A100 nodes);
 # an explicit value, even an empty one ({} or []), replaces that default for this job.
-
-Quantity = Annotated[
-    str,
-    Field(
-        pattern=r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
-        description="A Kubernetes quantity (e.g. 500m, 4, 16Gi).",
-    ),
-]
-
 
 class Toleration(SpecModel):
     """A pod toleration (the Kubernetes core/v1 Toleration fields)."""
@@ -285,6 +302,13 @@ class Toleration(SpecModel):
         return self
 
 
+class EnvVar(SpecModel):
+    """An environment variable of a container (a plain value)."""
+
+    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
+    value: str = Field("", description="Variable value.")
+
+
 class PodPlacementSpec(SpecModel):
     """Where and how one component's pods run. Unset fields take the operator's defaults."""
 
@@ -300,16 +324,45 @@ class PodPlacementSpec(SpecModel):
     )
     cpu: Quantity | None = Field(None, description="CPU request. Default: the operator's.")
     memory: Quantity | None = Field(None, description="Memory request (and limit). Default: the operator's.")
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        description="Extra environment variables of the main container, e.g. NCCL settings for the fabric "
+        "(NCCL_IB_HCA, NCCL_SOCKET_IFNAME, NCCL_DEBUG). They come after the operator's, so they can override them.",
+    )
+    extra_resources: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Extended resources requested (and limited) per pod besides CPU, memory and GPUs, e.g. "
+        "{rdma/hca_shared_devices_a: '1'} for RDMA/InfiniBand devices or {vpc.amazonaws.com/efa: '4'}.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_env(self) -> PodPlacementSpec:
+        names = [var.name for var in self.env]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"env lists {', '.join(twice)} more than once")
+        return self
 
 
-class TrainerPlacementSpec(PodPlacementSpec):
+class GpuPlacementSpec(PodPlacementSpec):
+    """A GPU component's pods: also which GPU products they may run on."""
+
+    gpu_products: list[str] | None = Field(
+        None,
+        description="Values of the node label nvidia.com/gpu.product (set by NVIDIA GPU feature discovery) the pods "
+        "may run on, as a required node affinity. Default: the operator's (the A100 variants); [] puts no "
+        "constraint on the product (clusters without GPU feature discovery).",
+    )
+
+
+class TrainerPlacementSpec(GpuPlacementSpec):
     replicas: PositiveInt = Field(1, description="Trainer pods (nodes).")
     gpus_per_replica: PositiveInt = Field(8, description="GPUs (ranks) per trainer pod.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     shared_memory: Quantity = Field("16Gi", description="Size of /dev/shm (NCCL and data loaders need more than 64Mi).")
 
 
-class RolloutPlacementSpec(PodPlacementSpec):
+class RolloutPlacementSpec(GpuPlacementSpec):
     replicas: int = Field(
         1,
         ge=1,
@@ -327,6 +380,14 @@ class RolloutPlacementSpec(PodPlacementSpec):
         "(the longest sequence a guided roll-out can reach).",
     )
     shared_memory: Quantity = Field("8Gi", description="Size of /dev/shm (vLLM's tensor-parallel workers use it).")
+    startup_timeout_seconds: int = Field(
+        1200,
+        ge=60,
+        le=7200,
+        description="How long vLLM may take to download, load and compile the model before it serves: the "
+        "rollout's startup probe allows this long, and the trainer waits this long for the server (TRL's "
+        "vllm_server_timeout).",
+    )
 
     @model_validator(mode="after")
     def _parallelism_fits(self) -> RolloutPlacementSpec:
@@ -352,21 +413,21 @@ class RunPolicySpec(SpecModel):
         "checkpoint) before the job fails.",
     )
     active_deadline_seconds: PositiveInt | None = Field(
-        None, description="Fail the job when it has been running longer than this (suspended time not counted)."
+        None,
+        description="Fail the job when this long has passed since its trainer first ran (status.startTime: every "
+        "trainer pod ready); time queued, pulling images or suspended is not counted.",
     )
     gang_scheduler: Literal["none", "kueue", "volcano"] = Field(
         "none",
-        description="Admit all trainer pods together or none: kueue labels the trainer Job with `queue`; volcano "
-        "creates a PodGroup (minMember = trainer.replicas) and schedules with the volcano scheduler.",
+        description="Admit the GPU pods together or none. volcano: one PodGroup (minMember = trainer.replicas + 1) "
+        "holds the rollout pod and every trainer pod. kueue: the trainer Job is one Kueue workload (all ranks) and "
+        "the rollout Deployment carries the same queue label (its own workload: Kueue cannot group a Deployment's "
+        "pod with a Job's pods).",
     )
-    queue: str | None = Field(None, description="Kueue LocalQueue or Volcano queue name.")
+    queue: str | None = Field(
+        None, description="Kueue LocalQueue or Volcano queue name. Default: the operator's G2RPO_KUEUE_QUEUE (kueue)."
+    )
     priority_class_name: str | None = Field(None, description="PriorityClass of the trainer and rollout pods.")
-
-    @model_validator(mode="after")
-    def _queue_for_kueue(self) -> RunPolicySpec:
-        if self.gang_scheduler == "kueue" and not self.queue:
-            raise ValueError("gangScheduler kueue needs a queue (the Kueue LocalQueue name)")
-        return self
 
 
 # --- the job ------------------------------------------------------------------------------------
@@ -526,6 +587,23 @@ def parse_spec(spec: Any) -> G2RPOJobSpec:
         return G2RPOJobSpec.model_validate(spec)
     except ValidationError as exc:
         raise _from_validation_error(exc, ("spec",)) from None
+
+
+def check_batch_layout(spec: G2RPOJobSpec, num_processes: int) -> None:
+    """TRL needs whole groups in every generation batch; say which field to change when they don't fit."""
+    t = spec.training
+    rows = t.per_device_batch_size * t.gradient_accumulation_steps * num_processes
+    if rows % t.num_generations:
+        raise SpecError(
+            [
+                (
+                    ("spec", "training", "perDeviceBatchSize"),
+                    f"perDeviceBatchSize*gradientAccumulationSteps*ranks = {t.per_device_batch_size}*"
+                    f"{t.gradient_accumulation_steps}*{num_processes} = {rows} roll-outs per step is not a "
+                    f"multiple of numGenerations ({t.num_generations})",
+                )
+            ]
+        )
 
 
 def load_job(path: str | Path) -> G2RPOJob:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from g2rpo.spec import G2RPOJobSpec, PodPlacementSpec
+from g2rpo.spec import G2RPOJobSpec, GpuPlacementSpec, PodPlacementSpec
 
 from g2rpo_operator.settings import OperatorSettings
 
@@ -34,6 +34,10 @@ ROLLOUT_GROUP_PORT = 51216
 """TRL's NCCL weight-transfer port (vllm_group_port): vLLM workers connect to trainer rank 0 on it."""
 RENDEZVOUS_PORT = 29500
 RUN_AS_USER = 1000
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GANG_EPOCH_ANNOTATION = "g2rpo.dev/gang-epoch"
+"""On the rollout's pod template: the number of gang restarts so far. Raising it makes the Deployment
+replace the vLLM pod, so that a restarted trainer meets a fresh server (no stale NCCL group)."""
 
 
 def child_name(job: str, component: str) -> str:
@@ -132,6 +136,8 @@ def pod_security_context() -> Manifest:
         "runAsUser": RUN_AS_USER,
         "runAsGroup": RUN_AS_USER,
         "fsGroup": RUN_AS_USER,
+        # Without it the kubelet re-chowns every checkpoint file at each pod start: minutes on a big claim.
+        "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
@@ -154,13 +160,49 @@ def tolerations(placement: PodPlacementSpec, default: Any) -> list[Manifest]:
     return [t.model_dump(by_alias=True, exclude_none=True) for t in placement.tolerations]
 
 
-def resources(placement: PodPlacementSpec, cpu: str, memory: str, gpus: int = 0) -> Manifest:
-    """CPU and memory requests; memory is also the limit (no overcommit), GPUs are limits (extended resource)."""
+def gpu_affinity(placement: GpuPlacementSpec, default_products: Any) -> Manifest | None:
+    """A required node affinity on the GPU product label (None: no product constraint)."""
+    products = list(default_products if placement.gpu_products is None else placement.gpu_products)
+    if not products:
+        return None
+    term = {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": products}]}
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+
+
+def gpu_placement(placement: GpuPlacementSpec, ctx: JobContext) -> Manifest:
+    """The pod-spec fields that put a GPU pod on a GPU node: selector, product affinity, tolerations."""
+    settings = ctx.settings
+    out: Manifest = {
+        "nodeSelector": node_selector(placement, settings.gpu_node_selector),
+        "tolerations": tolerations(placement, settings.gpu_tolerations),
+    }
+    affinity = gpu_affinity(placement, settings.gpu_products)
+    if affinity:
+        out["affinity"] = affinity
+    return out
+
+
+def resources(placement: PodPlacementSpec, cpu: str, memory: str, scratch: str, gpus: int = 0) -> Manifest:
+    """CPU, memory and ephemeral-storage (`scratch`: the pod's emptyDirs) requests; memory is also the limit
+    (no overcommit); GPUs and the spec's extra resources (RDMA devices) are limits, as extended resources must be."""
     mem = placement.memory or memory
-    out: Manifest = {"requests": {"cpu": placement.cpu or cpu, "memory": mem}, "limits": {"memory": mem}}
+    requests: Manifest = {"cpu": placement.cpu or cpu, "memory": mem, "ephemeral-storage": scratch}
+    out: Manifest = {"requests": requests, "limits": {"memory": mem}}
     if gpus:
         out["limits"]["nvidia.com/gpu"] = gpus
+    for name, quantity in placement.extra_resources.items():
+        out["requests"][name] = out["limits"][name] = quantity
     return out
+
+
+def placement_env(placement: PodPlacementSpec) -> list[Manifest]:
+    """spec.<component>.env, after the operator's own variables (a later duplicate wins in Kubernetes)."""
+    return [{"name": var.name, "value": var.value} for var in placement.env]
+
+
+def scratch_volume(name: str, size: str) -> Manifest:
+    """A disk-backed emptyDir with a size limit: past it the kubelet evicts the pod rather than fill the node."""
+    return {"name": name, "emptyDir": {"sizeLimit": size}}
 
 
 def config_volume(ctx: JobContext) -> Manifest:

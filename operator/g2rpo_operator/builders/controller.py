@@ -5,7 +5,10 @@ across its own restarts: its state folder lives on the job's checkpoint claim (a
 job), next to the checkpoints it must rewind to. It needs no GPU, so it gets no GPU node
 selector; its image is the slim operator/controller image, whose root filesystem can be read-only.
 The Service's port is named `metrics` so that a ServiceMonitor (or annotation-based scraping)
-finds /metrics; the same port serves the API (GET /v1/guidance).
+finds /metrics; the same port serves the API (GET /v1/guidance). One scrape path: only the Service
+carries prometheus.io annotations (annotation-based Prometheus configs scrape it through its
+endpoints); a PodMonitor/ServiceMonitor selects the controller pods by their stable labels
+app.kubernetes.io/name=g2rpo, app.kubernetes.io/component=controller (instance = the job's name).
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from g2rpo_operator.builders.common import (
     container_security_context,
     metadata,
     node_selector,
+    placement_env,
     pod_security_context,
     recreate_deployment,
     resources,
+    scratch_volume,
     selector_labels,
     token_volume,
     tolerations,
@@ -70,10 +75,13 @@ def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
         "image": placement.image or settings.controller_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": controller_command(ctx),
+        "env": placement_env(placement),
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": CONTROLLER_PORT, "protocol": "TCP"}],
         "readinessProbe": {**probe, "httpGet": {"path": "/readyz", "port": METRICS_PORT_NAME}},
         "livenessProbe": {**probe, "failureThreshold": 6},
-        "resources": resources(placement, settings.controller_cpu, settings.controller_memory),
+        "resources": resources(
+            placement, settings.controller_cpu, settings.controller_memory, settings.controller_scratch_size
+        ),
         "securityContext": container_security_context(read_only_root=True),
         "volumeMounts": [
             *config_mounts(),
@@ -91,11 +99,11 @@ def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
             config_volume(ctx),
             token_volume(ctx),
             {"name": "state", "persistentVolumeClaim": {"claimName": ctx.spec.checkpoint.volume_claim}},
-            {"name": "tmp", "emptyDir": {}},
+            scratch_volume("tmp", settings.controller_scratch_size),
         ],
     }
     # Recreate: two controllers must never write the same state folder at once.
-    return recreate_deployment(ctx, COMPONENT, replicas, pod_spec, annotations=_scrape_annotations())
+    return recreate_deployment(ctx, COMPONENT, replicas, pod_spec)
 
 
 def service(ctx: JobContext) -> Manifest:

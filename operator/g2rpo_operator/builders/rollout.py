@@ -5,6 +5,11 @@ that the trainer can push each step's weights into it (the trainer connects to p
 the NCCL group on port 51216 of trainer rank 0). One pod only: TRL's client syncs weights to a
 single server, so generation scales inside the pod (tensor/data parallel over its GPUs).
 
+The pod template carries the gang epoch (restarts + disruptions so far): the operator raises it when
+the trainer restarts, so the Deployment replaces the vLLM pod and the new trainer meets a server
+without the dead rank 0's NCCL weight-sync group. The startup probe allows
+rollout.startupTimeoutSeconds, as long as the trainer waits for the server (vllm_server_timeout).
+
 vLLM and its kernels (Triton, FlashInfer) write JIT caches under HOME and /tmp, which go to volumes
 here; the root filesystem stays writable because the GPU image's libraries were not verified to
 run read-only (no GPU on the machines that build this).
@@ -14,21 +19,24 @@ from __future__ import annotations
 
 from g2rpo_operator.builders.common import (
     CACHE_MOUNT,
+    GANG_EPOCH_ANNOTATION,
     ROLLOUT_PORT,
     JobContext,
     Manifest,
     cache_env,
     container_security_context,
+    gpu_placement,
     metadata,
-    node_selector,
+    placement_env,
     pod_security_context,
     recreate_deployment,
     resources,
+    scratch_volume,
     secret_env,
     selector_labels,
     shm_volume,
-    tolerations,
 )
+from g2rpo_operator.builders.gang import KUEUE_QUEUE_LABEL, kueue_queue, volcano_pod_fields
 
 COMPONENT = "rollout"
 PORT_NAME = "http"
@@ -69,31 +77,42 @@ def vllm_serve_command(ctx: JobContext) -> list[str]:
     ]
 
 
-def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
-    """`replicas` is 0 while the job is suspended or finished: the GPUs go back to the cluster."""
+PROBE_PERIOD_SECONDS = 10
+
+
+def startup_failure_threshold(ctx: JobContext) -> int:
+    """Startup probes allowed to fail: rollout.startupTimeoutSeconds, the same time the trainer waits for the
+    server (TRL's vllm_server_timeout, set from the same field in g2rpo.train.build)."""
+    return -(-ctx.spec.rollout.startup_timeout_seconds // PROBE_PERIOD_SECONDS)
+
+
+def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manifest:
+    """`replicas` is 0 while the job is suspended or finished: the GPUs go back to the cluster.
+    `gang_epoch` (gang restarts so far) is a pod-template annotation: raising it replaces the pod."""
     spec = ctx.spec
     placement = spec.rollout
     settings = ctx.settings
-    health = {"httpGet": {"path": "/health", "port": PORT_NAME}, "periodSeconds": 10}
+    health = {"httpGet": {"path": "/health", "port": PORT_NAME}, "periodSeconds": PROBE_PERIOD_SECONDS}
     pod_spec: Manifest = {
         "automountServiceAccountToken": False,
         "securityContext": pod_security_context(),
-        "nodeSelector": node_selector(placement, settings.gpu_node_selector),
-        "tolerations": tolerations(placement, settings.gpu_tolerations),
+        **gpu_placement(placement, ctx),
         "containers": [
             {
                 "name": "vllm",
                 "image": placement.image or settings.rollout_image,
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": vllm_serve_command(ctx),
-                "env": cache_env(),
+                "env": [*cache_env(), *placement_env(placement)],
                 **secret_env(ctx),
                 "ports": [{"name": PORT_NAME, "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
-                # Loading and compiling a model takes minutes: the startup probe allows 20 of them.
-                "startupProbe": {**health, "failureThreshold": 120},
+                # Downloading, loading and compiling a model takes minutes (rollout.startupTimeoutSeconds).
+                "startupProbe": {**health, "failureThreshold": startup_failure_threshold(ctx)},
                 "readinessProbe": {**health, "failureThreshold": 3},
                 "livenessProbe": {**health, "failureThreshold": 6},
-                "resources": resources(placement, settings.rollout_cpu, settings.rollout_memory, placement.gpus),
+                "resources": resources(
+                    placement, settings.rollout_cpu, settings.rollout_memory, settings.gpu_cache_size, placement.gpus
+                ),
                 "securityContext": container_security_context(read_only_root=False),
                 "volumeMounts": [
                     {"name": "dshm", "mountPath": "/dev/shm"},
@@ -101,12 +120,20 @@ def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
                 ],
             }
         ],
-        "volumes": [shm_volume(placement.shared_memory), {"name": "cache", "emptyDir": {}}],
+        "volumes": [shm_volume(placement.shared_memory), scratch_volume("cache", settings.gpu_cache_size)],
     }
     if spec.run_policy.priority_class_name:
         pod_spec["priorityClassName"] = spec.run_policy.priority_class_name
+    annotations = {GANG_EPOCH_ANNOTATION: str(gang_epoch)}
+    if spec.run_policy.gang_scheduler == "volcano":
+        pod_spec["schedulerName"] = "volcano"
+        annotations |= volcano_pod_fields(ctx)
     # Recreate: a rolling update would need a second set of GPUs for the overlap.
-    return recreate_deployment(ctx, COMPONENT, replicas, pod_spec)
+    manifest = recreate_deployment(ctx, COMPONENT, replicas, pod_spec, annotations=annotations)
+    if spec.run_policy.gang_scheduler == "kueue":  # Kueue's Deployment integration: the pod is its own workload
+        manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] = kueue_queue(ctx)
+        manifest["spec"]["template"]["metadata"]["labels"][KUEUE_QUEUE_LABEL] = kueue_queue(ctx)
+    return manifest
 
 
 def service(ctx: JobContext) -> Manifest:

@@ -14,14 +14,24 @@ backoff would, leaves the survivors hanging in NCCL collectives.
 
 Rendezvous: rank 0's pod is the master (MASTER_ADDR below); NODE_RANK comes from the pod's
 completion-index annotation through the downward API; WORLD_SIZE counts processes (GPUs).
+
+Failures that are not the trainer's: the Job's podFailurePolicy ignores pods that fail with the
+DisruptionTarget condition (preemption, node drain, API-initiated eviction), so they never fail the
+Job; the operator sees the disrupted pod and restarts the whole gang without spending the retry
+budget (reconcile.py). A pod that exits with EXIT_INVALID_SPEC (the `check-spec` init container:
+the job cannot run as configured) fails the Job at once (FailJob), and the operator fails the job
+without retrying: another attempt would fail the same way.
 """
 
 from __future__ import annotations
+
+from g2rpo.spec import EXIT_INVALID_SPEC
 
 from g2rpo_operator.builders.common import (
     ACCELERATE_FILE,
     CACHE_MOUNT,
     CHECKPOINT_MOUNT,
+    CONFIG_DIR,
     JOB_FILE,
     RENDEZVOUS_PORT,
     ROLLOUT_GROUP_PORT,
@@ -33,21 +43,22 @@ from g2rpo_operator.builders.common import (
     config_mounts,
     config_volume,
     container_security_context,
+    gpu_placement,
     labels,
     metadata,
-    node_selector,
+    placement_env,
     pod_security_context,
     resources,
+    scratch_volume,
     secret_env,
     selector_labels,
     shm_volume,
     token_volume,
-    tolerations,
 )
+from g2rpo_operator.builders.gang import KUEUE_QUEUE_LABEL, kueue_queue, volcano_pod_fields
 
 COMPONENT = "trainer"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
+CHECK_CONTAINER = "check-spec"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 
@@ -97,7 +108,13 @@ def trainer_env(ctx: JobContext) -> list[Manifest]:
         {"name": "G2RPO_ROLLOUT_URL", "value": ctx.rollout_url},
         {"name": "G2RPO_ROLLOUT_GROUP_PORT", "value": str(ROLLOUT_GROUP_PORT)},
         *cache_env(),
+        *placement_env(trainer),
     ]
+
+
+def check_command() -> list[str]:
+    """Exits EXIT_INVALID_SPEC when the mounted job cannot run with this world size (before any GPU work)."""
+    return ["python", "-m", "g2rpo.train", "--job", JOB_FILE, "--check"]
 
 
 def _pod_spec(ctx: JobContext) -> Manifest:
@@ -109,8 +126,22 @@ def _pod_spec(ctx: JobContext) -> Manifest:
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "securityContext": pod_security_context(),
-        "nodeSelector": node_selector(placement, settings.gpu_node_selector),
-        "tolerations": tolerations(placement, settings.gpu_tolerations),
+        **gpu_placement(placement, ctx),
+        "initContainers": [
+            {
+                "name": CHECK_CONTAINER,
+                "image": placement.image or settings.trainer_image,
+                "imagePullPolicy": settings.image_pull_policy,
+                "command": check_command(),
+                "env": [{"name": "WORLD_SIZE", "value": str(placement.replicas * placement.gpus_per_replica)}],
+                "resources": {
+                    "requests": {"cpu": "100m", "memory": "512Mi", "ephemeral-storage": "64Mi"},
+                    "limits": {"memory": "512Mi"},
+                },
+                "securityContext": container_security_context(read_only_root=True),
+                "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+            }
+        ],
         "containers": [
             {
                 "name": COMPONENT,
@@ -124,7 +155,11 @@ def _pod_spec(ctx: JobContext) -> Manifest:
                     {"name": "weight-sync", "containerPort": ROLLOUT_GROUP_PORT, "protocol": "TCP"},
                 ],
                 "resources": resources(
-                    placement, settings.trainer_cpu, settings.trainer_memory, placement.gpus_per_replica
+                    placement,
+                    settings.trainer_cpu,
+                    settings.trainer_memory,
+                    settings.gpu_cache_size,
+                    placement.gpus_per_replica,
                 ),
                 # DeepSpeed builds its ops at run time into HOME (a volume here); see rollout.py on the root fs.
                 "securityContext": container_security_context(read_only_root=False),
@@ -141,7 +176,7 @@ def _pod_spec(ctx: JobContext) -> Manifest:
             token_volume(ctx),
             {"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint.volume_claim}},
             shm_volume(placement.shared_memory),
-            {"name": "cache", "emptyDir": {}},
+            scratch_volume("cache", settings.gpu_cache_size),
         ],
     }
     if spec.run_policy.priority_class_name:
@@ -149,6 +184,21 @@ def _pod_spec(ctx: JobContext) -> Manifest:
     if spec.run_policy.gang_scheduler == "volcano":
         pod["schedulerName"] = "volcano"
     return pod
+
+
+def pod_failure_policy() -> Manifest:
+    """Disruptions never count (the operator restarts the gang for free); a configuration error fails at once.
+
+    Needs restartPolicy Never (set in the pod template). The Job's own activeDeadlineSeconds is left unset:
+    it would count from the Job's creation, queueing included; the operator enforces
+    runPolicy.activeDeadlineSeconds from the first time every rank was ready (status.startTime).
+    """
+    return {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_INVALID_SPEC]}},
+        ]
+    }
 
 
 def job(ctx: JobContext) -> Manifest:
@@ -161,13 +211,14 @@ def job(ctx: JobContext) -> Manifest:
         "completions": replicas,
         "parallelism": replicas,
         "backoffLimit": 0,
+        "podFailurePolicy": pod_failure_policy(),
         "template": {"metadata": pod_meta, "spec": _pod_spec(ctx)},
     }
     if policy.gang_scheduler == "kueue":
-        meta["labels"][KUEUE_QUEUE_LABEL] = policy.queue
+        meta["labels"][KUEUE_QUEUE_LABEL] = kueue_queue(ctx)
         job_spec["suspend"] = True  # Kueue unsuspends the Job when it admits the whole gang.
     if policy.gang_scheduler == "volcano":
-        pod_meta["annotations"] = {VOLCANO_GROUP_ANNOTATION: ctx.child(COMPONENT)}
+        pod_meta["annotations"] = volcano_pod_fields(ctx)
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
@@ -192,18 +243,4 @@ def headless_service(ctx: JobContext) -> Manifest:
                 },
             ],
         },
-    }
-
-
-def volcano_pod_group(ctx: JobContext) -> Manifest:
-    """Volcano's gang: no trainer pod is bound until all `replicas` of them fit."""
-    policy = ctx.spec.run_policy
-    group_spec: Manifest = {"minMember": ctx.spec.trainer.replicas, "queue": policy.queue or "default"}
-    if policy.priority_class_name:
-        group_spec["priorityClassName"] = policy.priority_class_name
-    return {
-        "apiVersion": "scheduling.volcano.sh/v1beta1",
-        "kind": "PodGroup",
-        "metadata": metadata(ctx, COMPONENT),
-        "spec": group_spec,
     }

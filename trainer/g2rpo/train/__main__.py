@@ -5,6 +5,10 @@ G2RPO_CONTROLLER_URL and G2RPO_CONTROLLER_TOKEN_FILE (the job's guidance control
 talks to it), G2RPO_ROLLOUT_URL and G2RPO_ROLLOUT_GROUP_PORT (the vLLM server and TRL's weight
 sync). Without G2RPO_ROLLOUT_URL, ranks generate in process. Checkpoints go to checkpoint.dir
 (the job's volume); a restarted trainer resumes from the newest one there, guidance state included.
+
+`--check` only validates the job for WORLD_SIZE ranks and exits; a job that cannot run exits with
+EXIT_INVALID_SPEC (2, as argparse's usage errors), which the trainer Job's podFailurePolicy turns
+into an immediate failure instead of a retry.
 """
 
 from __future__ import annotations
@@ -15,30 +19,37 @@ import os
 import sys
 from pathlib import Path
 
-from g2rpo.spec import SpecError, load_job
+from g2rpo.spec import EXIT_INVALID_SPEC, SpecError, check_batch_layout, load_job
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m g2rpo.train", description=__doc__.splitlines()[0])
     parser.add_argument("--job", type=Path, required=True, help="the G2RPOJob YAML file")
     parser.add_argument("--run-dir", type=Path, help="metrics and final model (default: beside the checkpoints)")
+    parser.add_argument("--check", action="store_true", help="validate the job for WORLD_SIZE ranks, then exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        job = load_job(args.job)
+        check_batch_layout(job.spec, int(os.environ.get("WORLD_SIZE", "1")))
+    except SpecError as exc:
+        print(f"{args.job} cannot run: {exc}", file=sys.stderr)
+        return EXIT_INVALID_SPEC
+    if args.check:
+        return 0
 
     from g2rpo.controller.http_client import HttpGuidanceClient
     from g2rpo.train.build import Generation, RunLayout, build_trainer, resolve_resume
 
-    try:
-        job = load_job(args.job)
-    except SpecError as exc:
-        print(f"{args.job} is not a valid G2RPOJob: {exc}", file=sys.stderr)
-        return 1
     layout = RunLayout.for_job(job, args.run_dir or _default_run_dir(job))
     generation = Generation(
         vllm_server_url=os.environ.get("G2RPO_ROLLOUT_URL") or None,
         weight_sync_port=int(os.environ.get("G2RPO_ROLLOUT_GROUP_PORT", "51216")),
     )
-    trainer = build_trainer(job, layout, guidance_client_factory=lambda params: HttpGuidanceClient.from_env(), generation=generation)
+    trainer = build_trainer(
+        job, layout, guidance_client_factory=lambda params: HttpGuidanceClient.from_env(), generation=generation
+    )
     trainer.train(resume_from_checkpoint=resolve_resume(job.spec, layout.checkpoint_dir))
     trainer.save_model(str(layout.run_dir / "final"))
     return 0

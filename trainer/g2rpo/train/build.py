@@ -19,7 +19,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from g2rpo.controller.client import GuidanceClient
 from g2rpo.guidance.schedule import ScheduleParams
-from g2rpo.spec import G2RPOJob, G2RPOJobSpec, SpecError
+from g2rpo.spec import G2RPOJob, G2RPOJobSpec, SpecError, check_batch_layout
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,8 @@ def build_trainer(
         vllm_mode="server",
         vllm_server_base_url=generation.vllm_server_url,
         vllm_group_port=generation.weight_sync_port,
+        # As long as the rollout's startup probe allows vLLM to come up: a restarted gang meets a new server.
+        vllm_server_timeout=float(spec.rollout.startup_timeout_seconds),
         # vLLM must fit the longest roll-out: prompt + guidance + generated tokens.
         vllm_max_model_length=training.max_prompt_length + spec.guidance.max_length + training.max_completion_length,
     )
@@ -168,20 +170,7 @@ def build_trainer(
 
 
 def _check_batch_layout(spec: G2RPOJobSpec, num_processes: int) -> None:
-    """TRL needs whole groups in every generation batch; say which field to change when they don't fit."""
-    t = spec.training
-    rows = t.per_device_batch_size * t.gradient_accumulation_steps * num_processes
-    if rows % t.num_generations:
-        raise SpecError(
-            [
-                (
-                    ("spec", "training", "perDeviceBatchSize"),
-                    f"perDeviceBatchSize*gradientAccumulationSteps*ranks = {t.per_device_batch_size}*"
-                    f"{t.gradient_accumulation_steps}*{num_processes} = {rows} roll-outs per step is not a "
-                    f"multiple of numGenerations ({t.num_generations})",
-                )
-            ]
-        )
+    check_batch_layout(spec, num_processes)
 
 
 def _fit_prompts(dataset, tokenizer, max_prompt_length: int):

@@ -1,0 +1,116 @@
+"""What the operator knows of a job's children between API reads: a cache fed by watches.
+
+kopf watches the kinds whose changes matter to a job's status (WATCHED: Deployments, Jobs and Pods
+labelled app.kubernetes.io/managed-by=g2rpo-operator, server-side, and PersistentVolumeClaims) and
+stores every event here; the event also wakes the owning job's pass (handlers.py). A pass reads
+through `View`:
+
+- a *fresh* view (a job's first pass, then every settings.resync_seconds) reads every object from
+  the API and refreshes the cache: it repairs whatever a lost watch event would have missed;
+- a *cached* view answers watched kinds from the cache (a miss means "absent": the watch would
+  have said otherwise) and other kinds (ConfigMap, Secret, Services, NetworkPolicies, PodGroup)
+  from what the last fresh pass or this operator's own writes saw, asking the API only for what it
+  has never seen. A steady job's cached passes therefore make no API request at all.
+
+Writes go through the view too, and their answers update the cache, so a pass never acts twice on
+its own stale picture (e.g. patching the ConfigMap again because the cache still held the old one).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+from g2rpo_operator.kube import DEPLOYMENTS, JOBS, PODS, PVCS, KubeApi, Manifest, Resource, matches, resource_of
+
+WATCHED = (DEPLOYMENTS, JOBS, PODS, PVCS)
+Key = tuple[Resource, str, str]
+
+
+class ObjectCache:
+    """Objects by (resource, namespace, name); thread-safe (kopf's event loop writes, passes in threads read)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[Key, Manifest] = {}
+
+    def store(self, res: Resource, obj: Manifest) -> None:
+        meta = obj["metadata"]
+        with self._lock:
+            self._objects[(res, meta.get("namespace") or "", meta["name"])] = obj
+
+    def forget(self, res: Resource, namespace: str, name: str) -> None:
+        with self._lock:
+            self._objects.pop((res, namespace, name), None)
+
+    def get(self, res: Resource, namespace: str, name: str) -> Manifest | None:
+        with self._lock:
+            obj = self._objects.get((res, namespace, name))
+        return copy.deepcopy(obj) if obj is not None else None
+
+    def knows(self, res: Resource, namespace: str, name: str) -> bool:
+        with self._lock:
+            return (res, namespace, name) in self._objects
+
+    def list(self, res: Resource, namespace: str, labels: dict[str, str]) -> list[Manifest]:
+        with self._lock:
+            found = [obj for (r, ns, _), obj in self._objects.items() if r is res and ns == namespace]
+        return [copy.deepcopy(obj) for obj in found if matches(obj, labels)]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._objects)
+
+
+class View:
+    """The API as one pass sees it: reads from the cache unless `fresh`, writes through to the API."""
+
+    def __init__(self, api: KubeApi, cache: ObjectCache, fresh: bool):
+        self.api = api
+        self.cache = cache
+        self.fresh = fresh
+
+    def get(self, res: Resource, namespace: str, name: str) -> Manifest | None:
+        if not self.fresh and (res in WATCHED or self.cache.knows(res, namespace, name)):
+            return self.cache.get(res, namespace, name)
+        obj = self.api.get(res, namespace, name)
+        if obj is None:
+            self.cache.forget(res, namespace, name)
+        else:
+            self.cache.store(res, obj)
+        return obj
+
+    def list(self, res: Resource, namespace: str, labels: dict[str, str]) -> list[Manifest]:
+        if not self.fresh:
+            return self.cache.list(res, namespace, labels)
+        found = self.api.list(res, namespace, labels)
+        names = {obj["metadata"]["name"] for obj in found}
+        for stale in self.cache.list(res, namespace, labels):
+            if stale["metadata"]["name"] not in names:
+                self.cache.forget(res, namespace, stale["metadata"]["name"])
+        for obj in found:
+            self.cache.store(res, obj)
+        return found
+
+    def create(self, manifest: Manifest) -> Manifest:
+        created = self.api.create(manifest)
+        if created.get("metadata", {}).get("name"):
+            self.cache.store(resource_of(manifest), created)
+        return created
+
+    def patch(
+        self, res: Resource, namespace: str, name: str, body: Manifest, subresource: str | None = None
+    ) -> Manifest:
+        patched = self.api.patch(res, namespace, name, body, subresource)
+        if subresource is None and patched.get("metadata", {}).get("name"):
+            self.cache.store(res, patched)
+        return patched
+
+    def delete(self, res: Resource, namespace: str, name: str, propagation: str = "Background") -> None:
+        """The object may linger (finalizers, foreground deletion): until the watch says more, the cache
+        marks it as being deleted, so that the next pass does not ask again."""
+        self.api.delete(res, namespace, name, propagation)
+        obj = self.cache.get(res, namespace, name)
+        if obj is not None:
+            obj["metadata"].setdefault("deletionTimestamp", "requested")
+            self.cache.store(res, obj)
