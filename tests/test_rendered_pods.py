@@ -300,7 +300,9 @@ def test_rendered_pods_train_survive_a_killed_rank_and_finish(tiny_model_dir, tm
         stop(trainers[0])  # the Job has failed: its other pod is deleted
         assert trainers[0].returncode != 0, "rank 0 must not have finished before the kill"
         resumed_from = complete_checkpoints(checkpoints)[-1]
-        assert resumed_from < (call(f"{api}/v1/guidance", token) or {})["step"], "the controller must rewind"
+        # Normally the controller is past the checkpoint and must rewind; a kill delayed by a busy machine
+        # may land after the next checkpoint completed, and then the restore is to the step it is at.
+        assert resumed_from <= (call(f"{api}/v1/guidance", token) or {})["step"]
         saved = json.loads((checkpoints / f"checkpoint-{resumed_from}" / "guidance_state.json").read_text())
 
         # Attempt 2: the operator recreates the Job; every rank resumes from the newest checkpoint.
