@@ -303,6 +303,7 @@ def test_rendered_pods_train_survive_a_killed_rank_and_finish(tiny_model_dir, tm
         # Normally the controller is past the checkpoint and must rewind; a kill delayed by a busy machine
         # may land after the next checkpoint completed, and then the restore is to the step it is at.
         assert resumed_from <= (call(f"{api}/v1/guidance", token) or {})["step"]
+        print(f"killed at step {killed_at}, resuming from checkpoint-{resumed_from}")
         saved = json.loads((checkpoints / f"checkpoint-{resumed_from}" / "guidance_state.json").read_text())
 
         # Attempt 2: the operator recreates the Job; every rank resumes from the newest checkpoint.
