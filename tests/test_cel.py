@@ -142,7 +142,10 @@ def test_every_rule_compiles_and_names_its_field():
     for entry in rules:
         program(entry["rule"])  # raises on a rule cel-python cannot parse
         assert entry["message"].startswith(("spec.", "metadata.")), entry
-        assert entry["reason"] in {"FieldValueInvalid", "FieldValueForbidden", "FieldValueRequired", "FieldValueDuplicate"}
+        assert entry["reason"] in {
+            "FieldValueInvalid", "FieldValueForbidden", "FieldValueRequired",
+            "FieldValueDuplicate",
+        }
         assert entry.get("fieldPath", ".").startswith("."), entry
 
 

@@ -257,7 +257,8 @@ def call(url: str, token: str) -> dict | None:
 
 def complete_checkpoints(folder: Path) -> list[int]:
     """Steps of the checkpoints g2rpo finished writing (the guidance state is written last)."""
-    return sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if (p / "guidance_state.json").is_file())
+    written = [p for p in folder.glob("checkpoint-*") if (p / "guidance_state.json").is_file()]
+    return sorted(int(p.name.split("-")[1]) for p in written)
 
 
 def test_resume_skips_a_checkpoint_cut_short(tmp_path):

@@ -231,10 +231,6 @@ def _text(path: str) -> str:
     return f"({_set(path, 'string')} && {path} != '')"
 
 
-_TOLERATION_RULE = (
-    "self.operator != 'Exists' || !" + _text("self.value"),
-    "value: a toleration with operator Exists takes no value",
-)
 
 CROSS_FIELD_RULES: tuple[Rule, ...] = (
     Rule(
@@ -366,7 +362,12 @@ CROSS_FIELD_RULES: tuple[Rule, ...] = (
         "FieldValueRequired",
     ),
     *(
-        Rule(f"spec.{component}.tolerations[]", _TOLERATION_RULE[0], f"spec.{component}.tolerations[].{_TOLERATION_RULE[1]}", ".value")
+        Rule(
+            f"spec.{component}.tolerations[]",
+            "self.operator != 'Exists' || !" + _text("self.value"),
+            f"spec.{component}.tolerations[].value: a toleration with operator Exists takes no value",
+            ".value",
+        )
         for component in ("trainer", "rollout", "controller")
     ),
 )
