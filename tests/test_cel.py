@@ -14,8 +14,9 @@ What this cannot check: the API server's type checker and cost estimator (no kub
 tests/test_operator_cluster.py applies the CRD to a real cluster when one is configured. The cost
 estimator needs bounded strings and lists: test_every_string_list_and_map_under_spec_is_bounded.
 
-Each refusal is also checked against the model and the operator (reconcile.validate): admission
-and the operator must refuse the same field.
+Each refusal is also checked against the model and the operator (reconcile.validate), or for the
+two rules that only the trainer checked so far (batch layout, bundled model name), against the
+trainer's start-up checks: they must refuse the same field.
 """
 
 from __future__ import annotations
@@ -133,6 +134,25 @@ def operator_errors(document: dict) -> list[str]:
     return errors
 
 
+def trainer_start_errors(document: dict) -> list[str]:
+    """What the trainer refuses at start-up (on a cluster: world size = replicas x GPUs per replica)."""
+    from g2rpo.models.bundled import resolve_model_path
+    from g2rpo.spec import SpecError
+    from g2rpo.train.build import _check_batch_layout
+
+    spec = parse_job(document).spec
+    errors = []
+    for check in (
+        lambda: _check_batch_layout(spec, spec.trainer.replicas * spec.trainer.gpus_per_replica),
+        lambda: resolve_model_path(spec.model),
+    ):
+        try:
+            check()
+        except SpecError as exc:
+            errors += exc.lines()
+    return errors
+
+
 # --- the rules -----------------------------------------------------------------------------------
 
 
@@ -171,6 +191,11 @@ VIOLATIONS = [
     ({"guidance": {"schedule": "concave"}}, "spec.guidance.totalSteps:"),
     ({"checkpoint": {"dir": "/checkpointsX/a"}}, "spec.checkpoint.dir:"),
     ({"dataset": {"name": "builtin:gsm8k"}}, "spec.dataset.name:"),
+    (
+        {"training": {"perDeviceBatchSize": 4}, "trainer": {"replicas": 1, "gpusPerReplica": 1}},
+        "spec.training.perDeviceBatchSize:",
+    ),
+    ({"model": {"name": "bundled:SmolLM2-1.7B"}}, "spec.model.name:"),
     ({"dataset": {"arithmetic": {"minSteps": 5, "maxSteps": 2}}}, "spec.dataset.arithmetic.minSteps:"),
     ({"guidance": {"minLength": 10, "maxLength": 5, "initialLength": 5}}, "spec.guidance.minLength:"),
     ({"guidance": {"initialLength": 4000, "maxLength": 3072}}, "spec.guidance.initialLength:"),
@@ -198,9 +223,9 @@ def test_each_cross_field_violation_is_refused_with_its_message(change, expected
         assert refused[1:] == ["spec.guidance.initialLength: must lie in [minLength, maxLength]"]
     else:
         assert len(refused) == 1, refused
-    # The model and the operator refuse the same field (admission only says it earlier).
+    # The model and the operator (or the trainer at start-up) refuse the same field; admission says it earlier.
     field = field_of(refused[0])
-    errors = operator_errors(document)
+    errors = operator_errors(document) or trainer_start_errors(document)
     assert any(field_of(e).startswith(field) or field.startswith(field_of(e)) for e in errors), (field, errors)
 
 

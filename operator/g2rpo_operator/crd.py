@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from g2rpo.spec import API_GROUP, API_VERSION, DATA_PARALLEL_REASON, KIND, G2RPOJobSpec
+from g2rpo.models.bundled import BUNDLED_MODELS
+from g2rpo.spec import API_GROUP, API_VERSION, BUNDLED_MODEL_PREFIX, DATA_PARALLEL_REASON, KIND, G2RPOJobSpec
 from pydantic import BaseModel
 
 from g2rpo_operator.builders.common import CHECKPOINT_MOUNT
@@ -312,6 +313,23 @@ CROSS_FIELD_RULES: tuple[Rule, ...] = (
         ".checkpoint.dir",
     ),
     Rule(
+        "spec",
+        # The trainer's own check (train.build), with the cluster's world size: replicas x GPUs.
+        "self.training.perDeviceBatchSize * self.training.gradientAccumulationSteps * self.trainer.replicas * "
+        "self.trainer.gpusPerReplica % self.training.numGenerations == 0",
+        "spec.training.perDeviceBatchSize: perDeviceBatchSize*gradientAccumulationSteps*trainer.replicas*"
+        "trainer.gpusPerReplica roll-outs per step must be a multiple of training.numGenerations (whole groups)",
+        ".training.perDeviceBatchSize",
+    ),
+    Rule(
+        "spec.model",
+        f"!self.name.startsWith('{BUNDLED_MODEL_PREFIX}') || self.name in "
+        + repr([BUNDLED_MODEL_PREFIX + name for name in BUNDLED_MODELS]),
+        "spec.model.name: unknown bundled model; known: "
+        + ", ".join(BUNDLED_MODEL_PREFIX + name for name in BUNDLED_MODELS),
+        ".name",
+    ),
+    Rule(
         "spec.dataset",
         "!self.name.startsWith('builtin:') || self.name == 'builtin:arithmetic'",
         "spec.dataset.name: unknown built-in dataset; the built-in one is 'builtin:arithmetic'",
@@ -371,7 +389,8 @@ CROSS_FIELD_RULES: tuple[Rule, ...] = (
         for component in ("trainer", "rollout", "controller")
     ),
 )
-"""Every cross-field check of g2rpo.spec and reconcile.validate that CEL can state."""
+"""Every check of g2rpo.spec, reconcile.validate and the trainer's start-up that CEL can state
+without the dataset or the API (the batch layout with the cluster's world size, bundled models)."""
 
 
 def immutability_rules(spec_schema: dict[str, Any]) -> list[Rule]:
