@@ -24,10 +24,12 @@ from __future__ import annotations
 import copy
 import re
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import celpy
 import pytest
+import yaml
 from g2rpo.spec import parse_job
 from g2rpo_operator.crd import CROSS_FIELD_RULES, render_crd
 from g2rpo_operator.reconcile import MUTABLE_FIELDS, validate
@@ -174,6 +176,12 @@ def test_a_valid_job_is_admitted_and_so_is_the_model_and_the_operator():
     assert admit(document) == []
     assert operator_errors(document) == []
     parse_job(document)
+
+
+def test_the_shipped_example_is_admitted():
+    example = Path(__file__).resolve().parents[1] / "manifests" / "examples" / "g2rpojob.yaml"
+    (job,) = [d for d in yaml.safe_load_all(example.read_text()) if d and d["kind"] == "G2RPOJob"]
+    assert admit(job) == []
 
 
 # (spec changes, expected CEL message prefix); every cross-field rule needs at least one example.
