@@ -119,14 +119,14 @@ def test_controller_runs_the_contract_command_with_state_on_the_claim():
 
 
 def test_rollout_serves_vllm_through_trl_with_the_spec_parallelism():
-    c = ctx(rollout={"gpus": 4, "tensorParallelSize": 2, "dataParallelSize": 2, "gpuMemoryUtilization": 0.8})
+    c = ctx(rollout={"gpus": 4, "tensorParallelSize": 4, "gpuMemoryUtilization": 0.8})
     pod = pod_spec(rollout.deployment(c))
     container = pod["containers"][0]
     command = container["command"]
     assert command[:2] == ["trl", "vllm-serve"]
     args = dict(zip(command[2::2], command[3::2], strict=True))
-    assert args["--model"] == "Qwen/Qwen3-1.7B-Base" and args["--tensor_parallel_size"] == "2"
-    assert args["--data_parallel_size"] == "2" and args["--gpu_memory_utilization"] == "0.8"
+    assert args["--model"] == "Qwen/Qwen3-1.7B-Base" and args["--tensor_parallel_size"] == "4"
+    assert args["--data_parallel_size"] == "1" and args["--gpu_memory_utilization"] == "0.8"
     assert args["--max_model_len"] == str(512 + 3072 + 1024)  # prompt + guidance + completion
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
@@ -374,7 +374,8 @@ def test_rollout_availability_means_this_gang_epoch_rolled_out():
         ("x" * 53, {}, "metadata.name"),
         ("ok", {"checkpoint": {"volumeClaim": None}}, "spec.checkpoint.volumeClaim"),
         ("ok", {"checkpoint": {"dir": "/tmp/ckpt"}}, "spec.checkpoint.dir"),
-        ("ok", {"rollout": {"gpus": 2, "tensorParallelSize": 2, "dataParallelSize": 2}}, "spec.rollout"),
+        ("ok", {"rollout": {"gpus": 2, "tensorParallelSize": 4}}, "spec.rollout"),
+        ("ok", {"rollout": {"gpus": 2, "dataParallelSize": 2}}, "spec.rollout.dataParallelSize"),
         ("ok", {"guidance": {"ratio": 0.05}}, "spec.guidance.ratio"),
         ("ok", {"guidance": {"schedule": "linear"}}, "spec.guidance.totalSteps"),
         ("ok", {"training": {"numGenerations": 7}}, "spec.training.perDeviceBatchSize"),

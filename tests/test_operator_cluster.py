@@ -150,7 +150,7 @@ def test_suspend_and_resume(namespace, operator):
 
 
 def test_invalid_spec_creates_nothing(namespace, operator):
-    apply(namespace, "bad", rollout={"gpus": 2, "tensorParallelSize": 2, "dataParallelSize": 2})
+    apply(namespace, "bad", rollout={"gpus": 2, "tensorParallelSize": 4})
     wait_until(lambda: status(namespace, "bad").get("phase") == "Failed", what="Failed")
     valid = next(c for c in status(namespace, "bad")["conditions"] if c["type"] == "SpecValid")
     assert valid["reason"] == "InvalidSpec" and valid["message"].startswith("spec.rollout:")

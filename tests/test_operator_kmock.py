@@ -483,8 +483,8 @@ async def test_delete_removes_everything_the_job_owns(cluster, start_operator):
 async def test_invalid_spec_sets_a_condition_and_creates_nothing(cluster, start_operator):
     await cluster.create_claim()
     await start_operator()
-    # Schema-valid (every value in range), but 2x2 parallel workers do not fit 2 GPUs.
-    await cluster.apply(job_manifest(rollout={"gpus": 2, "tensorParallelSize": 2, "dataParallelSize": 2}))
+    # Schema-valid (every value in range), but 4 tensor-parallel workers do not fit 2 GPUs.
+    await cluster.apply(job_manifest(rollout={"gpus": 2, "tensorParallelSize": 4}))
     await wait_for(phase_is(cluster, "Failed"), what="phase Failed")
     valid = condition(cluster, "SpecValid")
     assert (valid["status"], valid["reason"]) == ("False", "InvalidSpec") and valid["message"].startswith(

@@ -10,6 +10,22 @@ the API server prunes them, and `kubectl apply` (strict field validation) reject
 Any schema keyword this converter does not know fails the render, so a model change can never
 slip into the CRD half-translated.
 
+Sections the model builds with a default_factory get that default in the CRD too (`{}` for a
+section of defaults), so that the API server stores every defaulted section and the admission
+rules below can rely on it being there.
+
+Admission (`x-kubernetes-validations`, CEL; see RULES): the name limit, the cross-field rules of
+the model and of the operator's cluster checks (reconcile.validate), and immutability: every spec
+field but reconcile.MUTABLE_FIELDS keeps its value on update (transition rules on the spec node,
+and on runPolicy, which holds mutable fields). So `kubectl apply` of a bad job or a forbidden edit
+is refused at once; the operator's own checks stay for what CEL cannot see (the name's DNS
+prefix is in the schema pattern; a claim that exists; a float that is finite, which JSON cannot
+even carry otherwise). The API server refuses rules whose estimated cost is unbounded, so every
+string, list and map under spec has a maxLength/maxItems/maxProperties (set in g2rpo.spec;
+tests/test_cel.py checks that none is missing). Rule conventions: an optional field counts as
+set only when present and of its type (`has(x) && type(x) == string`), so an explicit null reads
+as unset, as in the model.
+
 `render_crd_yaml()` is what `g2rpo crd` prints and what manifests/crd/g2rpojob.yaml holds;
 tests/test_crd.py fails when the two differ.
 """
@@ -17,11 +33,18 @@ tests/test_crd.py fails when the two differ.
 from __future__ import annotations
 
 import copy
+import types
+import typing
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from g2rpo.spec import API_GROUP, API_VERSION, KIND, G2RPOJobSpec
+from g2rpo.models.bundled import BUNDLED_MODELS
+from g2rpo.spec import API_GROUP, API_VERSION, BUNDLED_MODEL_PREFIX, DATA_PARALLEL_REASON, KIND, G2RPOJobSpec
+from pydantic import BaseModel
 
+from g2rpo_operator.builders.common import CHECKPOINT_MOUNT
+from g2rpo_operator.reconcile import MAX_NAME_LENGTH, MUTABLE_FIELDS
 from g2rpo_operator.status import JobStatus
 
 PLURAL = "g2rpojobs"
@@ -38,6 +61,7 @@ _PASSTHROUGH = {
     "maxLength",
     "minItems",
     "maxItems",
+    "maxProperties",
     "minimum",
     "maximum",
 }
@@ -103,7 +127,10 @@ def _any_of(options: list[dict[str, Any]], defs: dict[str, Any], path: str) -> d
     if len(converted) > 1:
         if not all(c["type"] == "string" for c in converted):
             raise SchemaError(f"{path}: a union of {[c['type'] for c in converted]} has no structural form")
-        converted = [{"type": "string"}]
+        merged: dict[str, Any] = {"type": "string"}
+        if all("maxLength" in c or "enum" in c for c in converted):  # the longest member's bound
+            merged["maxLength"] = max(c.get("maxLength", max(map(len, c.get("enum", [""])))) for c in converted)
+        converted = [merged]
     out = dict(converted[0])
     out.pop("default", None)
     if len(present) < len(options):
@@ -148,14 +175,284 @@ def model_schema(model: type, path: str) -> dict[str, Any]:
     return structural(schema, defs, path)
 
 
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model class of a field typed `Model` or `Model | None`."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    found = [o for o in options if isinstance(o, type) and issubclass(o, BaseModel)]
+    return found[0] if len(found) == 1 else None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True, mode="json", exclude_defaults=True)
+    if isinstance(value, list):
+        return [_json_default(item) for item in value]
+    return value
+
+
+def _factory_defaults(model: type[BaseModel], node: dict[str, Any]) -> None:
+    """Put each default_factory's value into the schema (pydantic's JSON schema leaves them out)."""
+    for name, field in model.model_fields.items():
+        child = node["properties"][field.alias or name]
+        if field.default_factory is not None:
+            child["default"] = _json_default(field.default_factory())  # type: ignore[call-arg]
+        nested = _nested_model(field.annotation)
+        if nested is not None and "properties" in child:
+            _factory_defaults(nested, child)
+
+
+# --- admission rules -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One `x-kubernetes-validations` entry on the schema node at `at` (dotted from the root, `[]`:
+    the items of a list). `field_path` (relative to that node) is where kubectl reports it."""
+
+    at: str
+    rule: str
+    message: str
+    field_path: str | None = None
+    reason: str = "FieldValueInvalid"
+
+    def entry(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rule": self.rule, "message": self.message}
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+        out["reason"] = self.reason
+        return out
+
+
+def _set(path: str, cel_type: str) -> str:
+    """CEL: an optional field is present and not null (null reads as unset, as in the model)."""
+    return f"(has({path}) && type({path}) == {cel_type})"
+
+
+def _text(path: str) -> str:
+    return f"({_set(path, 'string')} && {path} != '')"
+
+
+
+CROSS_FIELD_RULES: tuple[Rule, ...] = (
+    Rule(
+        "",
+        f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+        f"metadata.name: at most {MAX_NAME_LENGTH} characters (the job's children add suffixes such as "
+        "-controller to it)",
+    ),
+    Rule(
+        "",
+        "self.metadata.name.matches('^[a-z]')",
+        "metadata.name: must start with a letter (it names the job's Services)",
+    ),
+    Rule(
+        "spec",
+        "self.rewards.all(r, self.rewards.exists_one(s, s.name == r.name))",
+        "spec.rewards: a reward name is listed twice",
+        ".rewards",
+        "FieldValueDuplicate",
+    ),
+    Rule(
+        "spec",
+        "self.rewards.filter(r, has(r.drivesGuidance) && r.drivesGuidance == true).size() <= 1",
+        "spec.rewards: only one reward can drive the guidance schedule (drivesGuidance)",
+        ".rewards",
+    ),
+    Rule(
+        "spec",
+        "!self.rewards.exists(r, r.name == 'code') || " + _text("self.dataset.testsColumn"),
+        "spec.dataset.testsColumn: the code reward needs a column of test code",
+        ".dataset.testsColumn",
+        "FieldValueRequired",
+    ),
+    Rule(
+        "spec",
+        "self.guidance.ratio == 0.0 || " + _text("self.dataset.guidanceColumn"),
+        "spec.dataset.guidanceColumn: required when guidance.ratio > 0 (guided roll-outs need a trajectory)",
+        ".dataset.guidanceColumn",
+        "FieldValueRequired",
+    ),
+    Rule(
+        "spec",
+        # floor(alpha*G) >= 1; the epsilon is the model's (1/6 * 6 must not floor to 0).
+        "self.guidance.ratio == 0.0 || self.guidance.ratio * double(self.training.numGenerations) + 1e-9 >= 1.0",
+        "spec.guidance.ratio: ratio*training.numGenerations guides no roll-out (floor rounds it to 0); raise the "
+        "ratio to at least 1/numGenerations or set it to 0 for vanilla GRPO",
+        ".guidance.ratio",
+    ),
+    Rule(
+        "spec",
+        "!" + _set("self.training.epsilonHigh", "double") + " || self.training.epsilonHigh >= self.training.epsilon",
+        "spec.training.epsilonHigh: must be at least training.epsilon",
+        ".training.epsilonHigh",
+    ),
+    Rule(
+        "spec",
+        _text("self.checkpoint.volumeClaim"),
+        "spec.checkpoint.volumeClaim: required on a cluster (restarts and resume continue from checkpoints on "
+        "this PersistentVolumeClaim)",
+        ".checkpoint.volumeClaim",
+        "FieldValueRequired",
+    ),
+    Rule(
+        "spec",
+        "!(self.guidance.schedule in ['linear', 'concave']) || "
+        + _set("self.guidance.totalSteps", "int")
+        + " || "
+        + _set("self.training.maxSteps", "int"),
+        "spec.guidance.totalSteps: the linear and concave schedules need the run's length on a cluster (set "
+        "guidance.totalSteps or training.maxSteps): the controller pod computes l_k without the dataset",
+        ".guidance.totalSteps",
+        "FieldValueRequired",
+    ),
+    Rule(
+        "spec",
+        f"!{_set('self.checkpoint.dir', 'string')} || self.checkpoint.dir == '{CHECKPOINT_MOUNT}' || "
+        f"self.checkpoint.dir.startsWith('{CHECKPOINT_MOUNT}/')",
+        f"spec.checkpoint.dir: must lie under {CHECKPOINT_MOUNT} (where the claim is mounted)",
+        ".checkpoint.dir",
+    ),
+    Rule(
+        "spec",
+        # The trainer's own check (train.build), with the cluster's world size: replicas x GPUs.
+        "self.training.perDeviceBatchSize * self.training.gradientAccumulationSteps * self.trainer.replicas * "
+        "self.trainer.gpusPerReplica % self.training.numGenerations == 0",
+        "spec.training.perDeviceBatchSize: perDeviceBatchSize*gradientAccumulationSteps*trainer.replicas*"
+        "trainer.gpusPerReplica roll-outs per step must be a multiple of training.numGenerations (whole groups)",
+        ".training.perDeviceBatchSize",
+    ),
+    Rule(
+        "spec.model",
+        f"!self.name.startsWith('{BUNDLED_MODEL_PREFIX}') || self.name in "
+        + repr([BUNDLED_MODEL_PREFIX + name for name in BUNDLED_MODELS]),
+        "spec.model.name: unknown bundled model; known: "
+        + ", ".join(BUNDLED_MODEL_PREFIX + name for name in BUNDLED_MODELS),
+        ".name",
+    ),
+    Rule(
+        "spec.dataset",
+        "!self.name.startsWith('builtin:') || self.name == 'builtin:arithmetic'",
+        "spec.dataset.name: unknown built-in dataset; the built-in one is 'builtin:arithmetic'",
+        ".name",
+    ),
+    Rule(
+        "spec.dataset.arithmetic",
+        "self.minSteps <= self.maxSteps",
+        "spec.dataset.arithmetic.minSteps: must not exceed maxSteps",
+        ".minSteps",
+    ),
+    Rule(
+        "spec.guidance",
+        "self.minLength <= self.maxLength",
+        "spec.guidance.minLength: must not exceed maxLength",
+        ".minLength",
+    ),
+    Rule(
+        "spec.guidance",
+        "self.minLength <= self.initialLength && self.initialLength <= self.maxLength",
+        "spec.guidance.initialLength: must lie in [minLength, maxLength]",
+        ".initialLength",
+    ),
+    Rule(
+        "spec.curriculum",
+        "!" + _set("self.order", "list") + " || self.order.all(t, self.order.exists_one(u, u == t))",
+        "spec.curriculum.order: lists a tier twice",
+        ".order",
+        "FieldValueDuplicate",
+    ),
+    Rule(
+        "spec.rollout",
+        "self.dataParallelSize == 1",
+        "spec.rollout.dataParallelSize: " + DATA_PARALLEL_REASON.split(": ", 1)[1],
+        ".dataParallelSize",
+    ),
+    Rule(
+        "spec.rollout",
+        "self.tensorParallelSize * self.dataParallelSize <= self.gpus",
+        "spec.rollout: tensorParallelSize*dataParallelSize exceeds gpus",
+        ".tensorParallelSize",
+    ),
+    Rule(
+        "spec.runPolicy",
+        "self.gangScheduler != 'kueue' || " + _text("self.queue"),
+        "spec.runPolicy.queue: gangScheduler kueue needs a queue (the Kueue LocalQueue name)",
+        ".queue",
+        "FieldValueRequired",
+    ),
+    *(
+        Rule(
+            f"spec.{component}.tolerations[]",
+            "self.operator != 'Exists' || !" + _text("self.value"),
+            f"spec.{component}.tolerations[].value: a toleration with operator Exists takes no value",
+            ".value",
+        )
+        for component in ("trainer", "rollout", "controller")
+    ),
+)
+"""Every check of g2rpo.spec, reconcile.validate and the trainer's start-up that CEL can state
+without the dataset or the API (the batch layout with the cluster's world size, bundled models)."""
+
+
+def immutability_rules(spec_schema: dict[str, Any]) -> list[Rule]:
+    """`self.f == oldSelf.f` for every spec field outside MUTABLE_FIELDS, on the nearest node that
+    holds no mutable field (a transition rule runs only where both old and new values exist: on
+    spec, and on sections that are always present). A field that may be absent compares its
+    presence too, so setting or removing it is an edit."""
+    mutable_list = ", ".join(f"spec.{path}" for path in sorted(MUTABLE_FIELDS))
+    rules: list[Rule] = []
+
+    def walk(node: dict[str, Any], prefix: str) -> None:
+        for name, child in node["properties"].items():
+            path = f"{prefix}.{name}" if prefix else name
+            if path in MUTABLE_FIELDS:
+                continue
+            if any(m.startswith(path + ".") for m in MUTABLE_FIELDS):
+                if "default" not in child and name not in node.get("required", []):
+                    raise SchemaError(f"spec.{path} holds mutable fields but may be absent: no transition rule fits")
+                walk(child, path)
+                continue
+            always = "default" in child or name in node.get("required", [])
+            same = f"self.{name} == oldSelf.{name}"
+            rule = same if always else f"has(self.{name}) == has(oldSelf.{name}) && (!has(self.{name}) || {same})"
+            rules.append(
+                Rule(
+                    f"spec.{prefix}" if prefix else "spec",
+                    rule,
+                    f"spec.{path} is immutable: only {mutable_list} can change after creation; create a new job "
+                    "to change it",
+                    f".{name}",
+                    "FieldValueForbidden",
+                )
+            )
+
+    walk(spec_schema, "")
+    return rules
+
+
+def schema_node(root: dict[str, Any], at: str) -> dict[str, Any]:
+    node = root
+    for part in filter(None, at.split(".")):
+        items = part.endswith("[]")
+        node = node["properties"][part.removesuffix("[]")]
+        if items:
+            node = node["items"]
+    return node
+
+
+def _attach(root: dict[str, Any], rules: list[Rule]) -> None:
+    for rule in rules:
+        schema_node(root, rule.at).setdefault("x-kubernetes-validations", []).append(rule.entry())
+
+
 def open_api_schema() -> dict[str, Any]:
     spec = model_schema(G2RPOJobSpec, "spec")
+    _factory_defaults(G2RPOJobSpec, spec)
     spec["description"] = "What to train and how (the same document runs locally with `g2rpo run`)."
     status = model_schema(JobStatus, "status")
     status["description"] = "Observed state, written by the g2rpo operator."
     status["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
     status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
-    return {
+    root = {
         "type": "object",
         "description": "A G2RPO-A training job: GRPO with guided roll-outs and an adaptive guidance length.",
         "properties": {
@@ -167,6 +464,8 @@ def open_api_schema() -> dict[str, Any]:
         },
         "required": ["spec"],
     }
+    _attach(root, [*CROSS_FIELD_RULES, *immutability_rules(spec)])
+    return root
 
 
 PRINTER_COLUMNS = [

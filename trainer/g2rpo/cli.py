@@ -1,4 +1,4 @@
-"""The `g2rpo` command: validate, run, crd, controller."""
+"""The `g2rpo` command: validate, run, render, crd, controller."""
 
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--output", type=Path, help="run folder (default: runs/<job name>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    render = verbs.add_parser(
+        "render",
+        help="print every object the operator would create for a job (YAML), as `helm template` does",
+        description="Print the job's children as the operator would create them, with the operator's default "
+        "settings; G2RPO_* environment variables override them as they do for the operator (mirror your chart "
+        "values). Owner references and the controller token are filled in by the operator at creation.",
+    )
+    render.add_argument("file", type=Path)
+    render.add_argument("--namespace", help="namespace of the job (default: its metadata.namespace, else 'default')")
     verbs.add_parser("crd", help="print the G2RPOJob CustomResourceDefinition (YAML)")
     verbs.add_parser("controller", help="serve a job's guidance controller", add_help=False)
 
@@ -51,7 +60,68 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "validate":
         print(f"{args.file}: valid G2RPOJob {job.metadata.name!r}")
         return 0
+    if args.verb == "render":
+        return _render(job, args)
     return _run(job, args)
+
+
+RENDERED_TOKEN = "placeholder-the-operator-generates-a-random-token"
+
+
+def render_children(job, namespace: str | None = None, env=None) -> str:
+    """The job's children as multi-document YAML; raises SpecError (a cluster check failed),
+    ValueError (a G2RPO_* setting does not parse) or ImportError (no operator extra)."""
+    import yaml
+    from g2rpo_operator.builders import JobContext, children
+    from g2rpo_operator.reconcile import validate
+    from g2rpo_operator.settings import OperatorSettings
+
+    namespace = namespace or job.metadata.namespace or "default"
+    settings = OperatorSettings.from_env(env)
+    spec, errors = validate(job.metadata.name, job.spec.model_dump(by_alias=True, mode="json"))
+    if spec is None:
+        raise SpecError([((line.split(": ", 1)[0],), line.split(": ", 1)[1]) for line in errors])
+    ctx = JobContext.resolve(job.metadata.name, namespace, spec, settings)
+    block_dumper = _block_dumper()
+    out = [
+        f"# g2rpo render: the children of G2RPOJob {namespace}/{ctx.name}, as the operator creates them "
+        "(ownerReferences to the job are added at creation)."
+    ]
+    for manifest in children(ctx, RENDERED_TOKEN, active=not spec.suspend):
+        out.append("---")
+        if manifest["kind"] == "Secret":
+            out.append("# Not a secret: the operator generates a random token at creation; this is a placeholder.")
+        out.append(yaml.dump(manifest, Dumper=block_dumper, sort_keys=False).rstrip("\n"))
+    return "\n".join(out) + "\n"
+
+
+def _block_dumper():
+    import yaml
+
+    class BlockDumper(yaml.SafeDumper):
+        """Multi-line strings (the ConfigMap's files) as literal blocks, readable in a review."""
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    BlockDumper.add_representer(str, text)
+    return BlockDumper
+
+
+def _render(job, args) -> int:
+    try:
+        sys.stdout.write(render_children(job, args.namespace))
+    except ImportError as exc:
+        print(f"g2rpo render needs the operator package: pip install 'g2rpo[operator]' ({exc})", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # SpecError too
+        lines = exc.lines() if isinstance(exc, SpecError) else [str(exc)]
+        print(f"{args.file} cannot run on a cluster:", file=sys.stderr)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(job, args) -> int:

@@ -52,7 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer.train(resume_from_checkpoint=resolve_resume(job.spec, layout.checkpoint_dir))
     trainer.save_model(str(layout.run_dir / "final"))
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Leave the process group before the interpreter exits: otherwise gloo's threads can abort it
+    ("terminate called without an active exception"), and the pod fails a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _default_run_dir(job) -> Path:
