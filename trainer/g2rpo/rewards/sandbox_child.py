@@ -26,8 +26,8 @@ reachable through `object.__subclasses__()` once step 6 loaded them) gains the p
 the kernel layers forbid.
 
 A layer the kernel or the container's policy does not allow is skipped, and the child says so:
-with `"probe": true` in CONFIG it prints {"layers": {name: reason or null}} as JSON after the
-setup and exits (the trainer probes once per process); with `"expect": [names]` a run whose
+with `"probe": true` in CONFIG it prints {"layers": {name: reason or null}, "setup_ms": {step:
+milliseconds}} as JSON after the setup and exits (the trainer probes once per process); with `"expect": [names]` a run whose
 expected layer fails exits 1 instead of running the program with a weaker wall.
 """
 
@@ -42,6 +42,7 @@ import resource
 import stat
 import struct
 import sys
+import time
 import traceback
 
 import _posixsubprocess  # imported while the Python install is surely readable (before the uid drop)
@@ -303,15 +304,30 @@ def _seccomp(libc: _Libc) -> None:
     libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), what="seccomp")
 
 
-def wall_in(config: dict, folder: str) -> tuple[dict, str]:
+class _Laps:
+    """Milliseconds each setup step took (reported by the probe, read by bench/sandbox_overhead.py)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.ms[step] = round((now - self._last) * 1000, 3)
+        self._last = now
+
+
+def wall_in(config: dict, folder: str, lap=lambda step: None) -> tuple[dict, str]:
     """Steps 1-7 of the module docstring; returns ({layer: None or why it is off}, the program)."""
     layers = dict.fromkeys(LAYERS)
     _limit_self(config.get("limits", ()))
     libc = _Libc()
+    lap("rlimits")
     try:
         _enter_network_namespace(libc)
     except OSError as error:
         layers["netns"] = f"no new network namespace ({error}): needs root or unprivileged user namespaces"
+    lap("netns")
     with open(PROGRAM_FILE, encoding="utf-8") as program_file:
         source = program_file.read()
     os.remove(PROGRAM_FILE)
@@ -333,6 +349,7 @@ def wall_in(config: dict, folder: str) -> tuple[dict, str]:
             libc.drop_capabilities()
         except OSError as error:
             layers["uid_drop"] = f"{layers['uid_drop']}; dropping root's capabilities failed: {error}"
+    lap("uid_drop")
     try:
         libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
                    ctypes.c_ulong(0), what="no_new_privs")
@@ -343,10 +360,12 @@ def wall_in(config: dict, folder: str) -> tuple[dict, str]:
         _landlock(libc, folder)
     except OSError as error:
         layers["landlock"] = _why_no_landlock(error)
+    lap("landlock")
     try:
         _seccomp(libc)
     except OSError as error:
         layers["seccomp"] = f"seccomp filter refused: {error}"
+    lap("seccomp")
     return layers, source
 
 
@@ -502,12 +521,14 @@ def _print_program_traceback(kind, error, trace):
 def main() -> None:
     config = json.loads(sys.argv[1])
     folder = os.path.realpath(os.getcwd())
-    layers, source = wall_in(config, folder)
+    lap = _Laps()
+    layers, source = wall_in(config, folder, lap)
     _forget_ctypes()
     _disarm_fork_exec()
     install_audit_hook(folder)
+    lap("audit_hook")
     if config.get("probe"):
-        print(json.dumps({"layers": layers}), flush=True)
+        print(json.dumps({"layers": layers, "setup_ms": lap.ms}), flush=True)
         return
     failed = [f"{name} ({layers[name]})" for name in config.get("expect", ()) if layers.get(name)]
     if failed:
