@@ -11,6 +11,7 @@ import os
 import resource
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from g2rpo.rewards import sandbox_child
 from g2rpo.rewards.sandbox import run_python
 
 LIMITS = {"timeout_s": 10.0, "memory_mb": 512}
@@ -582,3 +584,96 @@ def test_the_disarm_really_switches_the_audit_hook_off():
     assert "ctypes 4" in result.stdout
     undisarmed = run(HELPERS + "import ctypes")
     assert "sandbox: import _ctypes is not allowed" in undisarmed.stderr
+
+
+# --- The seccomp filter, decision by decision, for each architecture ---------------------------
+# A classic-BPF interpreter (the five opcodes the filter uses) runs the filter the child would
+# load, so the aarch64 table is checked on an x86_64 machine too; the attacks above check the
+# kernel's own verdicts on this machine's architecture.
+
+SECCOMP_ALLOW, SECCOMP_EPERM, SECCOMP_ENOSYS, SECCOMP_KILL = 0x7FFF0000, 0x00050001, 0x00050026, 0x80000000
+READ_SYSCALL = {"x86_64": 0, "aarch64": 63}
+GLIBC_THREAD_FLAGS = 0x3D0F00  # CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM|SETTLS|PARENT_SETTID|CHILD_CLEARTID
+
+
+def run_bpf(program, number: int, arch: int, *args: int) -> int:
+    """The filter's verdict; also asserts that a verdict on an argument comes within a few steps of
+    loading it (a jump that overshoots its block would go on comparing the argument as if it
+    were the syscall number)."""
+    data = struct.pack("<iIQ6Q", number, arch, 0, *(list(args) + [0] * (6 - len(args))))
+    accumulator, counter, steps_since_argument = 0, 0, None
+    while True:
+        code, jump_true, jump_false, k = program[counter]
+        if steps_since_argument is not None:
+            steps_since_argument += 1
+            assert steps_since_argument <= 6, "the filter compared an argument beyond its own block"
+        if code == 0x20:  # BPF_LD | BPF_W | BPF_ABS
+            assert steps_since_argument is None, "a second argument load"
+            steps_since_argument = 0 if k >= 16 else None
+            accumulator, counter = struct.unpack_from("<I", data, k)[0], counter + 1
+        elif code in (0x15, 0x35, 0x45):  # JEQ, JGE, JSET with a constant
+            taken = {0x15: accumulator == k, 0x35: accumulator >= k, 0x45: bool(accumulator & k)}[code]
+            counter += 1 + (jump_true if taken else jump_false)
+        elif code == 0x06:  # BPF_RET | BPF_K
+            return k
+        else:
+            raise AssertionError(f"opcode {code:#x} is not one the filter should use")
+
+
+@pytest.fixture(params=sorted(sandbox_child.SECCOMP_ARCHES))
+def arch(request):
+    audit_arch, numbers = sandbox_child.SECCOMP_ARCHES[request.param]
+    pid = 4242
+    program = sandbox_child.seccomp_program(request.param, pid)
+    return request.param, audit_arch, numbers, pid, program
+
+
+def test_seccomp_program_is_well_formed(arch):
+    _, _, _, _, program = arch
+    assert len(program) < 4096  # BPF_MAXINSNS
+    for index, (code, jump_true, jump_false, _) in enumerate(program):
+        assert 0 <= jump_true < 256 and 0 <= jump_false < 256
+        assert index + 1 + max(jump_true, jump_false) < len(program) or code == 0x06
+
+
+def test_seccomp_kills_a_foreign_architecture_and_x32(arch):
+    machine, audit_arch, numbers, _, program = arch
+    assert run_bpf(program, READ_SYSCALL[machine], audit_arch ^ 0x1) == SECCOMP_KILL
+    if machine == "x86_64":
+        assert run_bpf(program, 0x40000000 | 59, audit_arch) == SECCOMP_EPERM  # x32 execve
+
+
+def test_seccomp_denies_the_listed_syscalls_and_allows_the_rest(arch):
+    machine, audit_arch, numbers, _, program = arch
+    for name in sandbox_child.DENIED_SYSCALLS:
+        if name in numbers:
+            assert run_bpf(program, numbers[name], audit_arch) == SECCOMP_EPERM, name
+    assert {"fork", "vfork"} <= set(numbers) or machine == "aarch64"
+    assert run_bpf(program, READ_SYSCALL[machine], audit_arch) == SECCOMP_ALLOW
+    assert run_bpf(program, numbers["clone3"], audit_arch) == SECCOMP_ENOSYS  # glibc falls back to clone
+
+
+def test_seccomp_allows_threads_but_no_other_clone(arch):
+    _, audit_arch, numbers, _, program = arch
+    assert run_bpf(program, numbers["clone"], audit_arch, GLIBC_THREAD_FLAGS) == SECCOMP_ALLOW
+    assert run_bpf(program, numbers["clone"], audit_arch, 17) == SECCOMP_EPERM  # SIGCHLD: fork
+    assert run_bpf(program, numbers["clone"], audit_arch, 0x4111) == SECCOMP_EPERM  # CLONE_VM|CLONE_VFORK|SIGCHLD
+
+
+def test_seccomp_allows_socketpair_only_for_unix(arch):
+    _, audit_arch, numbers, _, program = arch
+    assert run_bpf(program, numbers["socketpair"], audit_arch, 1, 1) == SECCOMP_ALLOW
+    assert run_bpf(program, numbers["socketpair"], audit_arch, 2, 1) == SECCOMP_EPERM
+
+
+def test_seccomp_allows_signals_only_to_the_program_itself(arch):
+    _, audit_arch, numbers, pid, program = arch
+    own_group = (-pid) & 0xFFFFFFFF
+    for target in (0, pid, own_group, pid | (0xFFFFFFFF << 32)):  # the upper half of an int argument is noise
+        assert run_bpf(program, numbers["kill"], audit_arch, target, 9) == SECCOMP_ALLOW, target
+    for target in (1, pid + 1, 0xFFFFFFFF, (-(pid + 1)) & 0xFFFFFFFF):  # init, a neighbour, -1, another group
+        assert run_bpf(program, numbers["kill"], audit_arch, target, 9) == SECCOMP_EPERM, target
+    for name in ("tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+        assert run_bpf(program, numbers[name], audit_arch, pid, pid, 9) == SECCOMP_ALLOW, name
+        assert run_bpf(program, numbers[name], audit_arch, pid + 1, pid + 1, 9) == SECCOMP_EPERM, name
+    assert run_bpf(program, numbers["tkill"], audit_arch, pid, 9) == SECCOMP_EPERM
