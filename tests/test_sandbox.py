@@ -243,6 +243,32 @@ def test_libraries_that_import_subprocess_and_use_local_sockets_still_work():
     assert result.stdout.strip() == "42"
 
 
+def test_unittest_main_runs_the_programs_tests():
+    """unittest.main() collects from sys.modules["__main__"]: it must be the program, not the child."""
+    template = "import unittest\nclass T(unittest.TestCase):\n    def test_it(self):\n        self.assertEqual(1, {})\nunittest.main()\n"
+    passing, failing = run(template.format(1)), run(template.format(2))
+    assert passing.ok and "Ran 1 test" in passing.stderr, passing.stderr
+    assert not failing.ok and "FAILED (failures=1)" in failing.stderr, failing.stderr
+
+
+def test_programs_with_threads_and_common_modules_still_work():
+    result = run(
+        """
+        import concurrent.futures, datetime, decimal, shutil, tempfile, threading
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            print(sum(pool.map(lambda x: x * x, range(100))))
+        worker = threading.Thread(target=print, args=("thread",))
+        worker.start(); worker.join()
+        with tempfile.NamedTemporaryFile("w", delete=False) as scratch:
+            scratch.write("copied")
+        shutil.copyfile(scratch.name, "copy.txt")
+        print(open("copy.txt").read(), datetime.datetime.now().year > 2000, decimal.Decimal(1) / 4)
+        """
+    )
+    assert result.ok, result.stderr
+    assert result.stdout.split() == ["328350", "thread", "copied", "True", "0.25"]
+
+
 def test_a_failure_to_start_is_a_result_not_an_exception():
     result = run("print('never')", memory_mb=1)
     assert not result.ok

@@ -44,6 +44,7 @@ import struct
 import sys
 import time
 import traceback
+import types
 
 import _posixsubprocess  # imported while the Python install is surely readable (before the uid drop)
 
@@ -538,7 +539,11 @@ def main() -> None:
     code = compile(source, "<program>", "exec")
     sys.argv = ["<program>"]
     del source, layers, config
-    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    # The program's own module is `__main__`, so unittest.main() and pickle find what it defines.
+    program = types.ModuleType("__main__")
+    program.__builtins__ = __builtins__
+    sys.modules["__main__"] = program
+    exec(code, program.__dict__)
 
 
 if __name__ == "__main__":
