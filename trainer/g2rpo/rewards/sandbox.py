@@ -110,8 +110,11 @@ def sandbox_layers() -> dict[str, bool]:
 
 
 def sandbox_layer_gaps() -> dict[str, str]:
-    """Each missing layer with why it is missing (empty when every layer holds)."""
-    return {name: reason for name, reason in _layer_report().items() if reason is not None}
+    """Each missing layer with why it is missing (empty when every layer holds); see sandbox_layers."""
+    try:
+        return {name: reason for name, reason in _layer_report().items() if reason is not None}
+    except _ProbeFailed as error:
+        raise RuntimeError(str(error)) from None
 
 
 class _ProbeFailed(Exception):
