@@ -703,3 +703,34 @@ def test_seccomp_allows_signals_only_to_the_program_itself(arch):
         assert run_bpf(program, numbers[name], audit_arch, pid, pid, 9) == SECCOMP_ALLOW, name
         assert run_bpf(program, numbers[name], audit_arch, pid + 1, pid + 1, 9) == SECCOMP_EPERM, name
     assert run_bpf(program, numbers["tkill"], audit_arch, pid, 9) == SECCOMP_EPERM
+
+
+# --- Reporting the layers ---------------------------------------------------------------------
+
+
+def test_each_missing_layer_is_logged_once_per_process(monkeypatch, caplog):
+    from g2rpo.rewards import sandbox
+
+    monkeypatch.setattr(sandbox, "_probed_layers", {})  # a fresh process, as far as the probe knows
+    with caplog.at_level("INFO", logger="g2rpo.rewards.sandbox"):
+        layers = sandbox.sandbox_layers()
+        gaps = sandbox.sandbox_layer_gaps()
+        run("print('again')")
+        assert sandbox.sandbox_layers() == layers
+    assert set(layers) == {"rlimits", "netns", "uid_drop", "landlock", "seccomp", "audit_hook"}
+    assert set(gaps) == {name for name, active in layers.items() if not active}
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == [f"code sandbox: the {name} layer is off: {reason}" for name, reason in gaps.items()]
+    assert sum("code sandbox layers active" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_a_run_whose_expected_layer_fails_is_a_sandbox_error_not_a_weaker_run(tmp_path):
+    """The trainer expects every layer its probe found; here uid_drop is expected but not asked for."""
+    from g2rpo.rewards import sandbox
+
+    marker = tmp_path / "ran"
+    result = sandbox._run_child(f"open({str(marker)!r}, 'w')", {"expect": ["uid_drop"]},
+                                timeout_s=10.0, memory_mb=512, max_output_bytes=4096)
+    assert not result.ok
+    assert "sandbox: a layer that the probe found working failed here: uid_drop" in result.stderr, result.stderr
+    assert not marker.exists()
