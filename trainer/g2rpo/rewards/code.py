@@ -15,7 +15,8 @@ The sandbox keeps the first and last 32 KiB of output, so only a program that pr
 that before its tests *and* tests that print more than that after the marker lose it.
 
 A batch runs concurrently: one sandbox subprocess per completion, as many at a time as this
-process has CPUs (its affinity mask, which follows a pod's cpuset).
+process has CPUs (its affinity mask, which follows a pod's cpuset). What walls the program in,
+and what the pod must allow for each layer: docs/sandbox.md.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from itertools import repeat
 from typing import Any
 
 from g2rpo.rewards.format import answer_section, column, completion_text, score_or_zero
-from g2rpo.rewards.sandbox import run_python
+from g2rpo.rewards.sandbox import run_python, sandbox_layers
 
 _FENCED_BLOCK = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _PYTHON_LANGUAGES = frozenset({"python", "py", "python3"})
@@ -70,7 +71,12 @@ def _usable_cpus() -> int:
 
 
 def make_code_reward(*, timeout_s: float, memory_mb: int):
-    """The TRL reward `code` with the spec's limits."""
+    """The TRL reward `code` with the spec's limits.
+
+    Probes the sandbox's layers now, at start-up, so the log says once how strong the wall is
+    (each missing layer with its reason) before the first step, not in the middle of one.
+    """
+    sandbox_layers()
 
     def code_reward(completions: list, tests: list | None = None, **kwargs: Any) -> list[float]:
         tests = column(tests, len(completions))
