@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import TrainerCallback  # noqa: E402
 
+from g2rpo.train.lifecycle import distributed_teardown  # noqa: E402
 from trainer_support import ScriptedReward, make_trainer  # noqa: E402
 
 REWARDS = {0: [1.0, 0.0, 0.5, 1.0], 1: [0.0, 0.5, 0.5, 0.5]}
@@ -57,4 +58,6 @@ def main(model_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    # The production entry point's teardown (g2rpo.train.__main__): without it a rank can abort at exit.
+    with distributed_teardown():
+        main(sys.argv[1], sys.argv[2])

@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "validate":
         print(f"{args.file}: valid G2RPOJob {job.metadata.name!r}")
         return 0
-    return _run(job, args)
+    try:
+        return _run(job, args)
+    except KeyboardInterrupt:  # before run_local took over SIGINT: nothing was trained or saved
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
 
 
 def _run(job, args) -> int:
@@ -59,10 +63,14 @@ def _run(job, args) -> int:
     # TRL 1.16 still calls transformers' renamed gradient-checkpointing API on every step.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     from g2rpo.local.run import run_local
+    from g2rpo.train.lifecycle import StopRequested
 
     run_dir = args.output or Path("runs") / job.metadata.name
     try:
         result = run_local(job, run_dir, progress=not args.no_progress)
+    except StopRequested as stop:
+        print(_stopped_line(stop, job, args, run_dir), file=sys.stderr)
+        return stop.exit_code
     except SpecError as exc:
         print(f"{args.file} cannot run:", file=sys.stderr)
         for line in exc.lines():
@@ -77,6 +85,20 @@ def _run(job, args) -> int:
     print(f"  checkpoints: {layout.checkpoint_dir}")
     print(f"  final model: {layout.run_dir / 'final'}")
     return 0
+
+
+def _stopped_line(stop, job, args, run_dir: Path) -> str:
+    """One line: where the newest complete checkpoint is and the exact command that resumes from it."""
+    from g2rpo.train.build import RunLayout
+    from g2rpo.train.checkpoints import newest_complete
+
+    checkpoint = newest_complete(RunLayout.for_job(job, run_dir).checkpoint_dir).checkpoint
+    command = f"g2rpo run {args.file}" + (f" --output {args.output}" if args.output else "")
+    if checkpoint is None:
+        return f"stopped by {stop.name} before the first checkpoint; nothing to resume (rerun: {command})"
+    if job.spec.checkpoint.resume != "auto":
+        return f"stopped by {stop.name}; last checkpoint: {checkpoint}; to resume set checkpoint.resume: auto, then: {command}"
+    return f"stopped by {stop.name}; last checkpoint: {checkpoint}; resume with: {command}"
 
 
 if __name__ == "__main__":

@@ -28,14 +28,24 @@ class MetricsFileCallback(TrainerCallback):
 
 
 class GuidanceCheckpointCallback(TrainerCallback):
-    """Saves the guidance controller's state into each checkpoint, beside model and optimizer."""
+    """Completes each checkpoint once every rank has written its part (g2rpo.train.checkpoints).
+
+    G2RPOTrainer adds it itself. on_save runs after transformers' and TRL's checkpoint code, so
+    on rank 0: the guidance controller's state, then the completion marker, then rotation.
+    """
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
+        from g2rpo.train.checkpoints import mark_complete, rotate
+
+        self.trainer.accelerator.wait_for_everyone()
         if state.is_world_process_zero:
-            self.trainer.save_guidance(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self.trainer.save_guidance(folder)
+            mark_complete(folder, state.global_step)
+            rotate(Path(args.output_dir), self.trainer.checkpoint_keep)
 
 
 class ProgressCallback(TrainerCallback):
