@@ -61,8 +61,8 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, signals) -> LocalRu
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
-    if signals.requested:
-        raise StopRequested(signals.signum)
+    if signals.stopped_by:
+        raise StopRequested(signals.stopped_by)
     save_final_model(trainer, layout)
     records = [r for r in read_metrics(layout.metrics_file) if "g2rpo/accuracy" in r]
     if records:

@@ -65,8 +65,8 @@ def _train(job, layout, signals) -> None:
         extra_callbacks=[StopAtStepBoundary(signals)],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(job.spec, layout.checkpoint_dir))
-    if signals.requested:
-        raise StopRequested(signals.signum)
+    if signals.stopped_by:
+        raise StopRequested(signals.stopped_by)
     save_final_model(trainer, layout)
 
 

@@ -3,7 +3,7 @@
 Signals (SIGINT from Ctrl-C, SIGTERM from Kubernetes before it kills a pod):
 
 - During training, the first signal is a request: every rank finishes its current optimizer
-  step, the ranks agree (an all-reduce of "did any rank get a signal?", so one preempted pod
+  step, the ranks agree at every step end and every save (an all-reduce of "did any rank get a signal?", so one preempted pod
   or a signal delivered only to rank 0 stops all ranks at the same step), a checkpoint is
   saved (always: a preempted pod wants its progress, and a user who pressed Ctrl-C wants to
   resume where they stopped), and training returns; the entry point then exits with
@@ -68,14 +68,11 @@ class StopSignals:
 
     def __init__(self, duplicate_window_s: float = DUPLICATE_WINDOW_S):
         self.duplicate_window_s = duplicate_window_s
-        self.signum: int | None = None
+        self.signum: int | None = None  # the signal this process received
+        self.stopped_by: int | None = None  # the signal training stopped for, agreed by all ranks
         self.training = False
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
 
     def install(self) -> StopSignals:
         for signum in HANDLED_SIGNALS:
@@ -122,30 +119,33 @@ class StopAtStepBoundary(TrainerCallback):
         self.signals.training = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._any_rank_requested():
+        if self._agreed_stop():
             control.should_save = True
             control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
         # A signal during a save: the checkpoint is complete now, which is a step boundary too.
-        if self._any_rank_requested():
+        if self._agreed_stop():
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
         self.signals.training = False
 
-    def _any_rank_requested(self) -> bool:
+    def _agreed_stop(self) -> bool:
+        """Whether any rank got a signal; every rank records the same one (the highest number) in stopped_by."""
         import torch
         import torch.distributed as dist
 
-        requested = self.signals.requested
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return requested
-        from accelerate import PartialState
+        signum = self.signals.signum or 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from accelerate import PartialState
 
-        flag = torch.tensor([1 if requested else 0], device=PartialState().device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            flag = torch.tensor([signum], device=PartialState().device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        if signum:
+            self.signals.stopped_by = signum
+        return bool(signum)
 
 
 @contextmanager

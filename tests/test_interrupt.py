@@ -1,0 +1,160 @@
+"""A run killed or interrupted while a checkpoint is being written resumes as if nothing happened.
+
+Each scenario runs the real `g2rpo run` (tiny model) in a subprocess. The trainer's test-only
+hook G2RPO_TEST_PAUSE_IN_CHECKPOINT="STEP:DIR" (g2rpo.train.trainer) stops the save of
+checkpoint-STEP right after the model weights are written and writes DIR/paused; the test then
+sends its signal, so the kill lands inside the save every time, not by luck of timing.
+Resumed runs must log the same per-step losses and guidance lengths as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from g2rpo.train.checkpoints import COMPLETE_MARKER, is_complete
+
+JOB = """\
+apiVersion: g2rpo.dev/v1alpha1
+kind: G2RPOJob
+metadata: {{name: tiny-interrupt}}
+spec:
+  model: {{name: "{model}"}}
+  dataset:
+    name: builtin:arithmetic
+    arithmetic: {{numProblems: 24, minSteps: 1, maxSteps: 3}}
+    guidanceColumn: solution
+  rewards: [{{name: accuracy}}, {{name: format, weight: 0.1}}]
+  guidance: {{ratio: 0.5, schedule: adaptive, initialLength: 16, minLength: 2, maxLength: 64}}
+  training: {{numGenerations: 4, perDeviceBatchSize: 4, maxSteps: 4, maxCompletionLength: 8, learningRate: 1.0e-3}}
+  checkpoint: {{everySteps: 2, keep: 3}}
+"""
+COMPARED = ("loss", "g2rpo/guidance_length", "g2rpo/accuracy", "reward", "grad_norm")
+
+
+def _command(job_file: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "g2rpo.cli", "run", str(job_file), "--output", str(out), "--no-progress"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def _run(job_file: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(job_file, out), capture_output=True, text=True, timeout=600, env=_env())
+
+
+def _start_paused_at(job_file: Path, out: Path, step: int, hook_dir: Path) -> subprocess.Popen:
+    hook_dir.mkdir()
+    process = subprocess.Popen(
+        _command(job_file, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_env(G2RPO_TEST_PAUSE_IN_CHECKPOINT=f"{step}:{hook_dir}"),
+    )
+    deadline = time.monotonic() + 600
+    while not (hook_dir / "paused").exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never reached the checkpoint save"
+        time.sleep(0.1)
+    return process
+
+
+def _per_step(out: Path) -> dict[int, dict]:
+    """The last logged record of each step (a resumed run logs the steps after its checkpoint again)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: r.get(k) for k in COMPARED} for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def job_file(tiny_model_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("job") / "job.yaml"
+    path.write_text(JOB.format(model=tiny_model_dir))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(job_file, tmp_path_factory) -> dict[int, dict]:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = _run(job_file, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _per_step(out)
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_middle_of_a_checkpoint_resumes_from_the_previous_one(job_file, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    process = _start_paused_at(job_file, out, 4, tmp_path / "hook")
+    process.kill()
+    process.communicate()
+    checkpoints = out / "checkpoints"
+    assert is_complete(checkpoints / "checkpoint-2")
+    assert (checkpoints / "checkpoint-4" / "model.safetensors").is_file()
+    assert not (checkpoints / "checkpoint-4" / COMPLETE_MARKER).exists()
+    assert not (checkpoints / "checkpoint-4" / "guidance_state.json").exists()
+
+    resumed = _run(job_file, out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipping incomplete checkpoint {checkpoints / 'checkpoint-4'}: no {COMPLETE_MARKER}" in resumed.stderr
+    assert f"resuming from {checkpoints / 'checkpoint-2'}" in resumed.stderr
+    assert _per_step(out) == uninterrupted, "the resumed run must train steps 3-4 exactly as an uninterrupted run"
+    # The set-aside incomplete folder is gone once checkpoint-4 was written again, completely.
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
+    assert is_complete(checkpoints / "checkpoint-4")
+
+
+@pytest.mark.slow
+def test_sigint_in_the_middle_of_a_checkpoint_finishes_it_stops_and_says_how_to_resume(job_file, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    hook = tmp_path / "hook"
+    process = _start_paused_at(job_file, out, 2, hook)
+    process.send_signal(signal.SIGINT)
+    (hook / "release").touch()
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    checkpoints = out / "checkpoints"
+    assert stderr.rstrip().splitlines()[-1] == (
+        f"stopped by SIGINT; last checkpoint: {checkpoints / 'checkpoint-2'}; "
+        f"resume with: g2rpo run {job_file} --output {out}"
+    )
+    assert is_complete(checkpoints / "checkpoint-2")
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["checkpoint-2"], "stopped at the boundary"
+    assert not (out / "final").exists()
+
+    resumed = _run(job_file, out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _per_step(out) == uninterrupted
+
+
+@pytest.mark.slow
+def test_a_second_sigint_aborts_at_once_leaving_the_checkpoint_incomplete(job_file, tmp_path):
+    out = tmp_path / "run"
+    process = _start_paused_at(job_file, out, 2, tmp_path / "hook")
+    process.send_signal(signal.SIGINT)
+    time.sleep(1.5)  # past the window in which a second SIGINT is the launcher forwarding the first
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.rstrip().splitlines()[-1].startswith("SIGINT again: aborted at once")
+    assert not is_complete(out / "checkpoints" / "checkpoint-2")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_143(job_file, tmp_path):
+    out = tmp_path / "run"
+    hook = tmp_path / "hook"
+    process = _start_paused_at(job_file, out, 2, hook)
+    process.send_signal(signal.SIGTERM)
+    (hook / "release").touch()
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.rstrip().splitlines()[-1].startswith(f"stopped by SIGTERM; last checkpoint: {out / 'checkpoints' / 'checkpoint-2'}")
+    assert is_complete(out / "checkpoints" / "checkpoint-2")
