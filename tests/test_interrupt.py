@@ -51,18 +51,43 @@ def _run(job_file: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(_command(job_file, out), capture_output=True, text=True, timeout=600, env=_env())
 
 
-def _start_paused_at(job_file: Path, out: Path, step: int, hook_dir: Path) -> subprocess.Popen:
-    hook_dir.mkdir()
-    process = subprocess.Popen(
-        _command(job_file, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=_env(G2RPO_TEST_PAUSE_IN_CHECKPOINT=f"{step}:{hook_dir}"),
-    )
-    deadline = time.monotonic() + 600
-    while not (hook_dir / "paused").exists():
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "the run never reached the checkpoint save"
-        time.sleep(0.1)
-    return process
+class PausedRun:
+    """A `g2rpo run` paused inside the save of one checkpoint; its stderr goes to a file we can watch."""
+
+    def __init__(self, job_file: Path, out: Path, step: int, hook_dir: Path):
+        hook_dir.mkdir()
+        self.hook_dir = hook_dir
+        self.stderr_file = hook_dir / "stderr.txt"
+        with self.stderr_file.open("w") as stderr:
+            self.process = subprocess.Popen(
+                _command(job_file, out), stdout=subprocess.DEVNULL, stderr=stderr,
+                env=_env(G2RPO_TEST_PAUSE_IN_CHECKPOINT=f"{step}:{hook_dir}"),
+            )
+        self._wait(lambda: (hook_dir / "paused").exists(), "the run never reached the checkpoint save")
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` and wait until the run says it will stop (so the handler has run)."""
+        self.process.send_signal(signum)
+        name = signal.Signals(signum).name
+        self._wait(lambda: f"{name}: stopping after the current step" in self.stderr, f"no reaction to {name}")
+
+    def release(self) -> None:
+        (self.hook_dir / "release").touch()
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        self.process.wait(timeout=timeout)
+        return self.process.returncode, self.stderr
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_file.read_text()
+
+    def _wait(self, done, message: str) -> None:
+        deadline = time.monotonic() + 600
+        while not done():
+            assert self.process.poll() is None, self.stderr[-3000:]
+            assert time.monotonic() < deadline, message
+            time.sleep(0.1)
 
 
 def _per_step(out: Path) -> dict[int, dict]:
@@ -89,9 +114,9 @@ def uninterrupted(job_file, tmp_path_factory) -> dict[int, dict]:
 @pytest.mark.slow
 def test_sigkill_in_the_middle_of_a_checkpoint_resumes_from_the_previous_one(job_file, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    process = _start_paused_at(job_file, out, 4, tmp_path / "hook")
-    process.kill()
-    process.communicate()
+    run = PausedRun(job_file, out, 4, tmp_path / "hook")
+    run.process.kill()
+    run.finish()
     checkpoints = out / "checkpoints"
     assert is_complete(checkpoints / "checkpoint-2")
     assert (checkpoints / "checkpoint-4" / "model.safetensors").is_file()
@@ -111,12 +136,11 @@ def test_sigkill_in_the_middle_of_a_checkpoint_resumes_from_the_previous_one(job
 @pytest.mark.slow
 def test_sigint_in_the_middle_of_a_checkpoint_finishes_it_stops_and_says_how_to_resume(job_file, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    hook = tmp_path / "hook"
-    process = _start_paused_at(job_file, out, 2, hook)
-    process.send_signal(signal.SIGINT)
-    (hook / "release").touch()
-    _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 130, stderr[-3000:]
+    run = PausedRun(job_file, out, 2, tmp_path / "hook")
+    run.signal(signal.SIGINT)
+    run.release()
+    code, stderr = run.finish()
+    assert code == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     checkpoints = out / "checkpoints"
     assert stderr.rstrip().splitlines()[-1] == (
@@ -135,12 +159,12 @@ def test_sigint_in_the_middle_of_a_checkpoint_finishes_it_stops_and_says_how_to_
 @pytest.mark.slow
 def test_a_second_sigint_aborts_at_once_leaving_the_checkpoint_incomplete(job_file, tmp_path):
     out = tmp_path / "run"
-    process = _start_paused_at(job_file, out, 2, tmp_path / "hook")
-    process.send_signal(signal.SIGINT)
-    time.sleep(1.5)  # past the window in which a second SIGINT is the launcher forwarding the first
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
+    run = PausedRun(job_file, out, 2, tmp_path / "hook")
+    run.signal(signal.SIGINT)
+    time.sleep(1.2)  # past the window in which a second SIGINT is the launcher forwarding the first
+    run.process.send_signal(signal.SIGINT)
+    code, stderr = run.finish(timeout=120)  # never released: only the abort can end it
+    assert code == 130
     assert "Traceback" not in stderr
     assert stderr.rstrip().splitlines()[-1].startswith("SIGINT again: aborted at once")
     assert not is_complete(out / "checkpoints" / "checkpoint-2")
@@ -149,12 +173,11 @@ def test_a_second_sigint_aborts_at_once_leaving_the_checkpoint_incomplete(job_fi
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_143(job_file, tmp_path):
     out = tmp_path / "run"
-    hook = tmp_path / "hook"
-    process = _start_paused_at(job_file, out, 2, hook)
-    process.send_signal(signal.SIGTERM)
-    (hook / "release").touch()
-    _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 143, stderr[-3000:]
+    run = PausedRun(job_file, out, 2, tmp_path / "hook")
+    run.signal(signal.SIGTERM)
+    run.release()
+    code, stderr = run.finish()
+    assert code == 143, stderr[-3000:]
     assert "Traceback" not in stderr
     assert stderr.rstrip().splitlines()[-1].startswith(f"stopped by SIGTERM; last checkpoint: {out / 'checkpoints' / 'checkpoint-2'}")
     assert is_complete(out / "checkpoints" / "checkpoint-2")
