@@ -53,7 +53,10 @@ def incomplete_reason(folder: Path) -> str | None:
     """Why `folder` is not a complete checkpoint, or None when it is."""
     marker = folder / COMPLETE_MARKER
     if not marker.is_file():
-        present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        try:
+            present = sorted(p.name for p in folder.iterdir())
+        except FileNotFoundError:  # set aside by rank 0 while another rank looks
+            present = []
         return f"no {COMPLETE_MARKER} (the save was interrupted); it holds: {', '.join(present) or 'nothing'}"
     try:
         listed = json.loads(marker.read_text())["files"]
