@@ -27,7 +27,6 @@ interpreter is alive, which joins those threads first.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -36,8 +35,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from transformers import TrainerCallback
-
-log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_S = 1.0
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -52,7 +49,7 @@ class StopRequested(BaseException):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum
+        return exit_code_for(self.signum)
 
     @property
     def name(self) -> str:
