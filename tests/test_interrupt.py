@@ -91,8 +91,10 @@ class PausedRun:
 
 
 def _per_step(out: Path) -> dict[int, dict]:
-    """The last logged record of each step (a resumed run logs the steps after its checkpoint again)."""
+    """Each step's logged record; a resumed run first drops the records of the steps it trains again."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps)), f"each step once, in order: {steps}"
     return {r["step"]: {k: r.get(k) for k in COMPARED} for r in records if "loss" in r}
 
 
