@@ -190,6 +190,9 @@ def save_final_model(trainer, layout: RunLayout) -> Path:
 
     final = layout.run_dir / "final"
     partial = final.with_name("final.partial")
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(partial))
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
