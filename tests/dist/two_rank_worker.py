@@ -19,7 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from g2rpo.train.lifecycle import StopAtStepBoundary, StopSignals, distributed_teardown, exit_code_for  # noqa: E402
+from g2rpo.train.lifecycle import (  # noqa: E402
+    StopAtStepBoundary,
+    StopSignals,
+    distributed_teardown,
+    exit_code_for,
+    exit_process,
+)
 from trainer_support import ScriptedReward, make_trainer  # noqa: E402
 
 REWARDS = {0: [1.0, 0.0, 0.5, 1.0], 1: [0.0, 0.5, 0.5, 0.5]}
@@ -79,7 +85,7 @@ def main(model_dir: str, out_dir: str, stop_at: int | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # The production entry point's teardown (g2rpo.train.__main__): without it a rank can abort at exit.
+    # The production entry point's ending (g2rpo.train.__main__): without it a rank can abort at exit.
     with distributed_teardown():
         code = main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
-    sys.exit(code)
+    exit_process(code)

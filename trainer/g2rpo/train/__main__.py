@@ -87,4 +87,6 @@ def _default_run_dir(job) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from g2rpo.train.lifecycle import exit_process
+
+    exit_process(main())

@@ -21,8 +21,11 @@ Teardown: a gloo or NCCL process group left alive until interpreter exit can abo
 (SIGABRT, "terminate called without an active exception"): a gloo worker thread that releases
 its last finished work during interpreter finalisation needs the GIL to drop the tensors'
 Python objects, Python ends that thread with a forced unwind through a noexcept destructor,
-and C++ calls std::terminate. `distributed_teardown` destroys the process group while the
-interpreter is alive, which joins those threads first.
+and C++ calls std::terminate (pytorch/pytorch#190489). `distributed_teardown` destroys the
+process group while the interpreter is alive; that alone left about 1 abort in 20 two-rank runs
+(a worker thread can outlive destroy_process_group while something still references the
+group), so a distributed entry point ends with `exit_process`: flush, then os._exit, with no
+interpreter finalisation for those threads to race with.
 """
 
 from __future__ import annotations
@@ -161,6 +164,17 @@ def distributed_teardown() -> Iterator[None]:
         raise
     else:
         destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a process that ran a process group: flush what Python buffers, then exit without
+    interpreter finalisation (see the module docstring). Every file g2rpo writes is closed by then."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def destroy_process_group() -> None:
