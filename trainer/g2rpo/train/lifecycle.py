@@ -22,7 +22,7 @@ Teardown: a gloo or NCCL process group left alive until interpreter exit can abo
 its last finished work during interpreter finalisation needs the GIL to drop the tensors'
 Python objects, Python ends that thread with a forced unwind through a noexcept destructor,
 and C++ calls std::terminate (pytorch/pytorch#190489). `distributed_teardown` destroys the
-process group while the interpreter is alive; that alone left about 1 abort in 20 two-rank runs
+process group while the interpreter is alive; that alone still aborted 1 of 16 two-rank runs
 (a worker thread can outlive destroy_process_group while something still references the
 group), so a distributed entry point ends with `exit_process`: flush, then os._exit, with no
 interpreter finalisation for those threads to race with.
