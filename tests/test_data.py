@@ -186,21 +186,100 @@ def test_jsonl_with_mapped_columns_and_numeric_answers(tmp_path):
     assert dataset[2]["prompt"] == [{"role": "user", "content": "What is 2 + 1?"}]
 
 
-def test_csv_drops_rows_with_an_empty_prompt(tmp_path, caplog):
+def test_rows_without_a_needed_value_are_refused_by_default_naming_column_and_rows(tmp_path):
     path = tmp_path / "train.csv"
-    pd.DataFrame({"problem": ["1+1?", "", "2+2?"], "answer": [2, 0, 4], "solution": ["1+1=2", "", "2+2=4"]}).to_csv(
+    pd.DataFrame(
+        {"problem": ["1+1?", "", "2+2?", "3+3?"], "answer": [2, 0, None, 6], "solution": ["1+1=2", "", "2+2=4", " "]}
+    ).to_csv(path, index=False)
+    with pytest.raises(SpecError) as caught:
+        load_training_dataset(job({"name": str(path)}))
+    assert caught.value.lines() == [
+        "spec.dataset.promptColumn: 1 of 4 rows have no 'problem' value (rows 2); fix the data or set dataset.onInvalidRow: skip",
+        "spec.dataset.answerColumn: 1 of 4 rows have no 'answer' value (rows 3); fix the data or set dataset.onInvalidRow: skip",
+        "spec.dataset.guidanceColumn: 2 of 4 rows have no 'solution' value (rows 2, 4); fix the data or set dataset.onInvalidRow: skip",
+    ]
+
+
+def test_skip_policy_drops_invalid_rows_and_counts_them_in_the_log(tmp_path, caplog):
+    path = tmp_path / "train.csv"
+    pd.DataFrame({"problem": ["1+1?", "", "2+2?"], "answer": [2, 0, None], "solution": ["1+1=2", "", "2+2=4"]}).to_csv(
         path, index=False
     )
     with caplog.at_level(logging.WARNING, logger="g2rpo.data.load"):
-        dataset = load_training_dataset(job({"name": str(path)}))
-    assert dataset["answer"] == ["2", "4"] and dataset["guidance"] == ["1+1=2", "2+2=4"]
-    assert "dropped 1 of 3 rows with an empty prompt" in caplog.text
+        dataset = load_training_dataset(job({"name": str(path), "onInvalidRow": "skip"}))
+    assert dataset["answer"] == ["2"] and dataset["guidance"] == ["1+1=2"]
+    assert "skipping 1 of 3 rows with no 'problem' value (rows 2; dataset.onInvalidRow: skip)" in caplog.text
+    assert "skipping 1 of 3 rows with no 'answer' value (rows 3; dataset.onInvalidRow: skip)" in caplog.text
+    assert "training on 1 of 3 rows" in caplog.text
+
+
+def test_the_answer_column_is_needed_only_by_the_accuracy_reward(tmp_path):
+    path = write_jsonl(tmp_path / "code.jsonl", [{"problem": "Write f.", "test": "assert f() == 1"}])
+    spec = G2RPOJobSpec.model_validate(
+        {
+            "model": {"name": "unused"},
+            "dataset": {"name": path, "testsColumn": "test", "guidanceColumn": None},
+            "rewards": [{"name": "code"}],
+            "guidance": {"ratio": 0},
+        }
+    )
+    dataset = load_training_dataset(spec)
+    assert dataset["answer"] == [""] and dataset["tests"] == ["assert f() == 1"]
+    empty_tests = write_jsonl(tmp_path / "no-tests.jsonl", [{"problem": "Write f.", "test": ""}])
+    spec.dataset.name = empty_tests
+    with pytest.raises(SpecError, match=r"spec\.dataset\.testsColumn: 1 of 1 rows have no 'test' value \(rows 1\)"):
+        load_training_dataset(spec)
+
+
+def test_a_missing_column_suggests_the_closest_one(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"problem": "p", "Answer": "1", "solutions": "s"}])
+    with pytest.raises(SpecError) as caught:
+        load_training_dataset(job({"name": path}))
+    assert caught.value.lines() == [
+        "spec.dataset.answerColumn: no column 'answer' in the dataset (did you mean 'Answer'?); "
+        "available columns: problem, Answer, solutions",
+        "spec.dataset.guidanceColumn: no column 'solution' in the dataset (did you mean 'solutions'?); "
+        "available columns: problem, Answer, solutions",
+    ]
+
+
+def test_broken_json_lines_are_named_by_their_line_in_the_file(tmp_path, capsys):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(
+        '{"problem": "a", "answer": "1", "solution": "s"}\n'
+        "\n"
+        '{"problem": "b", "answer": 2,}\n'  # a trailing comma: pyarrow's reader accepts it silently
+        '["not", "an", "object"]\n'
+    )
+    with pytest.raises(SpecError) as caught:
+        load_training_dataset(job({"name": str(path)}))
+    assert caught.value.lines() == [
+        f"spec.dataset.name: {path} has 2 broken JSON line(s): line 3 column 30: Expecting property name "
+        "enclosed in double quotes; line 4: a JSON list, not an object"
+    ]
+    assert "broken" not in capsys.readouterr().err, "said once, by the SpecError"
+
+
+def test_relative_dataset_names_are_read_from_the_job_files_folder(tmp_path):
+    from g2rpo.data.load import resolve_relative_name
+
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "t.jsonl", [{"problem": "p", "answer": "1", "solution": "s"}])
+    spec = job({"name": "data/t.jsonl"})
+    resolve_relative_name(spec.dataset, tmp_path)
+    assert spec.dataset.name == str(tmp_path / "data" / "t.jsonl")
+    missing = job({"name": "data/missing.jsonl"})
+    with pytest.raises(SpecError, match=r"no such file or folder: .*data/missing\.jsonl \(a relative dataset\.name is read from the job file's folder"):
+        resolve_relative_name(missing.dataset, tmp_path)
+    hub = job({"name": "open-r1/OpenR1-Math-220k"})
+    resolve_relative_name(hub.dataset, tmp_path)
+    assert hub.dataset.name == "open-r1/OpenR1-Math-220k"
 
 
 def test_parquet_with_tests_column(tmp_path):
     path = tmp_path / "code.parquet"
     pd.DataFrame(
-        {"problem": ["Write f."], "answer": [""], "solution": ["def f(): ..."], "test": ["assert f() is None"]}
+        {"problem": ["Write f."], "answer": ["None"], "solution": ["def f(): ..."], "test": ["assert f() is None"]}
     ).to_parquet(path)
     dataset = load_training_dataset(job({"name": str(path), "testsColumn": "test"}))
     assert dataset.column_names == ["prompt", "answer", "guidance", "difficulty", "tests"]
@@ -255,9 +334,9 @@ def test_every_missing_column_is_named_by_its_field_with_the_available_columns(t
         ("{tmp}/missing.jsonl", r"spec\.dataset\.name: no such file or folder"),
         ("{tmp}/rows.txt", r"spec\.dataset\.name: unsupported file type '\.txt'"),
         ("{tmp}/empty.csv", r"spec\.dataset\.name: cannot read .*empty\.csv as csv: .*no data"),
-        ("{tmp}/broken.jsonl", r"spec\.dataset\.name: cannot read .*broken\.jsonl as json"),
+        ("{tmp}/broken.jsonl", r"spec\.dataset\.name: .*broken\.jsonl has 1 broken JSON line\(s\): line 1 column 26: Invalid control"),
         ("{tmp}/empty.parquet", r"spec\.dataset\.name: cannot read .*empty\.parquet as parquet"),
-        ("{tmp}/blank.jsonl", r"spec\.dataset\.promptColumn: every row has an empty prompt"),
+        ("{tmp}/blank.jsonl", r"spec\.dataset\.promptColumn: 1 of 1 rows have no 'problem' value \(rows 1\)"),
     ],
 )
 def test_source_errors_name_their_field(tmp_path, name, message):
@@ -282,5 +361,56 @@ def test_unknown_curriculum_tier_with_error_policy_names_the_order(tmp_path):
         {"name": write_jsonl(tmp_path / "t.jsonl", [{"problem": "p", "answer": "1", "solution": "s", "src": "x"}])},
         curriculum={"column": "src", "order": ["a"], "unknown": "error"},
     )
-    with pytest.raises(SpecError, match=r"spec\.curriculum\.order"):
+    with pytest.raises(SpecError, match=r"spec\.curriculum\.order: 1 rows have a 'src' value not listed in \['a'\] \(row 1: 'x'\)"):
         load_training_dataset(spec)
+
+
+# --- g2rpo validate opens the data ---------------------------------------------------------------
+
+VALIDATE_JOB = """\
+apiVersion: g2rpo.dev/v1alpha1
+kind: G2RPOJob
+metadata: {{name: data-check}}
+spec:
+  model: {{name: unused}}
+  dataset: {{name: {name}, promptColumn: {prompt}}}
+  curriculum: {{column: src, order: [easy, hard], unknown: error}}
+"""
+
+
+def validate(tmp_path, capsys, *extra, name="rows.jsonl", prompt="problem"):
+    from g2rpo.cli import main
+
+    (tmp_path / "job.yaml").write_text(VALIDATE_JOB.format(name=name, prompt=prompt))
+    code = main(["validate", str(tmp_path / "job.yaml"), *extra])
+    return code, capsys.readouterr()
+
+
+@pytest.fixture
+def rows_file(tmp_path):
+    rows = [{"problem": f"p{i}", "answer": str(i), "solution": "s", "src": tier} for i, tier in enumerate(["easy", "hard"])]
+    return write_jsonl(tmp_path / "rows.jsonl", rows)
+
+
+def test_validate_reads_the_data_relative_to_the_job_file(tmp_path, capsys, rows_file, monkeypatch):
+    monkeypatch.chdir("/")
+    code, out = validate(tmp_path, capsys)
+    assert code == 0, out.err
+    assert out.out.strip() == f"{tmp_path / 'job.yaml'}: valid G2RPOJob 'data-check'; 2 training rows from {rows_file}"
+
+
+def test_validate_refuses_a_missing_data_file_naming_where_it_looked(tmp_path, capsys):
+    code, out = validate(tmp_path, capsys, name="missing.jsonl")
+    assert code == 1
+    assert f"spec.dataset.name: no such file or folder: {tmp_path / 'missing.jsonl'} (a relative dataset.name is read from the job file's folder, {tmp_path})" in out.err
+    assert validate(tmp_path, capsys, "--no-data", name="missing.jsonl")[0] == 0
+
+
+def test_validate_names_an_unknown_column_and_a_curriculum_value_outside_the_order(tmp_path, capsys, rows_file):
+    code, out = validate(tmp_path, capsys, prompt="problems")
+    assert code == 1
+    assert "spec.dataset.promptColumn: no column 'problems' in the dataset (did you mean 'problem'?)" in out.err
+    write_jsonl(tmp_path / "rows.jsonl", [{"problem": "p", "answer": "1", "solution": "s", "src": "medium"}])
+    code, out = validate(tmp_path, capsys)
+    assert code == 1
+    assert "spec.curriculum.order: 1 rows have a 'src' value not listed in ['easy', 'hard'] (row 1: 'medium')" in out.err

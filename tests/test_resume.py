@@ -37,8 +37,9 @@ def test_resume_restores_guidance_length_and_reward_history(tiny_model_dir, tmp_
     assert resumed.guidance_length == expected[4] == full.guidance_length
 
 
-def test_resume_from_a_checkpoint_without_guidance_state_fails_clearly(tiny_model_dir, tmp_path):
+def test_resume_from_an_incomplete_checkpoint_fails_clearly(tiny_model_dir, tmp_path):
     trainer, _, _ = make_trainer(tiny_model_dir, tmp_path, max_steps=1)
     (tmp_path / "checkpoint-1").mkdir()
-    with pytest.raises(FileNotFoundError, match="guidance_state.json"):
+    (tmp_path / "checkpoint-1" / "model.safetensors").write_bytes(b"cut")
+    with pytest.raises(ValueError, match=r"checkpoint-1: no g2rpo_checkpoint_complete.json \(the save was interrupted\); it holds: model.safetensors"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))

@@ -16,7 +16,7 @@ from trl import GRPOConfig
 from g2rpo.controller.client import InProcessGuidanceClient
 from g2rpo.controller.core import GuidanceController
 from g2rpo.guidance.schedule import ScheduleParams
-from g2rpo.train.callbacks import GuidanceCheckpointCallback, MetricsFileCallback
+from g2rpo.train.callbacks import MetricsFileCallback
 from g2rpo.train.trainer import G2RPOTrainer
 
 
@@ -104,5 +104,4 @@ def make_trainer(
         driving_reward=reward.__name__,
         callbacks=[MetricsFileCallback(Path(output_dir) / "metrics.jsonl")],
     )
-    trainer.add_callback(GuidanceCheckpointCallback(trainer))
     return trainer, reward, tokenizer

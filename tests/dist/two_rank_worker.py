@@ -2,12 +2,16 @@
 
 Rank r's scripted reward is REWARDS[r][k] at step k, so the controller must see their mean:
 r_k is the global batch's mean, not one rank's.
+
+With a third argument STEP, rank 1 alone gets SIGTERM at the end of step STEP (as when Kubernetes
+preempts one pod): the production stop handling (g2rpo.train.lifecycle) must stop both ranks there.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import TrainerCallback  # noqa: E402
 
+from g2rpo.train.lifecycle import (  # noqa: E402
+    StopAtStepBoundary,
+    StopSignals,
+    distributed_teardown,
+    exit_code_for,
+    exit_process,
+)
 from trainer_support import ScriptedReward, make_trainer  # noqa: E402
 
 REWARDS = {0: [1.0, 0.0, 0.5, 1.0], 1: [0.0, 0.5, 0.5, 0.5]}
@@ -28,8 +39,18 @@ class LengthLog(TrainerCallback):
         self.sink.append(self.trainer.guidance_length)
 
 
-def main(model_dir: str, out_dir: str) -> None:
+class SignalRankOne(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if int(os.environ["RANK"]) == 1 and state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(model_dir: str, out_dir: str, stop_at: int | None = None) -> int:
     rank = int(os.environ["RANK"])
+    signals = StopSignals().install()
     reward = ScriptedReward(REWARDS[rank])
     trainer, _, tokenizer = make_trainer(
         Path(model_dir), Path(out_dir) / "trainer", reward=reward, num_generations=4, per_device_batch_size=2,
@@ -37,10 +58,16 @@ def main(model_dir: str, out_dir: str) -> None:
     )
     lengths: list[int] = []
     trainer.add_callback(LengthLog(trainer, lengths))
+    if stop_at is not None:
+        trainer.add_callback(SignalRankOne(stop_at))
+    trainer.add_callback(StopAtStepBoundary(signals))
     trainer.train()
+    exit_code = exit_code_for(signals.stopped_by) if signals.stopped_by else 0
     record = {
         "rank": rank,
         "world_size": trainer.accelerator.num_processes,
+        "global_step": trainer.state.global_step,
+        "exit_code": exit_code,
         "lengths_after_each_step": lengths,
         "calls": [
             {
@@ -54,7 +81,11 @@ def main(model_dir: str, out_dir: str) -> None:
         record["controller_rewards"] = [r.reward for r in trainer.guidance_client.controller.history]
         record["controller_lengths"] = [r.length_used for r in trainer.guidance_client.controller.history]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
+    return exit_code
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    # The production entry point's ending (g2rpo.train.__main__): without it a rank can abort at exit.
+    with distributed_teardown():
+        code = main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    exit_process(code)

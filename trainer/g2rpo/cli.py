@@ -15,8 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="g2rpo", description="G2RPO-A training, locally or on Kubernetes.")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    validate = verbs.add_parser("validate", help="check a G2RPOJob file without running it")
+    validate = verbs.add_parser(
+        "validate",
+        help="check a G2RPOJob file without running it; local data (files, folders, builtin) is opened and "
+        "checked as `run` would (columns, missing values, curriculum tiers, broken JSON lines)",
+    )
     validate.add_argument("file", type=Path)
+    data = validate.add_mutually_exclusive_group()
+    data.add_argument("--data", action="store_true", help="also download and check a hub dataset")
+    data.add_argument("--no-data", action="store_true", help="check the job file only, not its data")
 
     run = verbs.add_parser("run", help="run a G2RPOJob on this machine (CPU or one GPU)")
     run.add_argument("file", type=Path)
@@ -58,11 +65,55 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         return 1
     if args.verb == "validate":
-        print(f"{args.file}: valid G2RPOJob {job.metadata.name!r}")
-        return 0
+        return _validate(job, args)
     if args.verb == "render":
         return _render(job, args)
-    return _run(job, args)
+    try:
+        _resolve_dataset_name(job, args.file)
+    except SpecError as exc:
+        print(f"{args.file} cannot run:", file=sys.stderr)
+        for line in exc.lines():
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    try:
+        return _run(job, args)
+    except KeyboardInterrupt:  # before run_local took over SIGINT: nothing was trained or saved
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
+
+
+def _resolve_dataset_name(job, job_file: Path) -> None:
+    from g2rpo.data.load import resolve_relative_name
+
+    resolve_relative_name(job.spec.dataset, job_file.parent)
+
+
+def _validate(job, args) -> int:
+    """The job file, then (unless --no-data) its data, read by the same code as `run`."""
+    what = f"valid G2RPOJob {job.metadata.name!r}"
+    if args.no_data:
+        print(f"{args.file}: {what} (data not checked)")
+        return 0
+    try:
+        _resolve_dataset_name(job, args.file)
+        if not (args.data or _is_local(job.spec.dataset)):
+            print(f"{args.file}: {what}; hub dataset {job.spec.dataset.name!r} not downloaded (add --data)")
+            return 0
+        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+        from g2rpo.data.load import load_training_dataset
+
+        rows = len(load_training_dataset(job.spec))
+    except SpecError as exc:
+        print(f"{args.file} is not a valid G2RPOJob:", file=sys.stderr)
+        for line in exc.lines():
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {what}; {rows} training rows from {job.spec.dataset.name}")
+    return 0
+
+
+def _is_local(dataset) -> bool:
+    return dataset.is_builtin_arithmetic or Path(dataset.name).expanduser().exists()
 
 
 RENDERED_TOKEN = "placeholder-the-operator-generates-a-random-token"
@@ -129,10 +180,14 @@ def _run(job, args) -> int:
     # TRL 1.16 still calls transformers' renamed gradient-checkpointing API on every step.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     from g2rpo.local.run import run_local
+    from g2rpo.train.lifecycle import StopRequested
 
     run_dir = args.output or Path("runs") / job.metadata.name
     try:
         result = run_local(job, run_dir, progress=not args.no_progress)
+    except StopRequested as stop:
+        print(_stopped_line(stop, job, args, run_dir), file=sys.stderr)
+        return stop.exit_code
     except SpecError as exc:
         print(f"{args.file} cannot run:", file=sys.stderr)
         for line in exc.lines():
@@ -147,6 +202,20 @@ def _run(job, args) -> int:
     print(f"  checkpoints: {layout.checkpoint_dir}")
     print(f"  final model: {layout.run_dir / 'final'}")
     return 0
+
+
+def _stopped_line(stop, job, args, run_dir: Path) -> str:
+    """One line: where the newest complete checkpoint is and the exact command that resumes from it."""
+    from g2rpo.train.build import RunLayout
+    from g2rpo.train.checkpoints import newest_complete
+
+    checkpoint = newest_complete(RunLayout.for_job(job, run_dir).checkpoint_dir).checkpoint
+    command = f"g2rpo run {args.file}" + (f" --output {args.output}" if args.output else "")
+    if checkpoint is None:
+        return f"stopped by {stop.name} before the first checkpoint; nothing to resume (rerun: {command})"
+    if job.spec.checkpoint.resume != "auto":
+        return f"stopped by {stop.name}; last checkpoint: {checkpoint}; to resume set checkpoint.resume: auto, then: {command}"
+    return f"stopped by {stop.name}; last checkpoint: {checkpoint}; resume with: {command}"
 
 
 if __name__ == "__main__":

@@ -132,6 +132,13 @@ class DatasetSpec(SpecModel):
         None, max_length=PROMPT_MAX, description="System message put before every problem."
     )
     max_samples: PositiveInt | None = Field(None, description="Use only the first N rows (after curriculum order).")
+    on_invalid_row: Literal["error", "skip"] = Field(
+        "error",
+        description="A row without a value a configured reward or guidance needs (an empty prompt; answer with the "
+        "accuracy reward; guidance when guidance.ratio > 0; tests with the code reward; difficultyColumn when set): "
+        "error refuses the dataset naming the rows, skip drops them and logs how many. Missing curriculum keys "
+        "follow curriculum.unknown.",
+    )
     arithmetic: ArithmeticDatasetSpec = Field(
         default_factory=ArithmeticDatasetSpec,
         description="Parameters of builtin:arithmetic; ignored for other datasets.",

@@ -31,8 +31,11 @@ def order_rows(rows: Sequence[Mapping[str, Any]], spec: CurriculumSpec) -> list:
     return [rows[i] for i in sorted_indices([row[spec.column] for row in rows], spec)]
 
 
-def sorted_indices(keys: Sequence[Any], spec: CurriculumSpec) -> list[int]:
-    """Positions of `keys` in curriculum order (what `order_rows` applies; `Dataset.select` takes it too)."""
+def sorted_indices(keys: Sequence[Any], spec: CurriculumSpec, row_numbers: Sequence[int] | None = None) -> list[int]:
+    """Positions of `keys` in curriculum order (what `order_rows` applies; `Dataset.select` takes it too).
+
+    `row_numbers` (the source's 1-based row of each key) name the rows in errors.
+    """
     if spec.order is not None:
         rank = {tier: position for position, tier in enumerate(spec.order)}
         known = {i: rank[str(key)] for i, key in enumerate(keys) if str(key) in rank}
@@ -42,7 +45,8 @@ def sorted_indices(keys: Sequence[Any], spec: CurriculumSpec) -> list[int]:
         known = {i: float(key) if numeric else str(key) for i, key in present.items()}
     unknown = [i for i in range(len(keys)) if i not in known]
     if unknown and spec.unknown == "error":
-        raise _unknown_keys_error([keys[i] for i in unknown], spec)
+        numbers = [row_numbers[i] if row_numbers else i + 1 for i in unknown]
+        raise _unknown_keys_error([keys[i] for i in unknown], spec, numbers)
     ordered_known = sorted(known, key=known.__getitem__)
     return unknown + ordered_known if spec.unknown == "first" else ordered_known + unknown
 
@@ -63,13 +67,17 @@ def _is_number(key: Any) -> bool:
     return True
 
 
-def _unknown_keys_error(unknown_keys: list[Any], spec: CurriculumSpec) -> SpecError:
-    examples = ", ".join(repr(key) for key in sorted({str(key) for key in unknown_keys})[:5])
+def _unknown_keys_error(unknown_keys: list[Any], spec: CurriculumSpec, row_numbers: list[int]) -> SpecError:
+    examples = ", ".join(f"row {n}: {key!r}" for n, key in list(zip(row_numbers, unknown_keys))[:5])
     if spec.order is not None:
         reason = (
-            f"{len(unknown_keys)} rows have a {spec.column!r} value not listed in {spec.order} (e.g. {examples}); "
+            f"{len(unknown_keys)} rows have a {spec.column!r} value not listed in {spec.order} ({examples}); "
             "add them to curriculum.order or set curriculum.unknown to 'first' or 'last'"
         )
         return SpecError([(ORDER_PATH, reason)])
-    reason = f"{len(unknown_keys)} rows have no {spec.column!r} value; set curriculum.unknown to 'first' or 'last'"
+    rows = ", ".join(str(n) for n in row_numbers[:5])
+    reason = (
+        f"{len(unknown_keys)} rows have no {spec.column!r} value (rows {rows}); "
+        "set curriculum.unknown to 'first' or 'last'"
+    )
     return SpecError([(UNKNOWN_PATH, reason)])

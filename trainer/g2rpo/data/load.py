@@ -12,14 +12,27 @@ the guidance code never look at user column names:
   else the step count of builtin:arithmetic; "" when there is none)
 - `tests`: test code for the code reward, only when dataset.testsColumn is set
 
-Rows with an empty prompt are dropped (and counted in the log); then the curriculum order applies,
-then dataset.maxSamples. Every problem a user can fix is a SpecError naming the spec field.
+Rows without a value that the job needs (`required_roles`: the prompt always; the answer only
+with the accuracy reward; the guidance only when guidance.ratio > 0; the tests with the code
+reward; the difficulty when dataset.difficultyColumn is set) follow dataset.onInvalidRow:
+`error` (default: a demanding user wants to know, not to train on a silently smaller or
+emptier set) refuses the dataset naming the column, the count and the first rows; `skip` drops
+them and logs the count per column. A value is missing when it is None, NaN (an empty CSV
+cell) or blank text; it is never turned into "". Rows are numbered from 1 in source order.
+Missing curriculum keys follow curriculum.unknown. Then the curriculum order applies, then
+dataset.maxSamples. Every problem a user can fix is a SpecError naming the spec field.
+
+A relative local path in dataset.name is resolved by the command line against the job file's
+folder (`resolve_relative_name`), so a job and its data travel together.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import logging
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,6 +58,21 @@ class SourceColumn(NamedTuple):
     name: str
 
 
+def required_roles(spec: G2RPOJobSpec) -> set[str]:
+    """The output columns every row must have a value in, given the job's rewards and guidance."""
+    names = {reward.name for reward in spec.rewards}
+    roles = {"prompt"}
+    if "accuracy" in names:
+        roles.add("answer")
+    if spec.guidance.ratio > 0 and spec.dataset.guidance_column:
+        roles.add("guidance")
+    if "code" in names:
+        roles.add("tests")
+    if spec.dataset.difficulty_column:
+        roles.add("difficulty")
+    return roles
+
+
 def load_training_dataset(spec: G2RPOJobSpec) -> Dataset:
     """The job's training rows: columns prompt, answer, guidance, difficulty (and tests)."""
     source = _load_source(spec.dataset)
@@ -53,15 +81,12 @@ def load_training_dataset(spec: G2RPOJobSpec) -> Dataset:
     columns = _source_columns(spec)
     _check_columns_exist(columns, source.column_names)
 
-    prompts = list(source[columns["prompt"].name])
-    kept = [i for i, prompt in enumerate(prompts) if _text(prompt).strip()]
-    if len(kept) < len(source):
-        logger.warning("dropped %d of %d rows with an empty prompt", len(source) - len(kept), len(source))
-    if not kept:
-        raise SpecError([(("spec", "dataset", "promptColumn"), "every row has an empty prompt")])
+    kept = _valid_rows(source, columns, required_roles(spec), spec.dataset.on_invalid_row)
     if spec.curriculum is not None:
         keys = list(source[spec.curriculum.column])
-        kept = [kept[i] for i in sorted_indices([keys[i] for i in kept], spec.curriculum)]
+        ordered = sorted_indices([keys[i] for i in kept], spec.curriculum, row_numbers=[i + 1 for i in kept])
+        _log_unlisted_tiers([keys[i] for i in kept], spec)
+        kept = [kept[i] for i in ordered]
     if spec.dataset.max_samples is not None:
         kept = kept[: spec.dataset.max_samples]
 
@@ -78,14 +103,72 @@ def load_training_dataset(spec: G2RPOJobSpec) -> Dataset:
     return Dataset.from_dict(table)
 
 
+def _valid_rows(source: Dataset, columns: dict[str, SourceColumn], required: set[str], policy: str) -> list[int]:
+    """Indices of the rows with a value in every required column, following dataset.onInvalidRow."""
+    missing: dict[str, list[int]] = {}
+    for role in sorted(required & columns.keys(), key=list(columns).index):
+        values = source[columns[role].name]
+        rows = [i for i, value in enumerate(values) if not _text(value).strip()]
+        if rows:
+            missing[role] = rows
+    if not missing:
+        return list(range(len(source)))
+    total = len(source)
+    if policy == "error":
+        raise SpecError(
+            [
+                (
+                    columns[role].field_path,
+                    f"{len(rows)} of {total} rows have no {columns[role].name!r} value (rows {_row_list(rows)}); "
+                    "fix the data or set dataset.onInvalidRow: skip",
+                )
+                for role, rows in missing.items()
+            ]
+        )
+    invalid = set().union(*missing.values())
+    for role, rows in missing.items():
+        logger.warning(
+            "skipping %d of %d rows with no %r value (rows %s; dataset.onInvalidRow: skip)",
+            len(rows), total, columns[role].name, _row_list(rows),
+        )
+    kept = [i for i in range(total) if i not in invalid]
+    if not kept:
+        raise SpecError([(("spec", "dataset", "onInvalidRow"), f"all {total} rows were skipped as invalid")])
+    logger.warning("training on %d of %d rows", len(kept), total)
+    return kept
+
+
+def _row_list(rows: list[int], shown: int = 5) -> str:
+    numbers = ", ".join(str(i + 1) for i in rows[:shown])
+    return numbers + (f", ... ({len(rows) - shown} more)" if len(rows) > shown else "")
+
+
+def _log_unlisted_tiers(keys: list[Any], spec: G2RPOJobSpec) -> None:
+    """Under curriculum.unknown first/last, say how many rows have a key outside curriculum.order."""
+    curriculum = spec.curriculum
+    if curriculum is None or curriculum.order is None or curriculum.unknown == "error":
+        return
+    listed = set(curriculum.order)
+    unlisted = [(i, key) for i, key in enumerate(keys) if str(key) not in listed]
+    if unlisted:
+        examples = ", ".join(f"row {i + 1}: {key!r}" for i, key in unlisted[:5])
+        logger.warning(
+            "%d rows have a %r value not listed in curriculum.order (%s); they go %s (curriculum.unknown)",
+            len(unlisted), curriculum.column, examples, curriculum.unknown,
+        )
+
+
 def _source_columns(spec: G2RPOJobSpec) -> dict[str, SourceColumn]:
-    """The source column behind each output column (and behind the curriculum key)."""
+    """The source column behind each output column (and behind the curriculum key).
+
+    The answer column is mapped only when a reward reads it (accuracy), so a code-only job's
+    data needs none; without it every row's answer is "".
+    """
     dataset = spec.dataset
-    columns = {
-        "prompt": SourceColumn(("spec", "dataset", "promptColumn"), dataset.prompt_column),
-        "answer": SourceColumn(("spec", "dataset", "answerColumn"), dataset.answer_column),
-    }
-    if dataset.guidance_column:
+    columns = {"prompt": SourceColumn(("spec", "dataset", "promptColumn"), dataset.prompt_column)}
+    if "accuracy" in {reward.name for reward in spec.rewards}:
+        columns["answer"] = SourceColumn(("spec", "dataset", "answerColumn"), dataset.answer_column)
+    if dataset.guidance_column and spec.guidance.ratio > 0:  # vanilla GRPO reads no trajectory
         columns["guidance"] = SourceColumn(("spec", "dataset", "guidanceColumn"), dataset.guidance_column)
     if dataset.difficulty_column:
         columns["difficulty"] = SourceColumn(("spec", "dataset", "difficultyColumn"), dataset.difficulty_column)
@@ -106,10 +189,17 @@ def _check_columns_exist(columns: dict[str, SourceColumn], available: list[str])
         listing = ", ".join(available)
         raise SpecError(
             [
-                (path, f"no column {column!r} in the dataset; available columns: {listing}")
+                (path, f"no column {column!r} in the dataset{_did_you_mean(column, available)}; available columns: {listing}")
                 for path, column in missing.items()
             ]
         )
+
+
+def _did_you_mean(name: str, available: list[str]) -> str:
+    close = difflib.get_close_matches(name, available, n=1, cutoff=0.6) or [
+        a for a in available if a.lower() == name.lower()
+    ]
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _text(value: Any) -> str:
@@ -122,6 +212,24 @@ def _text(value: Any) -> str:
         if value.is_integer():
             return str(int(value))
     return str(value)
+
+
+def resolve_relative_name(dataset: DatasetSpec, job_dir: Path) -> None:
+    """Make a relative local dataset.name absolute, against the job file's folder (in place).
+
+    A name is local when it exists there, ends in a data file suffix or starts with "."; any
+    other relative name (org/name) stays a hub id.
+    """
+    name = dataset.name
+    if dataset.is_builtin_arithmetic or name.startswith(("/", "~")):
+        return
+    candidate = (job_dir / name).absolute()
+    if candidate.exists():
+        dataset.name = str(candidate)
+    elif Path(name).suffix in FILE_FORMATS or name.startswith("."):
+        raise SpecError(
+            [(NAME_PATH, f"no such file or folder: {candidate} (a relative dataset.name is read from the job file's folder, {job_dir.absolute()})")]
+        )
 
 
 def _load_source(dataset: DatasetSpec) -> Dataset:
@@ -144,10 +252,52 @@ def _load_file(path: Path) -> Dataset:
     data_format = FILE_FORMATS.get(path.suffix)
     if data_format is None:
         raise SpecError([(NAME_PATH, f"unsupported file type {path.suffix!r}; use one of {', '.join(FILE_FORMATS)}")])
+    if path.suffix == ".jsonl":
+        _check_json_lines(path)
     try:
-        return datasets.load_dataset(data_format, data_files=str(path), split="train")
+        with _datasets_errors_silenced():
+            return datasets.load_dataset(data_format, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetGenerationError, ValueError) as exc:  # ValueError: a file without rows
         raise SpecError([(NAME_PATH, f"cannot read {path} as {data_format}: {exc.__cause__ or exc}")]) from exc
+
+
+def _check_json_lines(path: Path, shown: int = 5) -> None:
+    """Name every line of a .jsonl file that is not one JSON object, by its line number in the file.
+
+    `datasets` (through pyarrow) accepts some broken lines (a trailing comma) and reports others
+    by a 0-based row inside a block; Python's json module is exact.
+    """
+    broken: list[str] = []
+    count = 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    continue
+                reason = f"line {number}: a JSON {type(value).__name__}, not an object"
+            except json.JSONDecodeError as exc:
+                reason = f"line {number} column {exc.colno}: {exc.msg}"
+            count += 1
+            if len(broken) < shown:
+                broken.append(reason)
+    if broken:
+        more = f"; {count - shown} more" if count > shown else ""
+        raise SpecError([(NAME_PATH, f"{path} has {count} broken JSON line(s): {'; '.join(broken)}{more}")])
+
+
+@contextmanager
+def _datasets_errors_silenced():
+    """`datasets` logs a load error before raising it; the SpecError says it once, with the field."""
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(level)
 
 
 def _load_folder(path: Path, split: str) -> Dataset:

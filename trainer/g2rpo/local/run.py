@@ -28,9 +28,22 @@ class LocalRunResult:
 
 
 def run_local(job: G2RPOJob, run_dir: Path, progress: bool = True) -> LocalRunResult:
+    """Train `job` here. Ctrl-C or SIGTERM stops after the current step with a checkpoint, then
+    raises StopRequested (g2rpo.train.lifecycle); the caller says where to resume from."""
+    from g2rpo.train.lifecycle import StopSignals
+
+    signals = StopSignals().install()
+    try:
+        return _run_local(job, run_dir, progress, signals)
+    finally:
+        signals.restore()
+
+
+def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, signals) -> LocalRunResult:
     from g2rpo.local.plot import plot_run, read_metrics
-    from g2rpo.train.build import RunLayout, build_trainer, resolve_resume
+    from g2rpo.train.build import RunLayout, build_trainer, resolve_resume, save_final_model
     from g2rpo.train.callbacks import ProgressCallback
+    from g2rpo.train.lifecycle import StopAtStepBoundary, StopRequested
 
     started = time.monotonic()
     layout = RunLayout.for_job(job, run_dir)
@@ -39,7 +52,7 @@ def run_local(job: G2RPOJob, run_dir: Path, progress: bool = True) -> LocalRunRe
         job,
         layout,
         guidance_client_factory=lambda params: InProcessGuidanceClient(GuidanceController(params)),
-        extra_callbacks=[ProgressCallback()] if progress else [],
+        extra_callbacks=[StopAtStepBoundary(signals), *([ProgressCallback()] if progress else [])],
     )
     if progress:
         from transformers import PrinterCallback
@@ -48,7 +61,9 @@ def run_local(job: G2RPOJob, run_dir: Path, progress: bool = True) -> LocalRunRe
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(layout.run_dir / "final"))
+    if signals.stopped_by:
+        raise StopRequested(signals.stopped_by)
+    save_final_model(trainer, layout)
     records = [r for r in read_metrics(layout.metrics_file) if "g2rpo/accuracy" in r]
     if records:
         plot_run(layout.metrics_file, layout.plot_file, title=f"{job.metadata.name}: accuracy reward and guidance length")

@@ -4,11 +4,16 @@ The operator mounts the accepted job as FILE and sets the environment:
 G2RPO_CONTROLLER_URL and G2RPO_CONTROLLER_TOKEN_FILE (the job's guidance controller; rank 0
 talks to it), G2RPO_ROLLOUT_URL and G2RPO_ROLLOUT_GROUP_PORT (the vLLM server and TRL's weight
 sync). Without G2RPO_ROLLOUT_URL, ranks generate in process. Checkpoints go to checkpoint.dir
-(the job's volume); a restarted trainer resumes from the newest one there, guidance state included.
+(the job's volume); a restarted trainer resumes from the newest complete one there, guidance state
+included (g2rpo.train.checkpoints).
 
-`--check` only validates the job for WORLD_SIZE ranks and exits; a job that cannot run exits with
-EXIT_INVALID_SPEC (2, as argparse's usage errors), which the trainer Job's podFailurePolicy turns
-into an immediate failure instead of a retry.
+SIGTERM (Kubernetes, before it kills the pod) or SIGINT: every rank stops after the same step,
+a checkpoint is saved, and the process exits 143 (SIGTERM) or 130 (SIGINT) after one line
+naming the checkpoint; see g2rpo.train.lifecycle. The process group is destroyed before exit.
+
+`--check` only validates the job for WORLD_SIZE ranks and exits. A job that cannot run exits with
+EXIT_INVALID_SPEC (2, as argparse's usage errors): the trainer Job's podFailurePolicy turns that
+exit of the check-spec init container into an immediate failure instead of a retry.
 """
 
 from __future__ import annotations
@@ -30,30 +35,57 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from g2rpo.train.lifecycle import StopRequested, StopSignals, distributed_teardown
+
+    signals = StopSignals().install()
+    job = layout = None
     try:
         job = load_job(args.job)
         check_batch_layout(job.spec, int(os.environ.get("WORLD_SIZE", "1")))
+        if args.check:
+            return 0
+        from g2rpo.train.build import RunLayout
+
+        layout = RunLayout.for_job(job, args.run_dir or _default_run_dir(job))
+        with distributed_teardown():
+            _train(job, layout, signals)
     except SpecError as exc:
-        print(f"{args.job} cannot run: {exc}", file=sys.stderr)
+        print(f"{args.job} {'is not a valid G2RPOJob' if job is None else 'cannot run'}: {exc}", file=sys.stderr)
         return EXIT_INVALID_SPEC
-    if args.check:
-        return 0
+    except StopRequested as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(_stopped_line(stop, job, layout), file=sys.stderr, flush=True)
+        return stop.exit_code
+    return 0
 
+
+def _train(job, layout, signals) -> None:
     from g2rpo.controller.http_client import HttpGuidanceClient
-    from g2rpo.train.build import Generation, RunLayout, build_trainer, resolve_resume
+    from g2rpo.train.build import Generation, build_trainer, resolve_resume, save_final_model
+    from g2rpo.train.lifecycle import StopAtStepBoundary, StopRequested
 
-    layout = RunLayout.for_job(job, args.run_dir or _default_run_dir(job))
     generation = Generation(
         vllm_server_url=os.environ.get("G2RPO_ROLLOUT_URL") or None,
         weight_sync_port=int(os.environ.get("G2RPO_ROLLOUT_GROUP_PORT", "51216")),
     )
     trainer = build_trainer(
-        job, layout, guidance_client_factory=lambda params: HttpGuidanceClient.from_env(), generation=generation
+        job, layout, guidance_client_factory=lambda params: HttpGuidanceClient.from_env(), generation=generation,
+        extra_callbacks=[StopAtStepBoundary(signals)],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(job.spec, layout.checkpoint_dir))
-    trainer.save_model(str(layout.run_dir / "final"))
-    _leave_process_group()
-    return 0
+    if signals.stopped_by:
+        raise StopRequested(signals.stopped_by)
+    save_final_model(trainer, layout)
+
+
+def _stopped_line(stop, job, layout) -> str:
+    from g2rpo.train.checkpoints import newest_complete
+
+    checkpoint = newest_complete(layout.checkpoint_dir).checkpoint if layout else None
+    if checkpoint is None:
+        return f"stopped by {stop.name} before the first complete checkpoint; a restarted trainer starts from step 0"
+    how = "resumes from it" if job.spec.checkpoint.resume == "auto" else "resumes from it with checkpoint.resume: auto"
+    return f"stopped by {stop.name}; last complete checkpoint: {checkpoint}; a restarted trainer {how}"
 
 
 def _leave_process_group() -> None:
@@ -72,4 +104,6 @@ def _default_run_dir(job) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from g2rpo.train.lifecycle import exit_process
+
+    exit_process(main())

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers.trainer_utils import get_last_checkpoint
 
 from g2rpo.controller.client import GuidanceClient
 from g2rpo.guidance.schedule import ScheduleParams
@@ -57,14 +57,29 @@ class Generation:
 
 
 def resolve_resume(spec: G2RPOJobSpec, checkpoint_dir: Path) -> str | None:
-    """The checkpoint to resume from, following checkpoint.resume."""
+    """The checkpoint to resume from, following checkpoint.resume: only ever a complete one.
+
+    With `auto`, newer incomplete checkpoints are logged and set aside by global rank 0
+    (g2rpo.train.checkpoints); every rank computes the same answer, since setting aside never
+    touches a complete checkpoint.
+    """
+    from g2rpo.train.checkpoints import incomplete_reason, newest_complete, set_aside
+
     resume = spec.checkpoint.resume
     if resume == "never":
         return None
     if resume == "auto":
-        return newest_complete_checkpoint(checkpoint_dir)
+        point = newest_complete(checkpoint_dir)
+        for folder, reason in point.skipped.items():
+            log.warning("skipping incomplete checkpoint %s: %s", folder, reason)
+        if point.skipped and os.environ.get("RANK", "0") == "0":
+            set_aside(point.skipped)
+        return str(point.checkpoint) if point.checkpoint else None
     if not Path(resume).is_dir():
         raise SpecError([(("spec", "checkpoint", "resume"), f"no checkpoint folder at {resume}")])
+    reason = incomplete_reason(Path(resume))
+    if reason is not None:
+        raise SpecError([(("spec", "checkpoint", "resume"), f"{resume} is not a complete checkpoint: {reason}")])
     return resume
 
 
@@ -102,7 +117,7 @@ def build_trainer(
     from g2rpo.data.load import load_training_dataset
     from g2rpo.models.bundled import resolve_model_path
     from g2rpo.rewards import build_reward_functions
-    from g2rpo.train.callbacks import GuidanceCheckpointCallback, MetricsFileCallback
+    from g2rpo.train.callbacks import MetricsFileCallback
     from g2rpo.train.trainer import G2RPOTrainer
 
     spec = job.spec
@@ -185,8 +200,31 @@ def build_trainer(
         driving_reward=spec.guidance_reward.name,
         callbacks=[MetricsFileCallback(layout.metrics_file), *(extra_callbacks or [])],
     )
-    trainer.add_callback(GuidanceCheckpointCallback(trainer))
     return trainer
+
+
+def save_final_model(trainer, layout: RunLayout) -> Path:
+    """Save the trained model as run_dir/final, atomically: into a temporary folder renamed into place.
+
+    Every rank takes part in save_model (DeepSpeed ZeRO-3 gathers the weights); rank 0 renames.
+    """
+    import shutil
+
+    final = layout.run_dir / "final"
+    partial = final.with_name("final.partial")
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(partial))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        if final.exists():
+            old = final.with_name(".deleting-final")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            shutil.rmtree(old)
+        partial.rename(final)
+    return final
 
 
 def _check_batch_layout(spec: G2RPOJobSpec, num_processes: int) -> None:

@@ -12,10 +12,29 @@ from transformers import TrainerCallback
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Appends every training log (one line per logged step) to a JSON-lines file, rank 0 only."""
+    """Appends every training log (one line per logged step) to a JSON-lines file, rank 0 only.
+
+    On a resume, records of steps after the checkpoint (trained again now) and a line cut by a
+    kill are dropped first, so the file holds each step once, as trained.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not state.global_step or not self.path.is_file():
+            return
+        from g2rpo.train.checkpoints import atomic_write_text
+
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step", 0) <= state.global_step:
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
 
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
         if not state.is_world_process_zero or not logs or "train_runtime" in logs:
@@ -28,14 +47,24 @@ class MetricsFileCallback(TrainerCallback):
 
 
 class GuidanceCheckpointCallback(TrainerCallback):
-    """Saves the guidance controller's state into each checkpoint, beside model and optimizer."""
+    """Completes each checkpoint once every rank has written its part (g2rpo.train.checkpoints).
+
+    G2RPOTrainer adds it itself. on_save runs after transformers' and TRL's checkpoint code, so
+    on rank 0: the guidance controller's state, then the completion marker, then rotation.
+    """
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
+        from g2rpo.train.checkpoints import mark_complete, rotate
+
+        self.trainer.accelerator.wait_for_everyone()
         if state.is_world_process_zero:
-            self.trainer.save_guidance(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self.trainer.save_guidance(folder)
+            mark_complete(folder, state.global_step)
+            rotate(Path(args.output_dir), self.trainer.checkpoint_keep)
 
 
 class ProgressCallback(TrainerCallback):

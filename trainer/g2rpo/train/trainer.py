@@ -23,20 +23,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list
-from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOTrainer
 
 from g2rpo.controller.client import GuidanceClient
 from g2rpo.guidance.rows import generated_token_mask, guided_rows, join_guidance, prepend_guidance
+from g2rpo.train.callbacks import GuidanceCheckpointCallback
+from g2rpo.train.checkpoints import atomic_write_text, incomplete_reason, newest_complete
 from g2rpo.train.metrics import step_statistics
 
 GUIDANCE_STATE_FILE = "guidance_state.json"
+# Test-only: "STEP:DIR" pauses the save of checkpoint-STEP right after the model weights are written
+# (optimizer, scheduler, RNG, trainer state, guidance state and completion marker still missing):
+# writes DIR/paused, then waits until DIR/release exists. Tests kill the run while it waits
+# (tests/test_interrupt.py); nothing else reads it.
+PAUSE_IN_CHECKPOINT_ENV = "G2RPO_TEST_PAUSE_IN_CHECKPOINT"
 
 # name -> the parameters our override relies on (checked against TRL by tests/test_trl_hooks.py).
 PRIVATE_TRL_HOOKS: dict[str, tuple[str, ...]] = {
@@ -46,6 +54,8 @@ PRIVATE_TRL_HOOKS: dict[str, tuple[str, ...]] = {
         "self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images",
     ),
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    # Public, but with transformers' private `_internal_call`; the test-only pause hook lives here.
+    "save_model": ("self", "output_dir", "_internal_call"),
 }
 # Private attributes of GRPOTrainer that the hooks read.
 PRIVATE_TRL_ATTRIBUTES = ("_metrics", "_tokenizer", "num_generations", "num_iterations", "use_vllm")
@@ -79,6 +89,11 @@ class G2RPOTrainer(GRPOTrainer):
         `driving_reward` names the reward function whose per-step mean is r_k.
         """
         super().__init__(*args, **kwargs)
+        # transformers rotates (save_total_limit) before a new checkpoint is complete; a crash
+        # then can leave no complete checkpoint. GuidanceCheckpointCallback rotates after the marker.
+        self.checkpoint_keep = self.args.save_total_limit
+        self.args.save_total_limit = None
+        self.add_callback(GuidanceCheckpointCallback(self))
         if guidance_loss not in ("include", "mask"):
             raise ValueError(f"guidance_loss must be 'include' or 'mask', got {guidance_loss!r}")
         self.guidance_client = guidance_client
@@ -95,14 +110,29 @@ class G2RPOTrainer(GRPOTrainer):
     # --- public ----------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        """Train, restoring the guidance schedule's state when resuming from a checkpoint."""
+        """Train, restoring the guidance schedule's state when resuming from a (complete) checkpoint.
+
+        `True` takes the newest complete checkpoint in output_dir (see g2rpo.train.checkpoints).
+        """
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint to resume from in {self.args.output_dir}")
+            point = newest_complete(Path(self.args.output_dir))
+            if point.checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+            resume_from_checkpoint = str(point.checkpoint)
         if resume_from_checkpoint:
+            reason = incomplete_reason(Path(resume_from_checkpoint))
+            if reason is not None:
+                raise ValueError(f"cannot resume from {resume_from_checkpoint}: {reason}")
             self.restore_guidance(Path(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        pause = os.environ.get(PAUSE_IN_CHECKPOINT_ENV)
+        if pause and output_dir and Path(output_dir).name == f"checkpoint-{self.state.global_step}":
+            step, _, folder = pause.partition(":")
+            if int(step) == self.state.global_step:
+                _pause_for_test(Path(folder))
 
     def restore_guidance(self, checkpoint: Path) -> None:
         state_file = checkpoint / GUIDANCE_STATE_FILE
@@ -121,7 +151,7 @@ class G2RPOTrainer(GRPOTrainer):
         if self.guidance_client is None:
             return
         checkpoint.mkdir(parents=True, exist_ok=True)
-        (checkpoint / GUIDANCE_STATE_FILE).write_text(json.dumps(self.guidance_client.snapshot()))
+        atomic_write_text(checkpoint / GUIDANCE_STATE_FILE, json.dumps(self.guidance_client.snapshot()))
 
     # --- TRL private hooks -----------------------------------------------------------------------
 
@@ -252,3 +282,9 @@ class G2RPOTrainer(GRPOTrainer):
         if status == "error":
             raise RuntimeError(f"the guidance controller call failed on rank 0: {value}")
         return value
+
+
+def _pause_for_test(folder: Path) -> None:
+    (folder / "paused").write_text(str(os.getpid()))
+    while not (folder / "release").exists():
+        time.sleep(0.05)
