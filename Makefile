@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (README.md):
 #   make run    install (CPU) and run the embedded default job locally
 #   make test   install (CPU) and run the test suite
+#   make efficacy  the G2RPO-A vs GRPO testbed (bench/efficacy; under an hour on 2 cores)
 # Both create .venv once; the CPU install never pulls a CUDA torch (constraints/cpu.txt).
 
 VENV ?= .venv
@@ -8,7 +9,7 @@ PYTHON ?= python3
 PIP = $(VENV)/bin/python -m pip
 INSTALLED = $(VENV)/.installed
 
-.PHONY: run test install tools
+.PHONY: run test install tools efficacy
 
 install: $(INSTALLED)
 
@@ -32,3 +33,7 @@ run: $(INSTALLED)
 
 test: $(INSTALLED) tools
 	$(VENV)/bin/python -m pytest
+
+# Writes bench/results/efficacy.json and efficacy.png (README, Results).
+efficacy: $(INSTALLED)
+	$(VENV)/bin/python -m bench.efficacy
