@@ -212,7 +212,11 @@ def test_evaluate_shapes_and_seeding(tiny_model_dir):
         return evaluate(model, tokenizer, problems, task="math", samples=2, temperature=1.0, top_k=0,
                         max_new_tokens=12, batch_size=4, seed=seed, progress=False, system_prompt="Solve.")
 
+    import torch
+
+    caller_state = torch.get_rng_state()
     first, again, other = run(0), run(0), run(1)
+    assert torch.equal(torch.get_rng_state(), caller_state), "evaluation must not reseed the caller"
     assert first.n_problems == 3 and first.samples == 2
     assert all(len(p.completions) == len(p.correct) == len(p.truncated) == 2 for p in first.per_problem)
     for p in first.per_problem:

@@ -55,9 +55,10 @@ def transformers_generate(
 
     Rows are (prompt, sample) pairs, longest prompts first so that a batch pads little; batch b
     samples with the torch seed `sampling.seed + b`, so the same call gives the same completions.
+    The caller's random state is left as it was (an evaluation inside a training run must not
+    reseed the training).
     """
     import torch
-    from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     eos = eos_token_ids(model, tokenizer)
@@ -78,25 +79,34 @@ def transformers_generate(
     model.eval()
     results: list[list[Completion | None]] = [[None] * sampling.samples for _ in prompt_ids]
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    try:
-        for index, batch in enumerate(tqdm(batches, desc="generating", unit="batch", disable=not progress)):
-            width = max(len(prompt_ids[p]) for p, _ in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (p, _) in enumerate(batch):
-                ids = prompt_ids[p]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention[row, width - len(ids) :] = 1
-            torch.manual_seed(sampling.seed + index)
-            with torch.no_grad():
-                output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
-                )
-            for row, (p, s) in enumerate(batch):
-                results[p][s] = _until_eos(output[row, width:].tolist(), eos, sampling.max_new_tokens)
-    finally:
-        model.train(was_training)
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        try:
+            _generate_batches(model, prompt_ids, batches, results, config, eos, pad, device, sampling, progress)
+        finally:
+            model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def _generate_batches(model, prompt_ids, batches, results, config, eos, pad, device, sampling, progress) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    for index, batch in enumerate(tqdm(batches, desc="generating", unit="batch", disable=not progress)):
+        width = max(len(prompt_ids[p]) for p, _ in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (p, _) in enumerate(batch):
+            ids = prompt_ids[p]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        torch.manual_seed(sampling.seed + index)
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+            )
+        for row, (p, s) in enumerate(batch):
+            results[p][s] = _until_eos(output[row, width:].tolist(), eos, sampling.max_new_tokens)
 
 
 def vllm_generate(model_path: str, prompt_ids: Sequence[list[int]], sampling: Sampling) -> list[list[Completion]]:
