@@ -64,6 +64,7 @@ class RowCount:
 
 @dataclass
 class GenerateCall:
+    run: int  # which training run (variant repeat) made the call
     step: int
     forwards: int  # forward passes inside the call: 1 prefill + one per further decoded token
     new_positions: int  # output width - input width: tokens decoded per row, padding included
@@ -73,8 +74,9 @@ class GenerateCall:
 class DecodeCounter(TrainerCallback):
     """Wraps `trainer.model.generate` and counts what each call prefills and decodes."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, run: int):
         self.trainer = trainer
+        self.run = run
         self.calls: list[GenerateCall] = []
         self.step = 0
         self._widths: list[int] | None = None
@@ -107,7 +109,7 @@ class DecodeCounter(TrainerCallback):
         plan = getattr(self.trainer, "_guidance_plan", None)
         eos = set(self.trainer.eos_token_ids)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        call = GenerateCall(step=self.step, forwards=len(widths), new_positions=output.shape[1] - width)
+        call = GenerateCall(run=self.run, step=self.step, forwards=len(widths), new_positions=output.shape[1] - width)
         for row in range(input_ids.shape[0]):
             new = output[row, width:].tolist()
             ended_at = next((i + 1 for i, token in enumerate(new) if token in eos), None)
@@ -123,9 +125,9 @@ class DecodeCounter(TrainerCallback):
         self.calls.append(call)
 
 
-def measure(kind: str, guided: int, model_dir: Path, steps: int, out: Path, cuda: bool):
+def measure(kind: str, guided: int, model_dir: Path, steps: int, out: Path, cuda: bool, run: int):
     trainer, timer = build(kind, model_dir, steps, out, guided, cuda)
-    counter = DecodeCounter(trainer)
+    counter = DecodeCounter(trainer, run)
     trainer.add_callback(counter)
     trainer.train()
     warm = 2  # the first steps warm up allocators and caches
@@ -136,7 +138,7 @@ def summarise(calls: list[GenerateCall]) -> dict[str, float | int | None]:
     rows = [row for call in calls for row in call.rows]
     guided = [row for row in rows if row.guided]
     unguided = [row for row in rows if not row.guided]
-    steps = len({call.step for call in calls})
+    steps = len({(call.run, call.step) for call in calls})
 
     def mean(values):
         return statistics.fmean(values) if values else None
@@ -174,9 +176,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model(Path(tmp) / "tiny", hidden_size=args.hidden)
         for repeat in range(args.repeats):
-            for name, (kind, guided) in VARIANTS.items():
+            # Every other repeat runs the variants in reverse order, so that a machine getting busier
+            # or quieter during the run does not favour the variants that run later.
+            order = list(VARIANTS.items()) if repeat % 2 == 0 else list(reversed(VARIANTS.items()))
+            for name, (kind, guided) in order:
                 out = Path(tmp) / f"{kind}{guided}-{repeat}"
-                step_times, step_cpu_times, step_calls = measure(kind, guided, model_dir, args.steps, out, args.cuda)
+                step_times, step_cpu_times, step_calls = measure(
+                    kind, guided, model_dir, args.steps, out, args.cuda, run=repeat
+                )
                 times[name] += step_times
                 cpu_times[name] += step_cpu_times
                 calls[name] += step_calls
