@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (README.md):
 #   make run    install (CPU) and run the embedded default job locally
 #   make test   install (CPU) and run the test suite
+#   make efficacy  the G2RPO-A vs GRPO testbed (bench/efficacy; under an hour on 2 cores)
 # Both create .venv once; the CPU install never pulls a CUDA torch (constraints/cpu.txt).
 
 VENV ?= .venv
@@ -8,7 +9,7 @@ PYTHON ?= python3
 PIP = $(VENV)/bin/python -m pip
 INSTALLED = $(VENV)/.installed
 
-.PHONY: run test install tools lock
+.PHONY: run test install tools lock efficacy
 
 install: $(INSTALLED)
 
@@ -43,3 +44,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_TOOLS)
 	$(LOCK_TOOLS)/bin/python -m pip install -q uv==0.13.9 'packaging>=24'
 	$(LOCK_TOOLS)/bin/python scripts/lock_images.py
+
+# Writes bench/results/efficacy.json and efficacy.png (README, Results).
+efficacy: $(INSTALLED)
+	$(VENV)/bin/python -m bench.efficacy

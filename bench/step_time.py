@@ -27,24 +27,38 @@ from g2rpo.guidance.schedule import ScheduleParams
 from g2rpo.models.tiny import build_tiny_model
 from g2rpo.train.trainer import G2RPOTrainer
 
+MAX_COMPLETION_LENGTH = 32
+INITIAL_GUIDANCE_LENGTH = 16
+
 
 def accuracy(completions, answer, **kwargs):
     return [float(a in c) for c, a in zip(completions, answer)]
 
 
 class StepTimer(TrainerCallback):
+    """Wall time per step, and this process's CPU time per step (steadier on a shared machine)."""
+
     def __init__(self):
         self.times: list[float] = []
-        self._start = 0.0
+        self.cpu_times: list[float] = []
+        self._start = self._cpu_start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter() - self._start)
+        self.cpu_times.append(time.process_time() - self._cpu_start)
 
 
 def run(kind: str, model_dir: Path, steps: int, out: Path, guided_per_group: int = 0, cuda: bool = False) -> list[float]:
+    trainer, timer = build(kind, model_dir, steps, out, guided_per_group, cuda)
+    trainer.train()
+    return timer.times[2:]  # the first steps warm up allocators and caches
+
+
+def build(kind: str, model_dir: Path, steps: int, out: Path, guided_per_group: int = 0, cuda: bool = False):
+    """The trainer of one variant and its step timer: TRL's GRPOTrainer, or G2RPOTrainer with G=4."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
     data = Dataset.from_list(
@@ -55,7 +69,7 @@ def run(kind: str, model_dir: Path, steps: int, out: Path, guided_per_group: int
     )
     config = GRPOConfig(
         output_dir=str(out), use_cpu=not cuda, bf16=cuda, per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=32, max_steps=steps, learning_rate=1e-4, logging_steps=1, save_strategy="no",
+        max_completion_length=MAX_COMPLETION_LENGTH, max_steps=steps, learning_rate=1e-4, logging_steps=1, save_strategy="no",
         report_to=[], disable_tqdm=True, seed=0, shuffle_dataset=False,
     )
     timer = StepTimer()
@@ -63,14 +77,13 @@ def run(kind: str, model_dir: Path, steps: int, out: Path, guided_per_group: int
     if kind == "trl":
         trainer = GRPOTrainer(**common)
     else:
-        params = ScheduleParams("adaptive", initial_length=16, min_length=1, max_length=64)
+        params = ScheduleParams("adaptive", initial_length=INITIAL_GUIDANCE_LENGTH, min_length=1, max_length=64)
         trainer = G2RPOTrainer(
             **common, guidance_client=InProcessGuidanceClient(GuidanceController(params)),
             guided_per_group=guided_per_group, guidance_loss="include", driving_reward="accuracy",
         )
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    return timer.times[2:]  # the first steps warm up allocators and caches
+    return trainer, timer
 
 
 def main() -> None:

@@ -50,6 +50,11 @@ def test_local_run_writes_metrics_plot_checkpoints_and_resumes(tiny_model_dir, t
     assert (out / "reward_and_guidance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "final" / "config.json").is_file()
+    # builtin:arithmetic jobs end with held-out, unguided pass@1 before and after training.
+    assert "heldout_accuracy_before" in first.stdout and "heldout_accuracy_after" in first.stdout
+    heldout = json.loads((out / "heldout.json").read_text())
+    assert heldout["before"]["n_problems"] == heldout["after"]["n_problems"] == 32
+    assert 0.0 <= heldout["after"]["truncation_rate"] <= 1.0
 
     # Longer run, same folder: resume: auto continues from checkpoint-4 with the schedule's state.
     job_file.write_text(JOB.format(model=tiny_model_dir, schedule="linear", steps=6))

@@ -256,23 +256,10 @@ def call(url: str, token: str) -> dict | None:
 
 
 def complete_checkpoints(folder: Path) -> list[int]:
-    """Steps of the checkpoints g2rpo finished writing (the guidance state is written last)."""
-    written = [p for p in folder.glob("checkpoint-*") if (p / "guidance_state.json").is_file()]
-    return sorted(int(p.name.split("-")[1]) for p in written)
+    """Steps of the checkpoints g2rpo finished writing (g2rpo.train.checkpoints' completion marker)."""
+    from g2rpo.train.checkpoints import checkpoint_step, is_complete
 
-
-def test_resume_skips_a_checkpoint_cut_short(tmp_path):
-    """A pod killed mid-save leaves a checkpoint folder without its guidance state: resume the one before."""
-    from g2rpo.train.build import newest_complete_checkpoint
-
-    for step, complete in ((2, True), (4, True), (6, False)):
-        folder = tmp_path / f"checkpoint-{step}"
-        folder.mkdir()
-        (folder / "trainer_state.json").write_text("{}")
-        if complete:
-            (folder / "guidance_state.json").write_text("{}")
-    assert newest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
-    assert newest_complete_checkpoint(tmp_path / "none") is None
+    return sorted(checkpoint_step(p) for p in folder.glob("checkpoint-*") if is_complete(p))
 
 
 @pytest.mark.slow

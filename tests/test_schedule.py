@@ -133,3 +133,100 @@ def test_guided_rows_do_not_depend_on_the_rank_layout(g, n):
         split = sum((guided_rows(per_rank, r * per_rank, g, n) for r in range(ranks)), [])
         assert split == single
     assert single[:g] == [True] * n + [False] * (g - n)
+
+
+# --- opt-in smoothing (beyond the paper) -----------------------------------------------------------------
+
+
+def _noisy_rewards(seed: int, count: int = 60) -> list[float]:
+    """Step rewards of a small batch: a few successes out of 8 roll-outs, often none."""
+    import random
+
+    rng = random.Random(seed)
+    return [sum(rng.random() < 0.2 for _ in range(8)) / 8 for _ in range(count)]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_smoothing_off_is_the_paper_rule_exactly(seed):
+    rewards = _noisy_rewards(seed)
+    paper = params()
+    for off in (params(reward_ema=0.0), params(reward_ema=0.0, max_change_factor=None)):
+        state_a, state_b = initial_state(paper), initial_state(off)
+        for r in rewards:
+            state_a, state_b = advance(paper, state_a, r), advance(off, state_b, r)
+            assert state_a == state_b
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("factor", [1.0, 1.25, 2.0, 3.0])
+@pytest.mark.parametrize("ema", [0.0, 0.5, 0.9])
+def test_change_factor_cap_bounds_every_step(seed, factor, ema):
+    """With bounds that never bind, l_{k+1}/l_k lies in [1/c, c] at every step, whatever the rewards."""
+    p = params(min_length=0, max_length=10**9, reward_ema=ema, max_change_factor=factor)
+    state = initial_state(p)
+    for r in _noisy_rewards(seed) + [0.0, 0.0, 1.0, 0.0, 1.0]:
+        before = state.length
+        state = advance(p, state, r)
+        assert before / factor * (1 - 1e-12) <= state.length <= before * factor * (1 + 1e-12)
+
+
+def test_cap_applies_before_the_clip_to_bounds():
+    p = params(min_length=60, max_change_factor=4.0)
+    # History mean 0 then a success: the paper's rule drops to minLength; the cap allows 100/4 = 25,
+    # which the clip then raises to minLength 60.
+    assert lengths_for(p, [0.0, 0.5]) == [100, 100, 60]
+    assert lengths_for(params(max_change_factor=4.0), [0.0, 0.5]) == [100, 100, 25]
+
+
+def test_cap_lets_a_zero_length_grow():
+    p = params(initial_length=0, min_length=0, max_change_factor=1.5)
+    assert lengths_for(p, [0.5, 0.0])[-1] == 1
+
+
+def test_reward_ema_is_read_in_place_of_r_k():
+    p = params(reward_ema=0.5, max_length=10_000)
+    # s = 0.4, 0.5*0.4 + 0.5*0.8 = 0.6, 0.5*0.6 + 0 = 0.3 ; l2 = 100*0.4/0.6, l3 = l2 * mean(0.4, 0.6)/0.3
+    ls = lengths_for(p, [0.4, 0.8, 0.0])
+    assert ls == [100, 100, round(100 * 0.4 / 0.6), round(100 * 0.4 / 0.6 * 0.5 / 0.3)]
+
+
+def test_smoothing_stops_the_cycle_of_noisy_rewards():
+    """The issue's cycle: with the paper's rule, noisy small-batch rewards swing l between the bounds."""
+    bounds = dict(initial_length=24, min_length=4, max_length=80)
+    rewards = [0.0, 0.25, 0.0, 0.0, 0.25, 0.0, 0.125, 0.0, 0.0, 0.25, 0.0, 0.0] * 3
+    paper = lengths_for(params(**bounds), rewards)
+    smooth = lengths_for(params(**bounds, reward_ema=0.8, max_change_factor=1.5), rewards)
+    assert paper[2:6] == [4, 8, 16, 4] and paper.count(4) >= 8 and max(paper) == 32  # the cycle 4 -> 32 -> 4
+    p = params(**bounds, reward_ema=0.8, max_change_factor=1.5)
+    states = [initial_state(p)]
+    for r in rewards:
+        states.append(advance(p, states[-1], r))
+    assert all(1 / 1.5 - 1e-9 <= b.length / a.length <= 1.5 + 1e-9 for a, b in zip(states, states[1:]))
+    assert min(smooth) >= 8 and max(smooth[12:]) / min(smooth[12:]) < 3 < max(paper[12:]) / min(paper[12:])
+
+
+def test_smoothed_state_round_trips_and_rewinds_exactly():
+    p = params(reward_ema=0.7, max_change_factor=1.5)
+    states = [initial_state(p)]
+    for r in [0.3, 0.7, 0.0, 0.1, 0.5]:
+        states.append(advance(p, states[-1], r))
+    restored = ScheduleState.from_dict(json.loads(json.dumps(states[-1].to_dict())))
+    assert restored == states[-1] and advance(p, restored, 0.6) == advance(p, states[-1], 0.6)
+    for k in range(len(states)):
+        assert advance(p, rewind(states[-1], k), 0.4) == advance(p, states[k], 0.4)
+    assert ScheduleParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+def test_smoothing_spec_fields_and_errors():
+    from g2rpo.spec import GuidanceSpec
+
+    spec = GuidanceSpec.model_validate({"smoothing": {"rewardEma": 0.8, "maxChangeFactor": 1.5}})
+    p = ScheduleParams.from_spec(spec)
+    assert (p.reward_ema, p.max_change_factor) == (0.8, 1.5)
+    assert ScheduleParams.from_spec(GuidanceSpec()).reward_ema == 0.0
+    with pytest.raises(ValueError, match="rewardEma"):
+        GuidanceSpec.model_validate({"smoothing": {"rewardEma": 1.0}})
+    with pytest.raises(ValueError, match="maxChangeFactor"):
+        GuidanceSpec.model_validate({"smoothing": {"maxChangeFactor": 0.5}})
+    with pytest.raises(ValueError, match="adaptive schedule only"):
+        GuidanceSpec.model_validate({"schedule": "fixed", "smoothing": {"rewardEma": 0.5}})

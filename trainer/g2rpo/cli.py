@@ -1,4 +1,4 @@
-"""The `g2rpo` command: validate, run, render, crd, controller."""
+"""The `g2rpo` command: validate, run, eval, render, crd, controller."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from g2rpo.eval.command import add_arguments as add_eval_arguments
 from g2rpo.spec import SpecError, load_job
 
 
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     render.add_argument("file", type=Path)
     render.add_argument("--namespace", help="namespace of the job (default: its metadata.namespace, else 'default')")
+
+    evaluate = verbs.add_parser("eval", help="pass@1 of a model, checkpoint or job's final model (math, HumanEval)")
+    add_eval_arguments(evaluate)
+
     verbs.add_parser("crd", help="print the G2RPOJob CustomResourceDefinition (YAML)")
     verbs.add_parser("controller", help="serve a job's guidance controller", add_help=False)
 
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return controller_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.verb == "eval":
+        from g2rpo.eval.command import run as run_eval
+
+        return run_eval(args)
     if args.verb == "crd":
         from g2rpo_operator.crd import render_crd_yaml
 

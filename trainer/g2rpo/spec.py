@@ -184,6 +184,24 @@ class RewardSpec(SpecModel):
 ScheduleName = Literal["fixed", "linear", "concave", "stepwise", "adaptive"]
 
 
+class SmoothingSpec(SpecModel):
+    """Opt-in smoothing of the adaptive rule (beyond the paper); both knobs off reproduce Eq. 5 exactly."""
+
+    reward_ema: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="beta: Eq. 5 reads the exponential moving average s_k = beta*s_(k-1) + (1-beta)*r_k "
+        "instead of the raw step reward r_k (0: raw r_k, the paper's rule). Damps the noise of small batches.",
+    )
+    max_change_factor: float | None = Field(
+        None,
+        ge=1.0,
+        description="c: l_(k+1)/l_k is kept within [1/c, c] before the clip to [minLength, maxLength], so one "
+        "noisy step cannot send the length to minLength or double it. Unset: no cap (the paper's rule).",
+    )
+
+
 class GuidanceSpec(SpecModel):
     ratio: float = Field(
         0.25,
@@ -218,6 +236,17 @@ class GuidanceSpec(SpecModel):
         description="adaptive: when a step's reward r_k is 0, Eq. 5 is undefined; the length is multiplied by "
         "this factor instead (a model that solves nothing needs more guidance, never a frozen one).",
     )
+    smoothing: SmoothingSpec | None = Field(
+        None,
+        description="adaptive only, off by default: smooth r_k (rewardEma) and/or cap the per-step change of "
+        "the length (maxChangeFactor), for noisy small-batch rewards. Not part of the paper.",
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_is_adaptive(self) -> GuidanceSpec:
+        if self.smoothing is not None and self.schedule != "adaptive":
+            raise ValueError(f"smoothing applies to the adaptive schedule only, not to {self.schedule!r}")
+        return self
 
     @model_validator(mode="after")
     def _lengths_ordered(self) -> GuidanceSpec:

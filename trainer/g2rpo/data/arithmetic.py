@@ -119,3 +119,31 @@ def _next_operation(rng: random.Random, value: int, max_operand: int) -> tuple[O
     feasible = [(operation, operands) for operation, operands in choices if operands]
     operation, operands = rng.choice(feasible)
     return operation, rng.choice(operands)
+
+
+def generate_compact(params: ArithmeticDatasetSpec) -> list[dict]:
+    """Like `generate`, in a short symbolic form for character-level tiny models (bench/efficacy).
+
+    Same operations, value range and tiers as the word problems, a fraction of the tokens:
+    problem "Start at 7. Apply +3, -2, *2.", solution
+    "<think>\\n7+3=10\\n10-2=8\\n8*2=16\\n</think>\\n\\\\boxed{16}". The same rewards score it.
+    """
+    rng = random.Random(params.seed)
+    tiers = list(range(params.min_steps, params.max_steps + 1))
+    steps_per_problem = [tiers[i % len(tiers)] for i in range(params.num_problems)]
+    rng.shuffle(steps_per_problem)
+    return [_compact_problem(rng, steps, params.max_operand) for steps in steps_per_problem]
+
+
+def _compact_problem(rng: random.Random, num_steps: int, max_operand: int) -> dict:
+    value = rng.randint(2, max(2, max_operand))
+    start, moves, step_lines = value, [], []
+    for _ in range(num_steps):
+        operation, operand = _next_operation(rng, value, max_operand)
+        result = operation.apply(value, operand)
+        moves.append(f"{operation.symbol}{operand}")
+        step_lines.append(f"{value}{operation.symbol}{operand}={result}")
+        value = result
+    problem = f"Start at {start}. Apply {', '.join(moves)}."
+    solution = "<think>\n" + "\n".join(step_lines) + f"\n</think>\n\\boxed{{{value}}}"
+    return {"problem": problem, "answer": str(value), "solution": solution, "steps": num_steps}

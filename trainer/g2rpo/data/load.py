@@ -91,9 +91,8 @@ def load_training_dataset(spec: G2RPOJobSpec) -> Dataset:
         kept = kept[: spec.dataset.max_samples]
 
     rows = source.select(kept)
-    system = [{"role": "system", "content": spec.dataset.system_prompt}] if spec.dataset.system_prompt else []
     table: dict[str, list[Any]] = {
-        "prompt": [system + [{"role": "user", "content": _text(p)}] for p in rows[columns["prompt"].name]]
+        "prompt": [prompt_messages(_text(p), spec.dataset.system_prompt) for p in rows[columns["prompt"].name]]
     }
     for role in ("answer", "guidance", "difficulty", "tests"):
         if role in columns:
@@ -156,6 +155,12 @@ def _log_unlisted_tiers(keys: list[Any], spec: G2RPOJobSpec) -> None:
             "%d rows have a %r value not listed in curriculum.order (%s); they go %s (curriculum.unknown)",
             len(unlisted), curriculum.column, examples, curriculum.unknown,
         )
+
+
+def prompt_messages(problem: str, system_prompt: str | None) -> list[dict[str, str]]:
+    """The conversation a problem is posed as, in training and in `g2rpo eval` alike."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + [{"role": "user", "content": problem}]
 
 
 def _source_columns(spec: G2RPOJobSpec) -> dict[str, SourceColumn]:

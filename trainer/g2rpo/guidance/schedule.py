@@ -31,6 +31,22 @@ Edge cases of the adaptive rule, each a deliberate choice:
 - history mean 0, r_k > 0: the ratio is 0, so the length drops to minLength. That is Eq. 5's
   own answer (the model went from solving nothing to solving something), kept as is.
 
+Smoothing, an option beyond the paper (`guidance.smoothing`, off by default). With a small batch
+r_k is noisy: one unlucky step of reward 0 doubles l, and a window mean of 0 followed by any
+success sends l to minLength, so l can cycle minLength -> ... -> maxLength and back. Two knobs,
+each a no-op at its default, so that without them the rule above holds exactly:
+
+- rewardEma = beta in [0, 1): Eq. 5 reads s_k = beta * s_{k-1} + (1 - beta) * r_k (s_0 = r_0) in
+  place of r_k, for the current step and the window alike. s_k is 0 only while every reward so
+  far was 0, so after the first success a zero-reward step no longer multiplies l by g: with a
+  steady history it moves l by about 1/beta.
+- maxChangeFactor = c >= 1: l_{k+1} / l_k is kept within [1/c, c] (before the clip to
+  [minLength, maxLength]); a length of 0 may still grow by the one token of the zero-reward rule.
+  This bounds the drop to minLength that a window mean of 0 would cause.
+
+s is recomputed from the raw reward history (O(k) per step, microseconds against a training
+step), so the state needs no extra field and a rewind or a change of smoothing stays exact.
+
 The state keeps the exact float length (no rounding drift; small lengths can still move by
 fractions that add up) and the reward history; the token count used is round(length).
 """
@@ -58,6 +74,8 @@ class ScheduleParams:
     decay: float = 0.5
     interval: int = 50
     zero_reward_growth: float = 2.0
+    reward_ema: float = 0.0
+    max_change_factor: float | None = None
 
     @classmethod
     def from_spec(cls, guidance: GuidanceSpec, run_total_steps: int | None = None) -> ScheduleParams:
@@ -75,6 +93,8 @@ class ScheduleParams:
             decay=guidance.decay,
             interval=guidance.interval,
             zero_reward_growth=guidance.zero_reward_growth,
+            reward_ema=guidance.smoothing.reward_ema if guidance.smoothing else 0.0,
+            max_change_factor=guidance.smoothing.max_change_factor if guidance.smoothing else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +145,8 @@ def advance(params: ScheduleParams, state: ScheduleState, reward: float) -> Sche
         raise ValueError(f"reward must be a finite number, got {reward}")
     k = state.step
     if params.schedule == "adaptive":
-        next_length = _adaptive_next(params, state.length, history=state.rewards, reward=reward)
+        smoothed = smoothed_rewards(params, state.rewards + (reward,))
+        next_length = _adaptive_next(params, state.length, history=smoothed[:-1], reward=smoothed[-1])
     else:
         next_length = _timed_length(params, k + 1)
     return ScheduleState(
@@ -162,14 +183,35 @@ def lengths_for(params: ScheduleParams, rewards: list[float]) -> list[int]:
     return out
 
 
+def smoothed_rewards(params: ScheduleParams, rewards: tuple[float, ...]) -> tuple[float, ...]:
+    """s_0..s_k, the rewards the adaptive rule reads: the raw r_k unless rewardEma is set."""
+    beta = params.reward_ema
+    if beta == 0.0 or not rewards:
+        return rewards
+    smoothed = [rewards[0]]
+    for reward in rewards[1:]:
+        smoothed.append(beta * smoothed[-1] + (1.0 - beta) * reward)
+    return tuple(smoothed)
+
+
 def _adaptive_next(params: ScheduleParams, length: float, history: tuple[float, ...], reward: float) -> float:
     recent = history[-params.window :]
     if not recent:
         return length
     if reward == 0.0:
         grown = length * params.zero_reward_growth
-        return max(grown, length + 1.0) if params.zero_reward_growth > 1.0 else grown
-    return length * (sum(recent) / len(recent)) / reward
+        proposed = max(grown, length + 1.0) if params.zero_reward_growth > 1.0 else grown
+    else:
+        proposed = length * (sum(recent) / len(recent)) / reward
+    return _capped(params, length, proposed)
+
+
+def _capped(params: ScheduleParams, length: float, proposed: float) -> float:
+    """`proposed` within a factor maxChangeFactor of `length` (no cap when it is unset or length is 0)."""
+    factor = params.max_change_factor
+    if factor is None or length <= 0.0:
+        return proposed
+    return min(length * factor, max(length / factor, proposed))
 
 
 def _timed_length(params: ScheduleParams, k: int) -> float:

@@ -3,6 +3,7 @@ controller in process (the same GuidanceController that the controller service w
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -27,19 +28,28 @@ class LocalRunResult:
     summary: dict[str, float]
 
 
-def run_local(job: G2RPOJob, run_dir: Path, progress: bool = True) -> LocalRunResult:
-    """Train `job` here. Ctrl-C or SIGTERM stops after the current step with a checkpoint, then
-    raises StopRequested (g2rpo.train.lifecycle); the caller says where to resume from."""
+# Held-out problems asked before and after training (builtin:arithmetic jobs): enough to tell a
+# 135M model's improvement from noise on these cores, few enough to cost under a minute each time.
+HELDOUT_PROBLEMS = 32
+
+
+def run_local(
+    job: G2RPOJob, run_dir: Path, progress: bool = True, heldout_problems: int = HELDOUT_PROBLEMS
+) -> LocalRunResult:
+    """Train `job` here. `heldout_problems` > 0: also evaluate the model before and after (see HeldoutCheck).
+
+    Ctrl-C or SIGTERM stops after the current step with a checkpoint, then raises StopRequested
+    (g2rpo.train.lifecycle); the caller says where to resume from."""
     from g2rpo.train.lifecycle import StopSignals
 
     signals = StopSignals().install()
     try:
-        return _run_local(job, run_dir, progress, signals)
+        return _run_local(job, run_dir, progress, heldout_problems, signals)
     finally:
         signals.restore()
 
 
-def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, signals) -> LocalRunResult:
+def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: int, signals) -> LocalRunResult:
     from g2rpo.local.plot import plot_run, read_metrics
     from g2rpo.train.build import RunLayout, build_trainer, resolve_resume, save_final_model
     from g2rpo.train.callbacks import ProgressCallback
@@ -58,6 +68,8 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, signals) -> LocalRu
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # the progress bar replaces the per-step log dicts
+    heldout = HeldoutCheck.for_job(job, heldout_problems, progress)
+    before = heldout.evaluate(trainer, "before training") if heldout else None
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
@@ -67,12 +79,73 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, signals) -> LocalRu
     records = [r for r in read_metrics(layout.metrics_file) if "g2rpo/accuracy" in r]
     if records:
         plot_run(layout.metrics_file, layout.plot_file, title=f"{job.metadata.name}: accuracy reward and guidance length")
+    summary = summarise(records)
+    if heldout and before:
+        summary.update(heldout.compare(before, heldout.evaluate(trainer, "after training"), layout.run_dir))
     return LocalRunResult(
         layout=layout,
         seconds=time.monotonic() - started,
         final_step=trainer.state.global_step,
-        summary=summarise(records),
+        summary=summary,
     )
+
+
+@dataclass
+class HeldoutCheck:
+    """Unguided pass@1 on held-out builtin:arithmetic problems, before and after training.
+
+    The problems come from `g2rpo eval`'s held-out split: drawn by the training generator with
+    seeds no job uses, and none shares its arithmetic chain with a training problem. They are
+    posed with the job's system prompt and decoded with the paper's settings (temperature 0.6,
+    top-p 0.95, top-k 20), one sample each, at most maxCompletionLength new tokens: the same
+    budget the policy has in training, so the truncation rate says whether that budget fits.
+    Other datasets have no held-out split here; evaluate them with `g2rpo eval`.
+    """
+
+    problems: list
+    system_prompt: str | None
+    max_new_tokens: int
+    progress: bool
+
+    @classmethod
+    def for_job(cls, job: G2RPOJob, n: int, progress: bool) -> HeldoutCheck | None:
+        dataset = job.spec.dataset
+        if n <= 0 or not dataset.is_builtin_arithmetic:
+            return None
+        from g2rpo.eval import load_math_problems
+
+        problems = load_math_problems("builtin:arithmetic", split="heldout", n=n, seed=0, train=dataset.arithmetic)
+        return cls(problems, dataset.system_prompt, job.spec.training.max_completion_length, progress)
+
+    def evaluate(self, trainer, when: str):
+        from g2rpo.eval import evaluate
+
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        try:
+            report = evaluate(
+                model, trainer.processing_class, self.problems, task="math", samples=1,
+                max_new_tokens=self.max_new_tokens, batch_size=16, seed=0, progress=self.progress,
+                system_prompt=self.system_prompt,
+            )
+        finally:
+            model.train(was_training)
+        print(f"\nheld-out problems, unguided, {when}:\n{report.table()}", flush=True)
+        return report
+
+    @staticmethod
+    def compare(before, after, run_dir: Path) -> dict[str, float]:
+        """The summary lines, and heldout.json in the run folder with both reports."""
+        (run_dir / "heldout.json").write_text(
+            json.dumps({"before": before.to_json(), "after": after.to_json()}, indent=1)
+        )
+        return {
+            "heldout_accuracy_before": before.pass_at_1,
+            "heldout_accuracy_after": after.pass_at_1,
+            "heldout_truncated_before": before.truncation_rate,
+            "heldout_truncated_after": after.truncation_rate,
+        }
 
 
 def summarise(records: list[dict]) -> dict[str, float]:

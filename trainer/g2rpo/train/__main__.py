@@ -88,15 +88,6 @@ def _stopped_line(stop, job, layout) -> str:
     return f"stopped by {stop.name}; last complete checkpoint: {checkpoint}; a restarted trainer {how}"
 
 
-def _leave_process_group() -> None:
-    """Leave the process group before the interpreter exits: otherwise gloo's threads can abort it
-    ("terminate called without an active exception"), and the pod fails a finished run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _default_run_dir(job) -> Path:
     if job.spec.checkpoint.dir:
         return Path(job.spec.checkpoint.dir)

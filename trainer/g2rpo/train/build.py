@@ -83,26 +83,6 @@ def resolve_resume(spec: G2RPOJobSpec, checkpoint_dir: Path) -> str | None:
     return resume
 
 
-def newest_complete_checkpoint(checkpoint_dir: Path) -> str | None:
-    """The newest checkpoint that g2rpo finished writing. Its guidance state is written last (after
-    the model, optimizer and trainer state), so a folder without it was cut short by a pod killed
-    mid-save: resuming from it would fail every restart, so it is skipped."""
-    from g2rpo.train.trainer import GUIDANCE_STATE_FILE
-
-    if not checkpoint_dir.is_dir():
-        return None
-    steps = {
-        int(path.name.removeprefix("checkpoint-")): path
-        for path in checkpoint_dir.glob("checkpoint-*")
-        if path.name.removeprefix("checkpoint-").isdigit() and (path / GUIDANCE_STATE_FILE).is_file()
-    }
-    newest = str(steps[max(steps)]) if steps else None
-    last = get_last_checkpoint(str(checkpoint_dir))
-    if last != newest:
-        log.warning("skipping %s: it was not completely written (no %s)", last, GUIDANCE_STATE_FILE)
-    return newest
-
-
 def build_trainer(
     job: G2RPOJob,
     layout: RunLayout,
