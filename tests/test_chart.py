@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from g2rpo_operator.crd import render_crd, render_crd_yaml
-from g2rpo_operator.settings import OperatorSettings
+from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "g2rpo"
@@ -60,8 +60,13 @@ def by_kind(documents: list[dict], kind: str) -> list[dict]:
 
 
 def operator_env(documents: list[dict]) -> dict[str, str]:
-    container = by_kind(documents, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
-    return {e["name"]: e["value"] for e in container["env"]}
+    """The operator container's environment as the kubelet resolves it (the downward API included)."""
+    deployment = by_kind(documents, "Deployment")[0]
+    fields = {"metadata.namespace": deployment["metadata"]["namespace"]}
+    return {
+        e["name"]: e["value"] if "value" in e else fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
 
 
 def rule_triples(role: dict) -> set[tuple[str, str, str]]:
@@ -183,6 +188,20 @@ def test_job_defaults_and_images_reach_the_operator_settings():
     assert (env["G2RPO_STORAGE_CLASS_NAME"], env["G2RPO_KUEUE_QUEUE"]) == ("filestore-rwx", "gpu-queue")
     empty = OperatorSettings.from_env(operator_env(template("--set-json", "jobDefaults.gpuNodeSelector={}")))
     assert empty.gpu_node_selector == {}  # {} means "no selector", unlike null
+    assert empty.gpu_products == DEFAULT_GPU_PRODUCTS  # null: the operator's A100 variants
+    anywhere = OperatorSettings.from_env(operator_env(template("--set-json", "jobDefaults.gpuProducts=[]")))
+    assert anywhere.gpu_products == ()
+
+
+def test_jobs_network_policies_admit_the_installed_operator_and_prometheus():
+    """The operator finds its own pods (namespace, labels) and the monitoring namespace from the chart:
+    the jobs' NetworkPolicies are built from exactly these settings."""
+    documents = template("--set", "jobDefaults.monitoringNamespace=observability", namespace="ml-infra")
+    settings = OperatorSettings.from_env(operator_env(documents))
+    pod_labels = by_kind(documents, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert settings.operator_namespace == "ml-infra"
+    assert settings.operator_pod_labels.items() <= pod_labels.items()
+    assert settings.monitoring_namespace == "observability"
 
 
 def test_monitoring_objects_select_the_controllers_and_the_operator():

@@ -188,12 +188,17 @@ def test_operator_overrides_are_recorded(server):
         ("override", None, ""),
     ]
     assert events[1]["params"]["max_length"] == 100
+    status, answer = call(server.url, "POST", "/v1/override", {"params": {"rewardEma": 0.5, "maxChangeFactor": 2}})
+    assert status == 200 and (answer["params"]["rewardEma"], answer["params"]["maxChangeFactor"]) == (0.5, 2)
+    status, answer = call(server.url, "POST", "/v1/override", {"params": {"rewardEma": 0, "maxChangeFactor": None}})
+    assert status == 200 and answer["params"]["maxChangeFactor"] is None  # smoothing off again: the paper's rule
     before = state(server.url)
     for body, status, field in [
         ({"params": {"window": 0}}, 422, "params.window"),
         ({"params": {"ratio": 0.5}}, 400, "params.ratio"),  # a trainer setting, not the schedule's
         ({"params": {"schedule": "linear"}}, 422, "params.totalSteps"),
         ({"params": {"minLength": 200}}, 422, "params"),  # minLength above maxLength
+        ({"params": {"maxChangeFactor": 0.5}}, 422, "params.maxChangeFactor"),  # guidance.smoothing's bound
         ({"length": -5}, 422, "length"),
         ({"reason": "nothing to change"}, 400, "length"),
     ]:

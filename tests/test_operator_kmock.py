@@ -16,6 +16,7 @@ import aiohttp
 import kmock
 import pytest
 import yaml
+from g2rpo.controller.metrics import SANDBOX_LAYERS
 from g2rpo.controller.http_client import HttpGuidanceClient
 from g2rpo.controller.service import GuidanceService, ServiceConfig, start_server
 from g2rpo.guidance.schedule import ScheduleParams
@@ -209,6 +210,7 @@ async def test_status_follows_the_children_and_the_controller(cluster, start_ope
         await start_trainer(cluster)
         await wait_for(phase_is(cluster, "Running"), what="phase Running")
         assert cluster.status()["startTime"] and condition(cluster, "Ready")["status"] == "True"
+        assert condition(cluster, "SandboxIsolated") == {}  # no code reward, no sandbox
         trainer = HttpGuidanceClient(server.url, token(cluster))  # what trainer rank 0 does each step
         for step, accuracy in enumerate([0.2, 0.4]):
             await asyncio.to_thread(trainer.report, step, accuracy, {"accuracy": accuracy})
@@ -229,6 +231,38 @@ async def test_status_follows_the_children_and_the_controller(cluster, start_ope
         )
     finally:
         await server.close()
+
+
+async def test_sandbox_condition_follows_the_trainers_layer_report(cluster, start_operator, tmp_path):
+    """A code reward job's SandboxIsolated condition: Unknown until the first step report, then False naming
+    each missing layer, True once all hold; the controller in between is the real service."""
+    port = free_port()
+    await cluster.create_claim()
+    await start_operator(controller_url_template=f"http://127.0.0.1:{port}")
+    manifest = job_manifest(rewards=[{"name": "code"}], dataset={"name": "openai/openai_humaneval", "testsColumn": "test"})
+    await cluster.apply(manifest)
+    await all_children(cluster)
+    await wait_for(lambda: condition(cluster, "SandboxIsolated").get("reason") == "NotReported", what="Unknown")
+    assert condition(cluster, "SandboxIsolated")["status"] == "Unknown"
+    params = ScheduleParams.from_spec(parse_spec(manifest["spec"]).guidance)
+    config = ServiceConfig(job="demo", params=params, token=token(cluster), state_dir=tmp_path)
+    server = await start_server(GuidanceService(config), "127.0.0.1", port)
+    try:
+        await make_available(cluster, "demo-controller", "demo-rollout")  # the operator asks available controllers
+        await start_trainer(cluster)
+        trainer = HttpGuidanceClient(server.url, token(cluster))
+        layers = {f"sandbox_{layer}": 1.0 for layer in SANDBOX_LAYERS}
+        await asyncio.to_thread(trainer.report, 0, 0.5, {**layers, "sandbox_landlock": 0.0, "sandbox_seccomp": 0.0})
+        await wait_for(lambda: condition(cluster, "SandboxIsolated").get("status") == "False", what="layers missing")
+        weak = condition(cluster, "SandboxIsolated")
+        assert weak["reason"] == "LayersMissing" and "landlock, seccomp layer(s)" in weak["message"]
+        await asyncio.to_thread(trainer.report, 1, 0.5, layers)
+        await wait_for(lambda: condition(cluster, "SandboxIsolated").get("status") == "True", what="all layers hold")
+    finally:
+        await server.close()
+    # The controller going away keeps the last known verdict (the operator polls every 0.2 s here).
+    await asyncio.sleep(1.0)
+    assert condition(cluster, "SandboxIsolated")["reason"] == "AllLayersHold"
 
 
 def rollout_epoch(cluster: Cluster) -> str | None:
@@ -572,15 +606,24 @@ def _verb(request) -> str:
     return {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[request.method]
 
 
-def _granted() -> set[tuple[str, str, str]]:
-    role = yaml.safe_load((ROOT / "manifests" / "rbac" / "cluster-role.yaml").read_text())
+def _granted(rules: list[dict] | None = None) -> set[tuple[str, str, str]]:
+    """What the installed role grants: the cluster-wide ClusterRole (manifests/, the chart's default), or `rules`."""
+    if rules is None:
+        rules = yaml.safe_load((ROOT / "manifests" / "rbac" / "cluster-role.yaml").read_text())["rules"]
     return {
         (group, resource, verb)
-        for rule in role["rules"]
+        for rule in rules
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
+
+
+def _granted_in_namespaced_mode() -> set[tuple[str, str, str]]:
+    """The chart's Role in each of `watchNamespaces`: the operator's rules plus namespaced peering."""
+    rbac = ROOT / "charts" / "g2rpo" / "files" / "rbac"
+    rules = [*yaml.safe_load((rbac / "operator-rules.yaml").read_text())]
+    return _granted([*rules, *yaml.safe_load((rbac / "peering-namespaced.yaml").read_text())])
 
 
 # Granted but not exercised against KMock: kopf's Events (off: KMock lacks generateName), peering
@@ -667,6 +710,6 @@ async def test_namespaced_mode_with_peering_reconciles_a_job(cluster, start_oper
     await wait_for(lambda: cluster.status().get("phase") == "Pending", what="the job reconciled")
     requests = cluster.emulator[lambda r: r.resource is not None and r.resource.plural == "kopfpeerings"]
     used = {_verb(r) for r in requests if not r.headers.get("User-Agent", "").startswith("kmock")}
-    granted = {verb for group, resource, verb in _granted() if resource == "kopfpeerings"}
+    granted = {verb for group, resource, verb in _granted_in_namespaced_mode() if resource == "kopfpeerings"}
     assert used and used <= granted, (used, granted)
     assert running.operator.metrics.tracked_jobs() == 1

@@ -39,6 +39,9 @@ def test_the_example_renders_every_child_the_operator_creates(capsys):
         [
             ("ConfigMap", "qwen3-1p7b-math-config"),
             ("Secret", "qwen3-1p7b-math-token"),
+            ("NetworkPolicy", "qwen3-1p7b-math-controller"),
+            ("NetworkPolicy", "qwen3-1p7b-math-rollout"),
+            ("NetworkPolicy", "qwen3-1p7b-math-trainer"),
             ("Service", "qwen3-1p7b-math-controller"),
             ("Deployment", "qwen3-1p7b-math-controller"),
             ("Service", "qwen3-1p7b-math-rollout"),

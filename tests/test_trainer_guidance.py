@@ -54,6 +54,26 @@ def test_guidance_is_joined_at_token_level_not_retokenised(tiny_model_dir, tmp_p
     assert call["completion_ids"][0][:3] == tokenizer(call["guidance"][0], add_special_tokens=False)["input_ids"][:3]
 
 
+def test_code_sandbox_layers_go_with_every_step_report(tiny_model_dir, tmp_path):
+    """Jobs with a code reward report the sandbox's layers each step (the controller exports them and the
+    operator turns them into the SandboxIsolated condition): the real probe's layer names, as numbers the
+    controller's report schema accepts."""
+    from g2rpo.controller.core import GuidanceController
+    from g2rpo.controller.metrics import REPORT_METRICS, SANDBOX_LAYERS
+    from g2rpo.rewards.sandbox import sandbox_layers
+
+    layers = sandbox_layers()
+    assert sorted(layers) == sorted(SANDBOX_LAYERS)
+    controller = GuidanceController(ScheduleParams(schedule="fixed", initial_length=3, min_length=0, max_length=64))
+    trainer, _, _ = make_trainer(
+        tiny_model_dir, tmp_path, max_steps=1, controller=controller, sandbox_layers={**layers, "seccomp": False}
+    )
+    trainer.train()
+    reported = controller.history[-1].metrics
+    assert {name: reported[f"sandbox_{name}"] for name in layers} == {**{k: float(v) for k, v in layers.items()}, "seccomp": 0.0}
+    assert all(REPORT_METRICS[name].low <= value <= REPORT_METRICS[name].high for name, value in reported.items())
+
+
 class RecordingTrainer:
     """Mixin recording every scored generation batch TRL hands to the loss."""
 

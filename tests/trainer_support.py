@@ -67,6 +67,7 @@ def make_trainer(
     trainer_class: type[G2RPOTrainer] = G2RPOTrainer,
     seed: int = 0,
     per_device_batch_size: int | None = None,
+    sandbox_layers: dict[str, bool] | None = None,
 ):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -102,6 +103,7 @@ def make_trainer(
         guided_per_group=guided_per_group,
         guidance_loss=guidance_loss,
         driving_reward=reward.__name__,
+        sandbox_layers=sandbox_layers,
         callbacks=[MetricsFileCallback(Path(output_dir) / "metrics.jsonl")],
     )
     return trainer, reward, tokenizer

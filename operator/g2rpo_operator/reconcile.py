@@ -88,6 +88,7 @@ from g2rpo_operator.status import (
     FAILED,
     READY,
     REFERENCES_RESOLVED,
+    SANDBOX_ISOLATED,
     SPEC_APPLIED,
     SPEC_VALID,
     STORAGE_READY,
@@ -482,8 +483,8 @@ class Facts:
     report: ControllerReport | None
 
 
-Verdict = tuple[bool, str, str]
-"""A condition's (status, reason, message)."""
+Verdict = tuple[bool | None, str, str]
+"""A condition's (status: None is Unknown, reason, message)."""
 
 
 def _spec_applied(facts: Facts) -> Verdict:
@@ -545,6 +546,28 @@ def _storage(facts: Facts) -> Verdict:
     return True, "Bound", f"PersistentVolumeClaim {claim!r} is Bound"
 
 
+def _sandbox(facts: Facts, previous: list[dict]) -> Verdict | None:
+    """How strong the code reward's sandbox is on the trainer's node; None (no condition) without a code reward."""
+    if not any(reward.name == "code" for reward in facts.spec.rewards):
+        return None
+    layers = facts.report.sandbox_layers if facts.report else None
+    if layers is None:  # no step reported yet, or the controller did not answer: keep what was known
+        before = next((c for c in previous if c.get("type") == SANDBOX_ISOLATED), None)
+        if before is not None:
+            return {"True": True, "False": False}.get(before["status"]), before["reason"], before["message"]
+        return None, "NotReported", "the trainer reports the code sandbox's layers with its first step"
+    missing = sorted(layer for layer, held in layers.items() if not held)
+    if missing:
+        return (
+            False,
+            "LayersMissing",
+            f"model-written programs run without the sandbox's {', '.join(missing)} layer(s) on the trainer's "
+            "node: the trainer's log says why; docs/sandbox.md lists what each layer needs from the image and "
+            "the pod's securityContext",
+        )
+    return True, "AllLayersHold", "every layer of the code sandbox holds: " + ", ".join(sorted(layers))
+
+
 def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
     p = facts.progress
     errors, missing = "; ".join(facts.spec_errors), "; ".join(facts.missing)
@@ -559,7 +582,10 @@ def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
         FAILED: _in_phase(p, "Failed", "NotFailed"),
     }
     old = prev.get("conditions") or []
-    conditions = [condition(t, *verdicts[t], old, now, facts.generation) for t in CONDITION_TYPES]
+    sandbox = _sandbox(facts, old)
+    if sandbox is not None:
+        verdicts[SANDBOX_ISOLATED] = sandbox
+    conditions = [condition(t, *verdicts[t], old, now, facts.generation) for t in CONDITION_TYPES if t in verdicts]
     report = facts.report
     step = report.step if report else prev.get("step")
     every = facts.spec.checkpoint.every_steps

@@ -24,7 +24,11 @@ READY = "Ready"
 SUSPENDED = "Suspended"
 COMPLETE = "Complete"
 FAILED = "Failed"
-CONDITION_TYPES = (SPEC_VALID, SPEC_APPLIED, REFERENCES_RESOLVED, STORAGE_READY, READY, SUSPENDED, COMPLETE, FAILED)
+SANDBOX_ISOLATED = "SandboxIsolated"
+"""Jobs with a code reward only: whether every layer of the code sandbox holds on the trainer's node."""
+CONDITION_TYPES = (
+    SPEC_VALID, SPEC_APPLIED, REFERENCES_RESOLVED, STORAGE_READY, READY, SUSPENDED, COMPLETE, FAILED, SANDBOX_ISOLATED
+)
 
 
 class StatusModel(BaseModel):
@@ -78,10 +82,12 @@ def parse_timestamp(text: str) -> datetime:
 
 
 def condition(
-    type_: str, ok: bool, reason: str, message: str, previous: list[dict], now: datetime, generation: int | None
+    type_: str, ok: bool | None, reason: str, message: str, previous: list[dict], now: datetime, generation: int | None
 ) -> Condition:
-    """A condition whose lastTransitionTime only moves when its status flips (the Kubernetes convention)."""
-    status: ConditionStatus = "True" if ok else "False"
+    """A condition whose lastTransitionTime only moves when its status flips (the Kubernetes convention).
+
+    `ok` None: Unknown."""
+    status: ConditionStatus = "Unknown" if ok is None else "True" if ok else "False"
     before = next((c for c in previous if c.get("type") == type_), None)
     since = before["lastTransitionTime"] if before and before.get("status") == status else timestamp(now)
     return Condition(

@@ -378,8 +378,10 @@ class Toleration(SpecModel):
 class EnvVar(SpecModel):
     """An environment variable of a container (a plain value)."""
 
-    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name.")
-    value: str = Field("", description="Variable value.")
+    name: str = Field(
+        min_length=1, max_length=KEY_MAX, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
+    )
+    value: str = Field("", max_length=REFERENCE_MAX * 4, description="Variable value.")
 
 
 class PodPlacementSpec(SpecModel):
@@ -403,11 +405,13 @@ class PodPlacementSpec(SpecModel):
     memory: Quantity | None = Field(None, description="Memory request (and limit). Default: the operator's.")
     env: list[EnvVar] = Field(
         default_factory=list,
+        max_length=64,
         description="Extra environment variables of the main container, e.g. NCCL settings for the fabric "
         "(NCCL_IB_HCA, NCCL_SOCKET_IFNAME, NCCL_DEBUG). They come after the operator's, so they can override them.",
     )
     extra_resources: dict[str, Quantity] = Field(
         default_factory=dict,
+        max_length=16,
         description="Extended resources requested (and limited) per pod besides CPU, memory and GPUs, e.g. "
         "{rdma/hca_shared_devices_a: '1'} for RDMA/InfiniBand devices or {vpc.amazonaws.com/efa: '4'}.",
     )

@@ -45,6 +45,13 @@ REPORT_METRICS: dict[str, ReportMetric] = {
     "decoded_tokens": ReportMetric(0.0, math.inf, "tokens decoded during the step"),
 }
 
+SANDBOX_LAYERS = ("landlock", "seccomp", "uid_drop", "netns", "rlimits", "audit_hook")
+"""The code reward's sandbox layers (g2rpo.rewards.sandbox.sandbox_layers); jobs with a code reward
+report each as `sandbox_<layer>`: 1 when it walls programs in on the trainer's node, 0 when missing."""
+REPORT_METRICS.update(
+    {f"sandbox_{layer}": ReportMetric(0.0, 1.0, f"1 when the code sandbox's {layer} layer holds") for layer in SANDBOX_LAYERS}
+)
+
 #: Latency buckets around the service's target (p99 under 5 ms).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -105,6 +112,13 @@ class ControllerMetrics:
                 (job,),
             ),
         }
+        sandbox = gauge(
+            "sandbox_layer_active",
+            "Code reward jobs: 1 when the sandbox layer walls model-written programs in, 0 when the node or the "
+            "pod's security policy does not allow it.",
+            ["g2rpo_job", "layer"],
+        )
+        self.step_gauges.update({f"sandbox_{layer}": (sandbox, (job, layer)) for layer in SANDBOX_LAYERS})
         self.decoded_tokens = Counter(
             PREFIX + "decoded_tokens", "Tokens decoded by the trainer, summed over new step reports.", j, registry=r
         )

@@ -164,13 +164,25 @@ def camel_params(params: ScheduleParams) -> dict[str, Any]:
     return {camel: getattr(params, name) for camel, name in PARAM_NAMES.items()}
 
 
+SMOOTHING_PARAMS = ("rewardEma", "maxChangeFactor")
+"""Flat in the API's params, nested under guidance.smoothing in a job spec (and off when both are unset)."""
+
+
 def overridden_params(current: ScheduleParams, changes: dict[str, Any]) -> ScheduleParams:
     """`current` with an override's changes (job-spec names), validated like a job spec's guidance."""
+    guidance = {**camel_params(current), **changes}
+    smoothing = {name: guidance.pop(name) for name in SMOOTHING_PARAMS}
+    if smoothing["rewardEma"] or smoothing["maxChangeFactor"] is not None:
+        guidance["smoothing"] = smoothing
     try:
-        return ScheduleParams.from_spec(GuidanceSpec.model_validate({**camel_params(current), **changes}))
+        return ScheduleParams.from_spec(GuidanceSpec.model_validate(guidance))
     except ValidationError as exc:
         problems = [
-            (".".join(["params", *(str(part) for part in err["loc"])]), err["msg"].removeprefix("Value error, "), False)
+            (
+                ".".join(["params", *(str(part) for part in err["loc"] if part != "smoothing")]),
+                err["msg"].removeprefix("Value error, "),
+                False,
+            )
             for err in exc.errors()
         ]
     except ValueError as exc:  # a linear or concave schedule without totalSteps

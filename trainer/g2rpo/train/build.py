@@ -178,9 +178,18 @@ def build_trainer(
         guided_per_group=spec.guided_per_group,
         guidance_loss=spec.guidance.loss,
         driving_reward=spec.guidance_reward.name,
+        sandbox_layers=_sandbox_layers(spec),
         callbacks=[MetricsFileCallback(layout.metrics_file), *(extra_callbacks or [])],
     )
     return trainer
+
+
+def _sandbox_layers(spec: G2RPOJobSpec) -> dict[str, bool] | None:
+    if not any(reward.name == "code" for reward in spec.rewards):
+        return None
+    from g2rpo.rewards.sandbox import sandbox_layers
+
+    return sandbox_layers()  # probed once per process: the code reward has already asked
 
 
 def save_final_model(trainer, layout: RunLayout) -> Path:

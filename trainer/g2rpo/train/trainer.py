@@ -82,11 +82,14 @@ class G2RPOTrainer(GRPOTrainer):
         guided_per_group: int,
         guidance_loss: str,
         driving_reward: str,
+        sandbox_layers: dict[str, bool] | None = None,
         **kwargs: Any,
     ):
         """`guidance_client` is needed on rank 0 only (other ranks receive lengths by broadcast).
 
-        `driving_reward` names the reward function whose per-step mean is r_k.
+        `driving_reward` names the reward function whose per-step mean is r_k. `sandbox_layers`
+        (jobs with a code reward) goes with every step report, so the controller, and the job's
+        status on a cluster, show how strong the code sandbox's wall is.
         """
         super().__init__(*args, **kwargs)
         # transformers rotates (save_total_limit) before a new checkpoint is complete; a crash
@@ -100,6 +103,7 @@ class G2RPOTrainer(GRPOTrainer):
         self.guided_per_group = guided_per_group
         self.guidance_loss = guidance_loss
         self.driving_reward_index = self.reward_func_names.index(driving_reward)
+        self._sandbox_report = {f"sandbox_{layer}": float(held) for layer, held in (sandbox_layers or {}).items()}
         self._guidance_ids_cache: OrderedDict[str, list[int]] = OrderedDict()
         self._guidance_plan: _GuidancePlan | None = None
         self._last_rewards_per_func: torch.Tensor | None = None
@@ -259,7 +263,8 @@ class G2RPOTrainer(GRPOTrainer):
         reward = stats["accuracy"]
         if not math.isfinite(reward):
             raise RuntimeError(f"step {step}: the driving reward's batch mean is {reward}; no roll-out was scorable")
-        self.guidance_length = self._from_rank_zero(lambda: self.guidance_client.report(step, reward, stats))
+        report = {**stats, **self._sandbox_report}
+        self.guidance_length = self._from_rank_zero(lambda: self.guidance_client.report(step, reward, report))
         self.guidance_step = step + 1
 
     def _from_rank_zero(self, ask):
