@@ -46,6 +46,28 @@ def test_guided_rows_start_with_exactly_the_first_l_k_guidance_ids(
                 assert ids[:length] != expected, f"row {row} is unguided but starts with the guidance"
 
 
+def test_a_whole_trajectory_as_guidance_ends_the_roll_out_with_eos(tiny_model_dir, tmp_path):
+    """l_k beyond the reference's end: the guided roll-out is the reference and its EOS, nothing generated after."""
+    trainer, reward, tokenizer = make_trainer(tiny_model_dir, tmp_path, initial_length=64, max_length=64, max_steps=1)
+    trainer.train()
+    call = reward.calls[0]
+    full = tokenizer(call["guidance"][0], add_special_tokens=False)["input_ids"]
+    assert len(full) < 64
+    assert call["completion_ids"][0] == full + [tokenizer.eos_token_id]
+    assert call["completion_ids"][1][: len(full)] != full  # the unguided rows of the group generate
+
+
+def test_prepend_guidance_keeps_generation_after_a_partial_guidance_only():
+    from g2rpo.guidance.rows import prepend_guidance
+
+    eos = 0
+    completions, logprobs = prepend_guidance(
+        [[5, 6], [5, 6, 7, eos], []], [[8, eos], [9, 9], [4]], [[-0.1, -0.2], [-0.3, -0.4], [-0.5]], eos_token_id=eos
+    )
+    assert completions == [[5, 6, 8, eos], [5, 6, 7, eos], [4]]
+    assert logprobs == [[None, None, -0.1, -0.2], [None] * 4, [-0.5]]
+
+
 def test_guidance_is_joined_at_token_level_not_retokenised(tiny_model_dir, tmp_path):
     """A guidance cut mid-word stays cut: the ids are the tokeniser's ids of the trajectory alone."""
     trainer, reward, tokenizer = make_trainer(tiny_model_dir, tmp_path, initial_length=3, max_steps=1)

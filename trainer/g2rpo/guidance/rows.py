@@ -24,17 +24,30 @@ def join_guidance(
 
 
 def prepend_guidance(
-    guidance_ids: list[list[int]], completion_ids: list[list[int]], logprobs: list[list[float]] | None
+    guidance_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    logprobs: list[list[float]] | None,
+    eos_token_id: int | None = None,
 ) -> tuple[list[list[int]], list[list[float | None]] | None]:
     """Completions as trained: guidance ids then generated ids.
 
     Guidance tokens were not sampled, so they have no sampling log-prob: they get None, which TRL
     reads as "unknown" (NaN) and turns into an importance-sampling ratio of exactly 1.
+
+    A guidance that ends with `eos_token_id` is a whole reference trajectory (l_k reached its end):
+    the row is that trajectory and nothing after it, so that a fully guided roll-out teaches the
+    policy to stop where the reference stops rather than to ramble on to maxCompletionLength.
     """
-    completions = [list(g) + list(c) for g, c in zip(guidance_ids, completion_ids, strict=True)]
+    def complete(guidance: list[int]) -> bool:
+        return eos_token_id is not None and bool(guidance) and guidance[-1] == eos_token_id
+
+    generated = [[] if complete(g) else list(c) for g, c in zip(guidance_ids, completion_ids, strict=True)]
+    completions = [list(g) + c for g, c in zip(guidance_ids, generated, strict=True)]
     if logprobs is None:
         return completions, None
-    return completions, [[None] * len(g) + list(lp) for g, lp in zip(guidance_ids, logprobs, strict=True)]
+    return completions, [
+        [None] * len(g) + ([] if complete(g) else list(lp)) for g, lp in zip(guidance_ids, logprobs, strict=True)
+    ]
 
 
 def generated_token_mask(guidance_lengths: list[int], completion_ids: list[list[int]]) -> list[list[int]]:

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from g2rpo.train.lifecycle import StopRequested, StopSignals, distributed_teardown
 
+    _one_cpu_device_name()
     signals = StopSignals().install()
     job = layout = None
     try:
@@ -86,6 +87,19 @@ def _stopped_line(stop, job, layout) -> str:
         return f"stopped by {stop.name} before the first complete checkpoint; a restarted trainer starts from step 0"
     how = "resumes from it" if job.spec.checkpoint.resume == "auto" else "resumes from it with checkpoint.resume: auto"
     return f"stopped by {stop.name}; last complete checkpoint: {checkpoint}; a restarted trainer {how}"
+
+
+def _one_cpu_device_name() -> None:
+    """Ranks without a GPU use the device `cpu`, not `cpu:<rank>`.
+
+    accelerate 1.15 names rank r's device `cpu:r` in a multi-process CPU run, transformers 5.17
+    loads the optimizer state with map_location=args.device there, and torch.load knows no
+    location `cpu:1`: every resume would fail. Set before accelerate's state is first built.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
 
 
 def _default_run_dir(job) -> Path:

@@ -191,7 +191,7 @@ class G2RPOTrainer(GRPOTrainer):
         completion_ids, logprobs = super()._generate_single_turn(
             join_guidance(prompt_ids, plan.guidance_ids), images, multimodal_fields, 1, has_tool_images
         )
-        return prepend_guidance(plan.guidance_ids, completion_ids, logprobs)
+        return prepend_guidance(plan.guidance_ids, completion_ids, logprobs, self._tokenizer.eos_token_id)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # TRL private hook
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -211,10 +211,12 @@ class G2RPOTrainer(GRPOTrainer):
         return _GuidancePlan(guided, guidance_ids, length)
 
     def _guidance_token_ids(self, text: str) -> list[int]:
-        """The trajectory's token ids, tokenised on its own, once per distinct trajectory."""
+        """The trajectory's token ids, tokenised on its own and ended with EOS (a reference answer
+        stops there), once per distinct trajectory."""
         ids = self._guidance_ids_cache.get(text)
         if ids is None:
-            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+            eos = self._tokenizer.eos_token_id
+            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if text and eos is not None else [])
             self._guidance_ids_cache[text] = ids
             if len(self._guidance_ids_cache) > 65536:
                 self._guidance_ids_cache.popitem(last=False)
