@@ -40,6 +40,8 @@ PEERINGS = kmock.resource("kopf.dev/v1/clusterkopfpeerings")
 NAMESPACED_PEERINGS = kmock.resource("kopf.dev/v1/kopfpeerings")
 PODGROUPS = kmock.resource("scheduling.volcano.sh/v1beta1/podgroups")
 NETWORK_POLICIES = kmock.resource("networking.k8s.io/v1/networkpolicies")
+WORKLOADS = kmock.resource("kueue.x-k8s.io/v1beta1/workloads")
+RESOURCE_FLAVORS = kmock.resource("kueue.x-k8s.io/v1beta1/resourceflavors")
 CHILD_RESOURCES = (CONFIGMAPS, SECRETS, SERVICES, DEPLOYMENTS, BATCH_JOBS, NETWORK_POLICIES)
 
 
@@ -178,6 +180,22 @@ def new_emulator() -> Emulator:
         singular="clusterkopfpeering",
         namespaced=False,
         verbs={"create", "get", "list", "patch", "watch"},
+    )
+    # Kueue's kinds, as its CRDs serve them (KMock has no Kueue controller: tests admit and evict).
+    emulator.resources[WORKLOADS] = kmock.ResourceInfo(
+        kind="Workload",
+        singular="workload",
+        namespaced=True,
+        verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
+        shortnames={"wl"},
+        subresources={"status"},
+    )
+    emulator.resources[RESOURCE_FLAVORS] = kmock.ResourceInfo(
+        kind="ResourceFlavor",
+        singular="resourceflavor",
+        namespaced=False,
+        verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
+        shortnames={"flavor"},
     )
     emulator.resources[NAMESPACED_PEERINGS] = kmock.ResourceInfo(
         kind="KopfPeering",

@@ -85,6 +85,7 @@ def test_lint_strict():
         pytest.param([], id="defaults"),
         pytest.param(MONITORING_ON, id="cluster-wide+monitoring"),
         pytest.param(["--set", "watchNamespaces={team-a,team-b}"], id="namespaced"),
+        pytest.param(["--set", "watchNamespaces={team-a}", "--set", "kueue.enabled=true"], id="namespaced-kueue"),
         pytest.param(
             ["--set", "watchNamespaces={team-a}", "--set", "monitoring.podMonitor.enabled=true", *MONITORING_ON[2:]],
             id="namespaced+podmonitor",
@@ -191,6 +192,31 @@ def test_job_defaults_and_images_reach_the_operator_settings():
     assert empty.gpu_products == DEFAULT_GPU_PRODUCTS  # null: the operator's A100 variants
     anywhere = OperatorSettings.from_env(operator_env(template("--set-json", "jobDefaults.gpuProducts=[]")))
     assert anywhere.gpu_products == ()
+
+
+def test_kueue_integration_turns_on_the_workload_watch_and_its_rbac():
+    """kueue.enabled reaches the operator (it then watches Workloads) with the rules its KMock test
+    exercises (tests/test_operator_kmock.py); cluster-scoped ResourceFlavors need a ClusterRole even
+    when the operator is namespaced."""
+    kueue_rules = {
+        ("kueue.x-k8s.io", r, v) for r in ["workloads"] for v in ("get", "list", "watch", "create", "delete")
+    } | {("kueue.x-k8s.io", "workloads/status", "patch"), ("apps", "deployments", "delete")}
+    flavors = {("kueue.x-k8s.io", "resourceflavors", "get")}
+    off = template()
+    assert not OperatorSettings.from_env(operator_env(off)).kueue_enabled
+    assert not (kueue_rules | flavors) & rule_triples(by_kind(off, "ClusterRole")[0])
+    on = template("--set", "kueue.enabled=true")
+    assert OperatorSettings.from_env(operator_env(on)).kueue_enabled
+    (cluster_role,) = by_kind(on, "ClusterRole")
+    assert (kueue_rules | flavors) <= rule_triples(cluster_role)
+    namespaced = template("--set", "kueue.enabled=true", "--set", "watchNamespaces={team-a}")
+    (role,) = by_kind(namespaced, "Role")
+    assert kueue_rules <= rule_triples(role) and not flavors & rule_triples(role)
+    (flavor_role,) = by_kind(namespaced, "ClusterRole")
+    assert rule_triples(flavor_role) == flavors
+    (binding,) = by_kind(namespaced, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == flavor_role["metadata"]["name"]
+    assert binding["subjects"][0]["namespace"] == "g2rpo-system"
 
 
 def test_jobs_network_policies_admit_the_installed_operator_and_prometheus():

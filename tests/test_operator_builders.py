@@ -7,6 +7,7 @@ against Kubernetes' own schemas with kubernetes-validate --strict (unknown field
 from __future__ import annotations
 
 import base64
+import re
 from datetime import UTC, datetime, timedelta
 
 import kubernetes_validate
@@ -14,6 +15,7 @@ import pytest
 import yaml
 from g2rpo.spec import EXIT_INVALID_SPEC, parse_job, parse_spec
 from g2rpo_operator.builders import JobContext, children, config, controller, gang, network, rollout, trainer
+from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, placements, release_quota
 from g2rpo_operator.reconcile import (
     MUTABLE_FIELDS,
     checkpoint_claim,
@@ -51,19 +53,42 @@ def env(container: dict) -> dict:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
+def validate_kueue_workload(workload: dict) -> None:
+    """Kueue's Workload has no schema in kubernetes-validate (Kueue's CRD is not available offline): its
+    pod templates are checked as core PodTemplates, the rest against the rules of Kueue's v1beta1 CRD
+    (spec fields, pod-set name pattern, at most 8 pod sets, only labels/annotations in a template's
+    metadata), written out here."""
+    assert workload["apiVersion"] == "kueue.x-k8s.io/v1beta1" and workload["kind"] == "Workload"
+    spec = workload["spec"]
+    assert set(spec) <= {"queueName", "podSets", "priorityClassName", "priorityClassSource", "active", "priority"}
+    assert 1 <= len(spec["podSets"]) <= 8
+    for pod_set in spec["podSets"]:
+        assert set(pod_set) == {"name", "count", "template"}
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", pod_set["name"]) and pod_set["count"] >= 1
+        assert set(pod_set["template"]["metadata"]) <= {"labels", "annotations"}
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, **pod_set}
+        del template["name"], template["count"]
+        kubernetes_validate.validate(template, KUBE_VERSION, strict=True)
+
+
 @pytest.mark.parametrize("active", [True, False])
 def test_every_child_is_schema_valid_labelled_and_namespaced(active):
     objs = children(ctx(runPolicy={"gangScheduler": "kueue", "queue": "gpu"}), "t0ken", active)
     objs.append(checkpoint_claim(ctx(checkpoint={"volumeSize": "1Ti", "storageClassName": "efs-sc"})))
     for obj in objs:
-        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        if obj["kind"] == "Workload":
+            validate_kueue_workload(obj)
+        else:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         assert obj["metadata"]["namespace"] == "ml"
         assert RECOMMENDED <= obj["metadata"]["labels"].keys(), obj["metadata"]["name"]
         assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == "qwen"
     kinds = [(o["kind"], o["metadata"]["name"]) for o in objs]
     assert kinds[:2] == [("ConfigMap", "qwen-config"), ("Secret", "qwen-token")]  # mounted things first
     assert (("Job", "qwen-trainer") in kinds) is active
-    assert {o["spec"]["replicas"] for o in objs if o["kind"] == "Deployment"} == {1 if active else 0}
+    assert (("Workload", "qwen-gang") in kinds) is active  # a suspended job's quota goes back to Kueue
+    # Under Kueue the rollout exists only while admitted (as the trainer), so never at zero replicas.
+    assert [o["spec"]["replicas"] for o in objs if o["kind"] == "Deployment"] == [1, 1] if active else [0]
 
 
 def test_pods_run_as_non_root_without_privilege_escalation():
@@ -327,15 +352,93 @@ def test_operator_settings_from_env():
         OperatorSettings.from_env({"G2RPO_GPU_TOLERATIONS": '{"not": "a list"}'})
 
 
-def test_gang_scheduling_with_kueue_or_volcano():
-    kueue = ctx(runPolicy={"gangScheduler": "kueue", "queue": "team-a"})
-    job = trainer.job(kueue)
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and job["spec"]["suspend"] is True
-    served = rollout.deployment(kueue)
-    assert served["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    assert served["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+def test_kueue_admits_the_rollout_and_the_trainer_as_one_workload():
+    kueue = ctx(runPolicy={"gangScheduler": "kueue", "queue": "team-a", "priorityClassName": "research"})
+    objs = {o["kind"]: o for o in children(kueue, "t", True)}
+    workload = objs["Workload"]
+    validate_kueue_workload(workload)
+    assert workload["spec"]["queueName"] == "team-a" and workload["spec"]["priorityClassName"] == "research"
+    pod_sets = {p["name"]: p for p in workload["spec"]["podSets"]}
+    assert {name: p["count"] for name, p in pod_sets.items()} == {"rollout": 1, "trainer": 2}
+    # Kueue sums the pod sets' requests: they are the children's own pod specs.
+    assert pod_sets["trainer"]["template"]["spec"] == pod_spec(trainer.job(kueue))
+    assert pod_sets["rollout"]["template"]["spec"] == pod_spec(rollout.deployment(kueue))
+    assert pod_sets["trainer"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    # The children leave admission to the Workload: no queue label, no suspended Job of their own.
+    for child in (objs["Job"], rollout.deployment(kueue)):
+        assert "kueue.x-k8s.io/queue-name" not in child["metadata"]["labels"]
+    assert "suspend" not in objs["Job"]["spec"]
+    kinds = [o["kind"] for o in children(kueue, "t", True)]
+    assert kinds.index("Workload") < kinds.index("Deployment")
     by_default = ctx(OperatorSettings(kueue_queue="shared"), runPolicy={"gangScheduler": "kueue"})
-    assert trainer.job(by_default)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "shared"
+    assert gang.kueue_workload(by_default, rollout.deployment(by_default), trainer.job(by_default))["spec"][
+        "queueName"
+    ] == "shared"
+
+
+def test_kueue_placement_reaches_the_pod_templates_only_once_admitted():
+    kueue = ctx(runPolicy={"gangScheduler": "kueue", "queue": "team-a"})
+    queued = {(o["kind"], o["metadata"]["name"]) for o in children(kueue, "t", True, admitted=None)}
+    assert ("Workload", "qwen-gang") in queued
+    assert ("Job", "qwen-trainer") not in queued and ("Deployment", "qwen-rollout") not in queued
+    assert ("Deployment", "qwen-controller") in queued  # status and metrics work while queued
+    spot = {"key": "spot", "operator": "Exists", "effect": "NoSchedule"}
+    admitted = {
+        "trainer": Placement(node_selector={"pool": "a100-spot"}, tolerations=[spot], labels={"team": "a"}),
+        "rollout": Placement(node_selector={"pool": "a100-on-demand"}),
+    }
+    objs = {o["metadata"]["name"]: o for o in children(kueue, "t", True, admitted=admitted)}
+    job_pod, rollout_pod = pod_spec(objs["qwen-trainer"]), pod_spec(objs["qwen-rollout"])
+    assert job_pod["nodeSelector"]["pool"] == "a100-spot" and spot in job_pod["tolerations"]
+    assert objs["qwen-trainer"]["spec"]["template"]["metadata"]["labels"]["team"] == "a"
+    assert rollout_pod["nodeSelector"]["pool"] == "a100-on-demand" and spot not in rollout_pod["tolerations"]
+    # The default GPU tolerations stay; Kueue's are added.
+    assert [t for t in job_pod["tolerations"] if t != spot] == pod_spec(trainer.job(kueue))["tolerations"]
+
+
+def test_kueue_workload_states_and_the_quota_handed_back():
+    def workload(*conditions: tuple[str, str, str], admission: dict | None = None) -> dict:
+        status: dict = {"conditions": [{"type": t, "status": s, "message": m} for t, s, m in conditions]}
+        if admission:
+            status["admission"] = admission
+        return {"metadata": {"name": "qwen-gang"}, "status": status}
+
+    assignment = {
+        "clusterQueue": "cq",
+        "podSetAssignments": [
+            {"name": "trainer", "flavors": {"nvidia.com/gpu": "a100-spot", "cpu": "default"}, "count": 2},
+            {"name": "rollout", "flavors": {"nvidia.com/gpu": "a100-spot"}, "count": 1},
+        ],
+    }
+    queued = admission_of(workload(("QuotaReserved", "False", "insufficient quota for nvidia.com/gpu")), "team-a")
+    assert not queued.admitted and queued.evicted is None
+    assert queued.waiting == "Kueue Workload qwen-gang is queued in LocalQueue 'team-a': insufficient quota for nvidia.com/gpu"
+    checking = admission_of(workload(("QuotaReserved", "True", ""), admission=assignment), "team-a")
+    assert not checking.admitted and "waiting for its admission checks" in checking.waiting
+    admitted_wl = workload(("QuotaReserved", "True", ""), ("Admitted", "True", ""), admission=assignment)
+    assert admission_of(admitted_wl, "team-a").admitted
+    assert assigned_flavors(admitted_wl) == {"a100-spot", "default"}
+    flavors = {
+        "a100-spot": {"spec": {"nodeLabels": {"pool": "spot"}, "tolerations": [{"key": "spot", "operator": "Exists"}]}},
+        "default": {"spec": {}},
+    }
+    placed = placements(admitted_wl, flavors)
+    assert placed["trainer"].node_selector == {"pool": "spot"} and placed["rollout"].tolerations == [
+        {"key": "spot", "operator": "Exists"}
+    ]
+    evicted_wl = workload(
+        ("QuotaReserved", "True", ""), ("Admitted", "True", ""), ("Evicted", "True", "Preempted by a higher priority"),
+        admission=assignment,
+    )
+    evicted = admission_of(evicted_wl, "team-a")
+    assert not evicted.admitted and evicted.evicted == "Preempted by a higher priority"
+    released = release_quota(evicted_wl, "evicted", NOW)["status"]
+    assert released["admission"] is None
+    states = {c["type"]: (c["status"], c.get("reason")) for c in released["conditions"]}
+    assert states == {"QuotaReserved": ("False", "Pending"), "Admitted": ("False", "NoReservation"), "Evicted": ("True", None)}
+
+
+def test_gang_scheduling_with_volcano():
     c = ctx(runPolicy={"gangScheduler": "volcano", "queue": "gpu"})  # 2 trainer pods + the rollout pod
     group = {"scheduling.k8s.io/group-name": "qwen-gang"}
     volcano = trainer.job(c)
@@ -349,10 +452,12 @@ def test_gang_scheduling_with_kueue_or_volcano():
     assert kinds.index("PodGroup") < kinds.index("Deployment")  # the gang exists before its first pod
 
 
-def test_kueue_needs_a_queue_from_the_job_or_the_operator():
+def test_kueue_needs_a_queue_and_the_operators_integration():
     raw = job_manifest(runPolicy={"gangScheduler": "kueue"})["spec"]
-    assert any(e.startswith("spec.runPolicy.queue:") for e in validate("ok", raw, OperatorSettings())[1])
-    assert validate("ok", raw, OperatorSettings(kueue_queue="shared"))[1] == []
+    assert any(e.startswith("spec.runPolicy.queue:") for e in validate("ok", raw, OperatorSettings(kueue_enabled=True))[1])
+    assert validate("ok", raw, OperatorSettings(kueue_queue="shared", kueue_enabled=True))[1] == []
+    (refused,) = validate("ok", raw, OperatorSettings(kueue_queue="shared"))[1]
+    assert refused.startswith("spec.runPolicy.gangScheduler: kueue needs the operator's Kueue integration")
 
 
 def test_rollout_availability_means_this_gang_epoch_rolled_out():

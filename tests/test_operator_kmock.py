@@ -33,7 +33,9 @@ from kmock_support import (
     PODGROUPS,
     PODS,
     PVCS,
+    RESOURCE_FLAVORS,
     SECRETS,
+    WORKLOADS,
     free_port,
     wait_for,
 )
@@ -266,7 +268,8 @@ async def test_sandbox_condition_follows_the_trainers_layer_report(cluster, star
 
 
 def rollout_epoch(cluster: Cluster) -> str | None:
-    template = cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")["spec"]["template"]["metadata"]
+    deployment = cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")
+    template = deployment["spec"]["template"]["metadata"] if deployment else {}
     return (template.get("annotations") or {}).get("g2rpo.dev/gang-epoch")
 
 
@@ -502,6 +505,157 @@ async def test_suspend_scales_to_zero_and_resume_brings_the_trainer_back(cluster
     await wait_for(lambda: cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer"), what="trainer recreated")
     await start_trainer(cluster)
     await wait_for(phase_is(cluster, "Running"), what="phase Running again")
+
+
+def _kueue_admits(cluster: Cluster, admitted: bool = True) -> dict:
+    """The Workload status Kueue's scheduler writes when it reserves quota on flavor `a100-spot`."""
+    assignment = {"nvidia.com/gpu": "a100-spot"}
+    return {
+        "status": {
+            "admission": {
+                "clusterQueue": "gpu-cq",
+                "podSetAssignments": [
+                    {"name": "rollout", "flavors": assignment, "count": 1},
+                    {"name": "trainer", "flavors": assignment, "count": 2},
+                ],
+            },
+            "conditions": [
+                {"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": "reserved"},
+                {"type": "Admitted", "status": "True" if admitted else "False", "reason": "Admitted", "message": ""},
+                {"type": "Evicted", "status": "False", "reason": "QuotaReserved", "message": ""},
+            ],
+        }
+    }
+
+
+def _workload(cluster: Cluster) -> dict | None:
+    return cluster.emulator.stored(WORKLOADS, NAMESPACE, "demo-gang")
+
+
+async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disruption(cluster, start_operator):
+    """The operator as Kueue's integration for G2RPOJobs (KMock plays Kueue's scheduler: it writes the
+    admission and the eviction into the Workload's status, as Kueue does)."""
+    await cluster.create_claim()
+    async with cluster.emulator.post(
+        "/apis/kueue.x-k8s.io/v1beta1/resourceflavors",
+        json={
+            "apiVersion": "kueue.x-k8s.io/v1beta1",
+            "kind": "ResourceFlavor",
+            "metadata": {"name": "a100-spot"},
+            "spec": {
+                "nodeLabels": {"cloud.example.com/pool": "a100-spot"},
+                "tolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+        },
+    ) as response:
+        assert response.status < 300
+    await start_operator(kueue_enabled=True)
+    await cluster.apply(job_manifest(runPolicy={"gangScheduler": "kueue", "queue": "team-a"}))
+    workload = await wait_for(lambda: _workload(cluster), what="the Workload")
+    assert {p["name"]: p["count"] for p in workload["spec"]["podSets"]} == {"rollout": 1, "trainer": 2}
+    assert workload["spec"]["queueName"] == "team-a" and owner_uids(workload) == [cluster.job()["metadata"]["uid"]]
+    await wait_for(lambda: ("deployments", "demo-controller") in children(cluster), what="the controller")
+    await make_available(cluster, "demo-controller")
+    await wait_for(
+        lambda: "Workload demo-gang is queued in LocalQueue 'team-a'" in condition(cluster, "Ready").get("message", ""),
+        what="Ready=False Queued, naming the Workload and its queue",
+    )
+    assert condition(cluster, "Ready")["reason"] == "Queued" and cluster.status()["phase"] == "Pending"
+    # Quota reserved but admission checks pending: still nothing of the gang.
+    await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "demo-gang", _kueue_admits(cluster, False), status=True)
+    await wait_for(
+        lambda: "waiting for its admission checks" in condition(cluster, "Ready").get("message", ""),
+        what="waiting for admission checks",
+    )
+    await asyncio.sleep(0.5)
+    assert ("deployments", "demo-rollout") not in children(cluster) and trainer_uid(cluster) is None
+
+    await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "demo-gang", _kueue_admits(cluster), status=True)
+    await wait_for(lambda: ("deployments", "demo-rollout") in children(cluster), what="the rollout once admitted")
+    rollout_pod = cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")["spec"]["template"]["spec"]
+    assert rollout_pod["nodeSelector"]["cloud.example.com/pool"] == "a100-spot"
+    assert {"key": "spot", "operator": "Exists", "effect": "NoSchedule"} in rollout_pod["tolerations"]
+    assert "kueue.x-k8s.io/queue-name" not in cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")[
+        "metadata"
+    ]["labels"]
+    await make_available(cluster, "demo-rollout")  # the rollout still gates the trainer
+    first = await wait_for(lambda: trainer_uid(cluster), what="the trainer Job")
+    trainer = cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer")
+    assert trainer["spec"]["template"]["spec"]["nodeSelector"]["cloud.example.com/pool"] == "a100-spot"
+    assert "suspend" not in trainer["spec"]
+    await start_trainer(cluster)
+    await wait_for(phase_is(cluster, "Running"), what="phase Running")
+
+    # Preempted: Kueue marks the Workload Evicted and waits for the integration to stop the gang.
+    evicted = _kueue_admits(cluster)
+    evicted["status"]["conditions"][2] = {
+        "type": "Evicted",
+        "status": "True",
+        "reason": "Preempted",
+        "message": "Preempted to accommodate a higher priority Workload",
+    }
+    await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "demo-gang", evicted, status=True)
+    await wait_for(lambda: cluster.status().get("disruptions") == 1, what="the eviction counted as a disruption")
+    await wait_for(
+        lambda: trainer_uid(cluster) is None and ("deployments", "demo-rollout") not in children(cluster),
+        what="the trainer and the rollout stopped",
+    )
+    released = await wait_for(
+        lambda: (w := _workload(cluster)) and not w["status"].get("admission") and w, what="the quota handed back"
+    )
+    reserved = next(c for c in released["status"]["conditions"] if c["type"] == "QuotaReserved")
+    assert reserved["status"] == "False" and "higher priority" in reserved["message"]
+    await wait_for(lambda: condition(cluster, "Ready").get("reason") == "Queued", what="queued again")
+    assert cluster.status()["phase"] == "Pending" and cluster.status()["restarts"] == 0
+
+    # Admitted again: the gang comes back (a new rollout pod, of the next gang epoch) and resumes.
+    await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "demo-gang", _kueue_admits(cluster), status=True)
+    await wait_for(lambda: rollout_epoch(cluster) == "1", what="the rollout recreated for epoch 1")
+    await make_available(cluster, "demo-rollout")
+    await wait_for(lambda: trainer_uid(cluster) not in (None, first), what="a new trainer Job")
+    await start_trainer(cluster)
+    await wait_for(phase_is(cluster, "Running"), what="Running again")
+    assert cluster.status()["restarts"] == 0 and cluster.status()["disruptions"] == 1
+
+    # Suspended: the Workload goes (its quota with it), and so does the gang.
+    await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": True}})
+    await wait_for(lambda: _workload(cluster) is None, what="the Workload deleted")
+    await wait_for(lambda: trainer_uid(cluster) is None, what="the trainer deleted")
+    assert ("deployments", "demo-rollout") not in children(cluster)
+    await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": False}})
+    await wait_for(lambda: _workload(cluster), what="a new Workload on resume")
+
+    rbac = ROOT / "charts" / "g2rpo" / "files" / "rbac"
+    granted = _granted(
+        [
+            *yaml.safe_load((ROOT / "manifests" / "rbac" / "cluster-role.yaml").read_text())["rules"],
+            *yaml.safe_load((rbac / "kueue-rules.yaml").read_text()),
+            *yaml.safe_load((rbac / "kueue-flavors.yaml").read_text()),
+        ]
+    )
+    used = {
+        (r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""), _verb(r))
+        for r in cluster.emulator[
+            lambda r: (
+                r.resource is not None and r.resource.plural and not r.headers.get("User-Agent", "").startswith("kmock")
+            )
+        ]
+    }
+    kueue_used = {u for u in used if u[0] == "kueue.x-k8s.io"}
+    assert used <= granted, f"not granted: {sorted(used - granted)}"
+    assert kueue_used == {
+        ("kueue.x-k8s.io", "workloads", verb) for verb in ("get", "list", "watch", "create", "delete")
+    } | {("kueue.x-k8s.io", "workloads/status", "patch"), ("kueue.x-k8s.io", "resourceflavors", "get")}
+    assert ("apps", "deployments", "delete") in used  # granted by kueue-rules.yaml only
+
+
+async def test_kueue_jobs_are_refused_without_the_integration(cluster, start_operator):
+    await cluster.create_claim()
+    await start_operator()
+    await cluster.apply(job_manifest(runPolicy={"gangScheduler": "kueue", "queue": "team-a"}))
+    await wait_for(lambda: condition(cluster, "SpecValid").get("status") == "False", what="SpecValid=False")
+    assert "kueue.enabled=true" in condition(cluster, "SpecValid")["message"]
+    assert _workload(cluster) is None and not children(cluster)
 
 
 async def test_delete_removes_everything_the_job_owns(cluster, start_operator):

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="results folder (default bench/results; --quick: the run dir)")
     parser.add_argument("--steps", type=int, help="override the RL steps per run")
     parser.add_argument("--seeds", type=int, help="override the number of seeds (0..N-1)")
+    parser.add_argument("--learning-rate", type=float, help="override the RL learning rate")
     args = parser.parse_args(argv)
 
     bed = Testbed.quick() if args.quick else Testbed()
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         bed = _replace(bed, rl_steps=args.steps)
     if args.seeds:
         bed = _replace(bed, seeds=tuple(range(args.seeds)))
+    if args.learning_rate:
+        bed = _replace(bed, learning_rate=args.learning_rate)
     output = args.output or (args.run_dir if args.quick else REPO / "bench" / "results")
     started = time.monotonic()
     args.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """What the operator knows of a job's children between API reads: a cache fed by watches.
 
-kopf watches the kinds whose changes matter to a job's status (WATCHED: Deployments, Jobs and Pods
-labelled app.kubernetes.io/managed-by=g2rpo-operator, server-side, and PersistentVolumeClaims) and
+kopf watches the kinds whose changes matter to a job's status (WATCHED: Deployments, Jobs, Pods and,
+with the Kueue integration on, Kueue Workloads labelled app.kubernetes.io/managed-by=g2rpo-operator,
+server-side, and PersistentVolumeClaims) and
 stores every event here; the event also wakes the owning job's pass (handlers.py). A pass reads
 through `View`:
 
@@ -21,9 +22,22 @@ from __future__ import annotations
 import copy
 import threading
 
-from g2rpo_operator.kube import DEPLOYMENTS, JOBS, PODS, PVCS, KubeApi, Manifest, Resource, matches, resource_of
+from g2rpo_operator.kube import (
+    DEPLOYMENTS,
+    JOBS,
+    PODS,
+    PVCS,
+    WORKLOADS,
+    KubeApi,
+    Manifest,
+    Resource,
+    matches,
+    resource_of,
+)
 
-WATCHED = (DEPLOYMENTS, JOBS, PODS, PVCS)
+WATCHED = (DEPLOYMENTS, JOBS, PODS, PVCS, WORKLOADS)
+"""Kinds a cached view answers from the cache. Workloads are watched only with the Kueue integration on
+(handlers.watched_kinds), and only jobs under Kueue, which it requires, ever read one."""
 Key = tuple[Resource, str, str]
 
 

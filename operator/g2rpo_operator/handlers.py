@@ -32,7 +32,7 @@ from g2rpo.spec import API_GROUP, API_VERSION
 from g2rpo_operator.builders.common import MANAGED_BY
 from g2rpo_operator.cache import WATCHED, ObjectCache
 from g2rpo_operator.crd import PLURAL
-from g2rpo_operator.kube import PVCS, KubeApi, KubeError, Manifest, Resource
+from g2rpo_operator.kube import PVCS, WORKLOADS, KubeApi, KubeError, Manifest, Resource
 from g2rpo_operator.metrics import OperatorMetrics
 from g2rpo_operator.reconcile import Reconciler
 from g2rpo_operator.settings import OperatorSettings
@@ -163,7 +163,7 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) 
         operator.latest[key] = dict(body)
         operator.wake(*key)
 
-    for child in WATCHED:
+    for child in watched_kinds(settings):
         _watch_child(registry, operator, cache, child)
 
     @kopf.on.event("v1", "persistentvolumeclaims", id="claim-changed", registry=registry)
@@ -180,6 +180,12 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) 
     @kopf.on.probe(id="jobs", registry=registry)
     def jobs(**_: Any) -> int:
         return operator.metrics.tracked_jobs()
+
+
+def watched_kinds(settings: OperatorSettings) -> tuple[Resource, ...]:
+    """The kinds kopf watches: Workloads only with the Kueue integration (kopf resolves every watched
+    kind at startup and warns about a CRD that is not installed)."""
+    return tuple(res for res in WATCHED if res is not WORKLOADS or settings.kueue_enabled)
 
 
 def _store(cache: ObjectCache, res: Resource, type_: str | None, obj: dict) -> None:
@@ -248,7 +254,7 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     ks.persistence.finalizer = f"{ANNOTATION_PREFIX}/operator"
     ks.scanning.disabled = True
     selector = ",".join(f"{k}={v}" for k, v in WATCH_LABELS.items())
-    for res in WATCHED:
+    for res in watched_kinds(settings):
         if res is not PVCS:  # server-side: the operator never streams the cluster's other pods
             ks.watching.label_selectors[
                 (res.group, res.version, res.plural) if res.group else (res.version, res.plural)

@@ -50,6 +50,9 @@ DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
 JOBS = Resource("batch", "v1", "jobs", "Job")
 PODGROUPS = Resource("scheduling.volcano.sh", "v1beta1", "podgroups", "PodGroup")
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
+# Kueue v1beta1: served from Kueue 0.5 on (and alongside v1beta2 in the releases that add it).
+WORKLOADS = Resource("kueue.x-k8s.io", "v1beta1", "workloads", "Workload")
+RESOURCE_FLAVORS = Resource("kueue.x-k8s.io", "v1beta1", "resourceflavors", "ResourceFlavor", namespaced=False)
 CLUSTER_PEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering", namespaced=False)
 PEERINGS = Resource("kopf.dev", "v1", "kopfpeerings", "KopfPeering")
 _BY_KIND = {
@@ -62,6 +65,8 @@ _BY_KIND = {
         JOBS,
         PODGROUPS,
         NETWORK_POLICIES,
+        WORKLOADS,
+        RESOURCE_FLAVORS,
         PODS,
         PVCS,
         CLUSTER_PEERINGS,

@@ -37,6 +37,10 @@ Rules worth knowing:
   for a pod).
 - Suspend deletes the trainer Job and scales the Deployments to zero; resume recreates them. A
   finished job (status.completionTime set) is never restarted; its GPUs are released.
+- Under Kueue (runPolicy.gangScheduler kueue) one Workload holds the GPU gang: the rollout
+  Deployment and the trainer Job exist only while Kueue admits it (Ready=False Queued until then),
+  and an eviction stops the gang as a disruption, then hands the quota back (kueue.py). A suspended
+  or finished job's Workload is deleted, which returns its quota.
 - Passes read through a watch-fed cache (cache.py) except every settings.resync_seconds, when they
   read everything from the API.
 """
@@ -65,16 +69,19 @@ from g2rpo_operator.builders.common import (
     TOKEN_KEY,
     child_name,
 )
-from g2rpo_operator.builders.gang import trainer_waits_in_process
+from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
 from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.controller_client import ControllerReport, read_controller
+from g2rpo_operator.kueue import Admission, Placement, admission_of, assigned_flavors, placements, release_quota
 from g2rpo_operator.kube import (
     CONFIGMAPS,
     DEPLOYMENTS,
     JOBS,
     PODS,
     PVCS,
+    RESOURCE_FLAVORS,
     SECRETS,
+    WORKLOADS,
     KubeApi,
     KubeError,
     Manifest,
@@ -145,6 +152,11 @@ def validate(
         errors.append(
             "spec.runPolicy.queue: gangScheduler kueue needs a queue (the Kueue LocalQueue name); the operator "
             "has no default (G2RPO_KUEUE_QUEUE)"
+        )
+    if spec.run_policy.gang_scheduler == "kueue" and settings and not settings.kueue_enabled:
+        errors.append(
+            "spec.runPolicy.gangScheduler: kueue needs the operator's Kueue integration, which is off (install "
+            "the chart with kueue.enabled=true, G2RPO_KUEUE_ENABLED): it creates and watches the job's Workload"
         )
     try:
         check_batch_layout(spec, spec.trainer.replicas * spec.trainer.gpus_per_replica)
@@ -259,12 +271,21 @@ def ready_count(job: Manifest | None) -> int:
     return int(((job or {}).get("status") or {}).get("ready") or 0)
 
 
-def progress(spec: G2RPOJobSpec, prev: Manifest, job: Manifest | None, pods: list[Manifest], now: datetime) -> Progress:
-    """The phase and the trainer's fate, from the previous status, the trainer Job, its pods and the clock.
+def progress(
+    spec: G2RPOJobSpec,
+    prev: Manifest,
+    job: Manifest | None,
+    pods: list[Manifest],
+    now: datetime,
+    evicted: str | None = None,
+) -> Progress:
+    """The phase and the trainer's fate, from the previous status, the trainer Job, its pods and the clock
+    (and `evicted`, Kueue's message while it evicts the job's Workload).
 
     Precedence: a finished job stays finished; then the trainer's success; then suspend (which
     wins over a failure, so a suspended job is never restarted); then a configuration error, a
-    disruption, a failure; then the deadline. Running needs every trainer pod ready.
+    disruption (a pod's, or Kueue's eviction), a failure; then the deadline. Running needs every
+    trainer pod ready.
     """
     base = Progress(
         phase="Pending",
@@ -317,10 +338,12 @@ def progress(spec: G2RPOJobSpec, prev: Manifest, job: Manifest | None, pods: lis
             last_failed_trainer=job["metadata"]["uid"],
             completion_time=stamp,
         )
-    evicted = disrupted(pods) if job is not None else []
-    if evicted:
+    disruptions = disrupted(pods) if job is not None else []
+    if job is not None and evicted is not None:
+        disruptions.append(f"Kueue evicted the gang's Workload: {evicted}")
+    if disruptions:
         assert job is not None
-        return _gang_restart(base, job["metadata"]["uid"], "; ".join(evicted), disruption=True, limit=0)
+        return _gang_restart(base, job["metadata"]["uid"], "; ".join(disruptions), disruption=True, limit=0)
     if outcome == "failed":
         assert job is not None
         detail = failure_detail(job, pods)
@@ -481,6 +504,8 @@ class Facts:
     trainer_ready: str
     """'ready/replicas' of the current trainer Job, '' when there is none."""
     report: ControllerReport | None
+    kueue: Admission | None = None
+    """The Workload's state under Kueue; None without it."""
 
 
 Verdict = tuple[bool | None, str, str]
@@ -516,6 +541,15 @@ def _ready(facts: Facts) -> Verdict:
         return False, "ChildConflict", owned
     if facts.storage:
         return False, *facts.storage
+    if facts.kueue and facts.kueue.evicted is not None:
+        return (
+            False,
+            "Evicted",
+            f"Kueue evicted the gang ({facts.kueue.evicted}): stopping the rollout and the trainer, then the "
+            "Workload is queued again and the gang resumes from the newest checkpoint once admitted",
+        )
+    if facts.kueue and not facts.kueue.admitted:
+        return False, "Queued", facts.kueue.waiting
     if facts.problems:
         return False, facts.problems[0][0], "; ".join(message for _, message in facts.problems)
     if p.reason == "Restarting":
@@ -705,7 +739,9 @@ class Reconciler:
         job = observed.get(_key(JOBS, ctx.child("trainer")))
         pods = view.list(PODS, namespace, job_pod_labels(name))
         trainer_pods = [pod for pod in pods if job is not None and owned_by(pod, job["metadata"]["uid"])]
-        prog = progress(ctx.spec, prev, job, trainer_pods, now)
+        workload = observed.get(_key(WORKLOADS, ctx.child("gang")))
+        kueue = admission_of(workload, kueue_queue(ctx)) if ctx.spec.run_policy.gang_scheduler == "kueue" else None
+        prog = progress(ctx.spec, prev, job, trainer_pods, now, evicted=kueue.evicted if kueue else None)
         waiting_for = self._waiting_for(ctx, observed, prog.gang_epoch)
         token = self._token(observed.get(_key(SECRETS, ctx.token_name)), body["metadata"]["uid"])
         blocked = bool(missing) or (storage is not None and storage[0] == "ClaimNotShared")
@@ -718,7 +754,10 @@ class Reconciler:
             token or secrets.token_urlsafe(32),
             create=not blocked,
             with_trainer=trainer_waits_in_process(ctx) or not waiting_for,
+            admitted=self._admitted(view, workload, kueue),
         )
+        if kueue and kueue.evicted is not None and workload is not None:
+            self._release_when_stopped(view, ctx, observed, workload, now)
         report = self._read_controller(ctx, observed, token)
         facts = Facts(
             progress=prog,
@@ -734,8 +773,29 @@ class Reconciler:
             waiting_for=waiting_for if job is None else [],
             trainer_ready=f"{ready_count(job)}/{ctx.spec.trainer.replicas}" if job is not None else "",
             report=report,
+            kueue=kueue if prog.active else None,
         )
         return status_patch(job_status(facts, prev, now), prev)
+
+    @staticmethod
+    def _admitted(view: View, workload: Manifest | None, kueue: Admission | None) -> dict[str, Placement] | None:
+        """What `children` needs of Kueue: the placement per pod set once admitted, else None (no gang)."""
+        if kueue is None:
+            return {}
+        if not kueue.admitted or workload is None:
+            return None
+        return placements(workload, {name: view.get(RESOURCE_FLAVORS, "", name) for name in assigned_flavors(workload)})
+
+    @staticmethod
+    def _release_when_stopped(
+        view: View, ctx: JobContext, observed: dict[tuple[str, str], Manifest], workload: Manifest, now: datetime
+    ) -> None:
+        """Hand an evicted Workload's quota back once neither the trainer Job nor the rollout Deployment
+        (deleted in the foreground: their pods go first) is left; Kueue then requeues it."""
+        if _key(JOBS, ctx.child("trainer")) in observed or _key(DEPLOYMENTS, ctx.child("rollout")) in observed:
+            return
+        meta = workload["metadata"]
+        view.patch(WORKLOADS, meta["namespace"], meta["name"], release_quota(workload, "evicted", now), "status")
 
     def _effective(
         self, name: str, namespace: str, spec: G2RPOJobSpec | None, accepted: JobContext | None
@@ -837,16 +897,29 @@ class Reconciler:
         token: str,
         create: bool,
         with_trainer: bool,
+        admitted: dict[str, Placement] | None,
     ) -> list[str]:
-        """Create what is missing, update what may change, delete the trainer when due; returns conflicts."""
+        """Create what is missing, update what may change, delete the trainer when due (and, under Kueue,
+        the gang and the Workload when they may not run); returns conflicts."""
         uid = owner["metadata"]["uid"]
-        job = observed.get(_key(JOBS, ctx.child("trainer")))
-        if prog.delete_trainer and job is not None and not job["metadata"].get("deletionTimestamp"):
-            # Foreground: the Job disappears only after its pods, so a new attempt never overlaps the old one.
-            view.delete(JOBS, ctx.namespace, job["metadata"]["name"], propagation="Foreground")
-            job = None
+        desired = children(
+            ctx, token, prog.active, prog.gang_epoch, with_trainer and not prog.delete_trainer, admitted
+        )
+        retired = [(JOBS, ctx.child("trainer"))] if prog.delete_trainer else []
+        if ctx.spec.run_policy.gang_scheduler == "kueue":
+            wanted = {_key(resource_of(m), m["metadata"]["name"]) for m in desired}
+            retired += [
+                (res, name)
+                for res, name in ((DEPLOYMENTS, ctx.child("rollout")), (WORKLOADS, ctx.child("gang")))
+                if _key(res, name) not in wanted
+            ]
+        for res, name in retired:
+            current = observed.get(_key(res, name))
+            if current is not None and owned_by(current, uid) and not current["metadata"].get("deletionTimestamp"):
+                # Foreground: the object disappears only after its pods, so a new attempt never overlaps the old one.
+                view.delete(res, ctx.namespace, name, propagation="Foreground")
         conflicts: list[str] = []
-        for manifest in children(ctx, token, prog.active, prog.gang_epoch, with_trainer and not prog.delete_trainer):
+        for manifest in desired:
             res = resource_of(manifest)
             name = manifest["metadata"]["name"]
             current = observed.get(_key(res, name))

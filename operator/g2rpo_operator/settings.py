@@ -56,6 +56,9 @@ class OperatorSettings:
     controller_scratch_size: str = "1Gi"
     """sizeLimit of the controller's /tmp, also its ephemeral-storage request."""
     image_pull_policy: str = "IfNotPresent"
+    kueue_enabled: bool = False
+    """The Kueue integration: jobs with runPolicy.gangScheduler kueue get a Workload, which the operator
+    watches (kueue.x-k8s.io/v1beta1 must be served). Off, such jobs are refused."""
     kueue_queue: str | None = None
     """The Kueue LocalQueue of jobs with runPolicy.gangScheduler kueue that name no queue."""
     storage_class_name: str | None = None
@@ -122,6 +125,10 @@ def _json_strings(raw: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _flag(raw: str) -> bool:
+    return raw.strip().lower() in ("1", "true", "yes")
+
+
 def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
@@ -144,6 +151,7 @@ _ENV: dict[str, Any] = {
     "gpu_cache_size": str,
     "controller_scratch_size": str,
     "image_pull_policy": str,
+    "kueue_enabled": _flag,
     "kueue_queue": str,
     "storage_class_name": str,
     "operator_namespace": str,
@@ -156,6 +164,6 @@ _ENV: dict[str, Any] = {
     "metrics_port": int,
     "health_port": int,
     "namespaces": _csv,
-    "standalone": lambda raw: raw.strip().lower() in ("1", "true", "yes"),
+    "standalone": _flag,
     "peering_priority": int,
 }

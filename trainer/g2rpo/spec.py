@@ -514,9 +514,9 @@ class RunPolicySpec(SpecModel):
     gang_scheduler: Literal["none", "kueue", "volcano"] = Field(
         "none",
         description="Admit the GPU pods together or none. volcano: one PodGroup (minMember = trainer.replicas + 1) "
-        "holds the rollout pod and every trainer pod. kueue: the trainer Job is one Kueue workload (all ranks) and "
-        "the rollout Deployment carries the same queue label (its own workload: Kueue cannot group a Deployment's "
-        "pod with a Job's pods).",
+        "holds the rollout pod and every trainer pod. kueue: one Kueue Workload with two pod sets (the rollout pod, "
+        "the trainer pods) is admitted as a unit, and the rollout and the trainer are created only once it is "
+        "(needs the operator's Kueue integration, chart value kueue.enabled).",
     )
     queue: str | None = Field(
         None,

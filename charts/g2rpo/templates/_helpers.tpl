@@ -48,6 +48,12 @@ The argument is the peering mode: "clusterwide" or "namespaced". */}}
 {{- define "g2rpo.rbacRules" -}}
 {{ .root.Files.Get "files/rbac/operator-rules.yaml" }}
 {{- .root.Files.Get (printf "files/rbac/peering-%s.yaml" .peering) }}
+{{- if .root.Values.kueue.enabled }}
+{{- .root.Files.Get "files/rbac/kueue-rules.yaml" }}
+{{- if eq .peering "clusterwide" }}
+{{- .root.Files.Get "files/rbac/kueue-flavors.yaml" }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* The monitors scrape the controllers where jobs run: the watched namespaces, or all of them. */}}

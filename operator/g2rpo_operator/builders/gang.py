@@ -6,26 +6,86 @@ so no GPU is bound until all of them fit. Because Volcano waits for minMember po
 operator creates the trainer Job together with the rollout under volcano; the trainer then waits
 for the server in process (TRL's vllm_server_timeout = rollout.startupTimeoutSeconds).
 
-Kueue: the trainer Job is one workload (Kueue admits all its ranks or none, and unsuspends it); the
-rollout Deployment carries the same queue label, which Kueue's Deployment integration admits as a
-workload of its own. Kueue's plain-pod groups (kueue.x-k8s.io/pod-group-name) cannot join them into
-one: Kueue leaves pods whose owner is a kind it integrates (batch/Job) to that integration, so the
-trainer's pods never enter a pod group. Without a gang scheduler, and under Kueue, the operator
-creates the trainer Job only once the rollout is Available (see reconcile.py).
+Kueue: one Workload `<job>-gang` with two pod sets, `rollout` (1 pod) and `trainer` (trainer.replicas
+pods), their templates copied from the Deployment's and the Job's, so Kueue reserves quota for the
+whole gang or none of it. The operator acts as Kueue's integration for G2RPOJobs (kueue.py): it
+creates the rollout Deployment and the trainer Job only once the Workload is admitted, with the
+placement Kueue granted (`place`), and neither carries a queue label of its own. (Kueue's plain-pod
+groups cannot join a Deployment's pod and a Job's pods: Kueue leaves pods whose owner is a kind it
+integrates to that integration.) Without a gang scheduler, and under Kueue, the operator creates the
+trainer Job only once the rollout is Available (see reconcile.py).
 """
-
 from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
 
 from g2rpo_operator.builders.common import JobContext, Manifest, metadata
 
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+if TYPE_CHECKING:
+    from g2rpo_operator.kueue import Placement
+
 VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 COMPONENT = "gang"
+
+
+ROLLOUT_POD_SET = "rollout"
+TRAINER_POD_SET = "trainer"
 
 
 def kueue_queue(ctx: JobContext) -> str:
     """The job's Kueue LocalQueue: its own, else the operator's default (validate() requires one of them)."""
     return ctx.spec.run_policy.queue or ctx.settings.kueue_queue or ""
+
+
+def kueue_workload(ctx: JobContext, rollout_deployment: Manifest, trainer_job: Manifest) -> Manifest:
+    """Kueue's unit of admission for the whole gang: quota for the rollout pod and every trainer pod at once.
+
+    The pod sets copy the children's pod templates (Kueue sums their containers' requests); the
+    gang-epoch annotation is left out, so the Workload stays the same across gang restarts."""
+
+    def pod_set(name: str, count: int, owner: Manifest) -> Manifest:
+        template = copy.deepcopy(owner["spec"]["template"])
+        template["metadata"].pop("annotations", None)
+        return {"name": name, "count": count, "template": template}
+
+    policy = ctx.spec.run_policy
+    spec: Manifest = {
+        "queueName": kueue_queue(ctx),
+        "podSets": [
+            pod_set(ROLLOUT_POD_SET, 1, rollout_deployment),
+            pod_set(TRAINER_POD_SET, ctx.spec.trainer.replicas, trainer_job),
+        ],
+    }
+    if policy.priority_class_name:
+        spec["priorityClassName"] = policy.priority_class_name
+        spec["priorityClassSource"] = "scheduling.k8s.io/priorityclass"
+    return {
+        "apiVersion": "kueue.x-k8s.io/v1beta1",
+        "kind": "Workload",
+        "metadata": metadata(ctx, COMPONENT),
+        "spec": spec,
+    }
+
+
+def place(manifest: Manifest, placement: Placement | None) -> Manifest:
+    """`manifest` (a Deployment or a Job) with the placement Kueue granted its pod set merged into the
+    pod template: node selector and labels/annotations added (Kueue's win), tolerations appended."""
+    if placement is None:
+        return manifest
+    template = manifest["spec"]["template"]
+    pod = template["spec"]
+    if placement.node_selector:
+        pod["nodeSelector"] = {**(pod.get("nodeSelector") or {}), **placement.node_selector}
+    tolerations = pod.get("tolerations") or []
+    tolerations += [t for t in placement.tolerations if t not in tolerations]
+    if tolerations:
+        pod["tolerations"] = tolerations
+    if placement.labels:
+        template["metadata"]["labels"] = {**template["metadata"].get("labels", {}), **placement.labels}
+    if placement.annotations:
+        template["metadata"]["annotations"] = {**(template["metadata"].get("annotations") or {}), **placement.annotations}
+    return manifest
 
 
 def volcano_pod_fields(ctx: JobContext) -> dict[str, str]:

@@ -36,7 +36,7 @@ from g2rpo_operator.builders.common import (
     selector_labels,
     shm_volume,
 )
-from g2rpo_operator.builders.gang import KUEUE_QUEUE_LABEL, kueue_queue, volcano_pod_fields
+from g2rpo_operator.builders.gang import volcano_pod_fields
 
 COMPONENT = "rollout"
 PORT_NAME = "http"
@@ -129,11 +129,7 @@ def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manif
         pod_spec["schedulerName"] = "volcano"
         annotations |= volcano_pod_fields(ctx)
     # Recreate: a rolling update would need a second set of GPUs for the overlap.
-    manifest = recreate_deployment(ctx, COMPONENT, replicas, pod_spec, annotations=annotations)
-    if spec.run_policy.gang_scheduler == "kueue":  # Kueue's Deployment integration: the pod is its own workload
-        manifest["metadata"]["labels"][KUEUE_QUEUE_LABEL] = kueue_queue(ctx)
-        manifest["spec"]["template"]["metadata"]["labels"][KUEUE_QUEUE_LABEL] = kueue_queue(ctx)
-    return manifest
+    return recreate_deployment(ctx, COMPONENT, replicas, pod_spec, annotations=annotations)
 
 
 def service(ctx: JobContext) -> Manifest:

@@ -55,7 +55,7 @@ from g2rpo_operator.builders.common import (
     shm_volume,
     token_volume,
 )
-from g2rpo_operator.builders.gang import KUEUE_QUEUE_LABEL, kueue_queue, volcano_pod_fields
+from g2rpo_operator.builders.gang import volcano_pod_fields
 
 COMPONENT = "trainer"
 CHECK_CONTAINER = "check-spec"
@@ -214,9 +214,6 @@ def job(ctx: JobContext) -> Manifest:
         "podFailurePolicy": pod_failure_policy(),
         "template": {"metadata": pod_meta, "spec": _pod_spec(ctx)},
     }
-    if policy.gang_scheduler == "kueue":
-        meta["labels"][KUEUE_QUEUE_LABEL] = kueue_queue(ctx)
-        job_spec["suspend"] = True  # Kueue unsuspends the Job when it admits the whole gang.
     if policy.gang_scheduler == "volcano":
         pod_meta["annotations"] = volcano_pod_fields(ctx)
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
