@@ -18,8 +18,8 @@ from g2rpo.spec import RewardSpec
 __all__ = ["accuracy_reward", "build_reward_functions", "format_reward", "make_code_reward"]
 
 
-def build_reward_functions(rewards: list[RewardSpec]) -> tuple[list[Callable], list[float]]:
-    """One TRL reward function per spec entry, in order, and their weights (GRPOConfig.reward_weights)."""
+def build_reward_functions(rewards: list[RewardSpec]) -> list[Callable]:
+    """One TRL reward function per spec entry, in order (their weights go to GRPOConfig.reward_weights)."""
     functions: list[Callable] = []
     for reward in rewards:
         if reward.name == "accuracy":
@@ -30,4 +30,4 @@ def build_reward_functions(rewards: list[RewardSpec]) -> tuple[list[Callable], l
             functions.append(make_code_reward(timeout_s=reward.timeout_seconds, memory_mb=reward.memory_mb))
         else:
             raise ValueError(f"unknown reward {reward.name!r}")
-    return functions, [reward.weight for reward in rewards]
+    return functions
