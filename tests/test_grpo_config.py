@@ -49,17 +49,18 @@ def spec_with_another_value(section: str, name: str):
             return parse_spec({**MINIMAL, section: {field.alias: value}})
         except SpecError:
             continue
-    raise AssertionError(f"{section}.{field.alias}: no valid value besides {default!r} among the candidates; add one")
+    raise AssertionError(f"{section}.{field.alias}: no valid value but {default!r} among the candidates; add one")
 
 
-FIELDS = [(section, name) for section, model in CHECKED_SECTIONS.items() for name in model.model_fields]
+FIELDS = [
+    (f"{section}.{field.alias}", section, name)
+    for section, model in CHECKED_SECTIONS.items()
+    for name, field in model.model_fields.items()
+]
 
 
-@pytest.mark.parametrize(
-    ("section", "name"), FIELDS, ids=[f"{s}.{CHECKED_SECTIONS[s].model_fields[n].alias}" for s, n in FIELDS]
-)
-def test_every_field_reaches_grpo_config_or_is_deliberately_unmapped(section, name):
-    path = f"{section}.{CHECKED_SECTIONS[section].model_fields[name].alias}"
+@pytest.mark.parametrize(("path", "section", "name"), FIELDS, ids=[path for path, _, _ in FIELDS])
+def test_every_field_reaches_grpo_config_or_is_deliberately_unmapped(path, section, name):
     before, after = arguments(parse_spec(MINIMAL)), arguments(spec_with_another_value(section, name))
     changed = sorted(key for key in before if before[key] != after[key])
     if path in DELIBERATELY_UNMAPPED:
@@ -72,35 +73,44 @@ def test_every_field_reaches_grpo_config_or_is_deliberately_unmapped(section, na
 
 
 def test_deliberately_unmapped_names_only_fields_that_exist():
-    paths = {f"{section}.{field.alias}" for section, model in CHECKED_SECTIONS.items() for field in model.model_fields.values()}
-    assert set(DELIBERATELY_UNMAPPED) <= paths
+    assert set(DELIBERATELY_UNMAPPED) <= {path for path, _, _ in FIELDS}
     assert all(reason.strip() for reason in DELIBERATELY_UNMAPPED.values())
 
 
-def test_the_examples_keep_their_configs():
-    """Values build_trainer produced before grpo_config existed (real GRPOConfig, CPU)."""
-    local = load_job(ROOT / "examples/smollm2-arithmetic.yaml").spec
-    config = grpo_config(local, output_dir=Path("/run/ckpt"), dtype=torch.float32, use_cpu=True, generation=Generation())
-    assert {key: getattr(config, key) for key in ("per_device_train_batch_size", "num_generations", "max_steps")} == {
-        "per_device_train_batch_size": 4, "num_generations": 4, "max_steps": 40
-    }
-    assert (config.learning_rate, config.temperature, config.max_completion_length) == (6e-05, 0.8, 64)
-    assert (config.save_steps, config.save_total_limit, config.reward_weights) == (10, 2, [1.0, 0.1])
-    assert (config.shuffle_dataset, config.use_vllm, config.vllm_max_model_length) == (False, False, 384)
-    assert (config.output_dir, config.use_cpu, config.bf16, config.fp16) == ("/run/ckpt", True, False, False)
+# What build_trainer gave these examples before grpo_config existed, on CPU: the local example generating in
+# process, the cluster one with a vLLM server.
+SERVER = "http://rollout:8000"
+EXAMPLE_CONFIGS = {
+    ("examples/smollm2-arithmetic.yaml", None): {
+        "output_dir": "/ckpt", "use_cpu": True, "bf16": False, "fp16": False,
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "num_generations": 4,
+        "learning_rate": 6e-05, "max_steps": 40, "max_completion_length": 64, "temperature": 0.8,
+        "loss_type": "dapo", "scale_rewards": "group", "lr_scheduler_type": "constant", "warmup_steps": 0.0,
+        "save_steps": 10, "save_total_limit": 2, "reward_weights": [1.0, 0.1], "shuffle_dataset": False,
+        "use_vllm": False, "vllm_max_model_length": 384,
+    },
+    ("manifests/examples/g2rpojob.yaml", SERVER): {
+        "per_device_train_batch_size": 12, "gradient_accumulation_steps": 4, "num_generations": 12,
+        "learning_rate": 1e-06, "num_train_epochs": 5.0, "max_steps": -1, "max_completion_length": 4096,
+        "temperature": 0.7, "epsilon": 0.2, "beta": 0.0, "lr_scheduler_type": "cosine", "warmup_steps": 0.1,
+        "gradient_checkpointing": True, "save_steps": 50, "save_total_limit": 3, "reward_weights": [1.0, 0.1],
+        "use_vllm": True, "vllm_server_base_url": SERVER, "vllm_group_port": 51216,
+        "vllm_server_timeout": 1200.0, "vllm_max_model_length": 7680,
+    },
+}
 
-    cluster = load_job(ROOT / "manifests/examples/g2rpojob.yaml").spec
+
+@pytest.mark.parametrize(("example", "server"), list(EXAMPLE_CONFIGS), ids=[path for path, _ in EXAMPLE_CONFIGS])
+def test_the_examples_keep_their_configs(example, server):
     config = grpo_config(
-        cluster, output_dir=Path("/ckpt"), dtype=torch.float32, use_cpu=True,
-        generation=Generation(vllm_server_url="http://rollout:8000"),
+        load_job(ROOT / example).spec,
+        output_dir=Path("/ckpt"),
+        dtype=torch.float32,
+        use_cpu=True,
+        generation=Generation(vllm_server_url=server),
     )
-    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps, config.num_generations) == (12, 4, 12)
-    assert (config.learning_rate, config.num_train_epochs, config.max_steps) == (1e-06, 5.0, -1)
-    assert (config.lr_scheduler_type, config.warmup_steps, config.gradient_checkpointing) == ("cosine", 0.1, True)
-    assert (config.loss_type, config.scale_rewards, config.epsilon, config.beta) == ("dapo", "group", 0.2, 0.0)
-    assert (config.save_steps, config.save_total_limit, config.vllm_max_model_length) == (50, 3, 512 + 3072 + 4096)
-    assert (config.use_vllm, config.vllm_server_base_url, config.vllm_group_port) == (True, "http://rollout:8000", 51216)
-    assert config.vllm_server_timeout == 1200.0
+    expected = EXAMPLE_CONFIGS[example, server]
+    assert {key: getattr(config, key) for key in expected} == expected
 
 
 @pytest.mark.parametrize("rollout_section", [{}, {"maxModelLen": 2048}])
@@ -108,4 +118,5 @@ def test_the_trainer_and_the_rollout_server_agree_on_the_context_length(rollout_
     spec = parse_spec({**MINIMAL, "rollout": rollout_section})
     command = rollout.vllm_serve_command(JobContext.resolve("j", "ml", spec, OperatorSettings()))
     served = int(command[command.index("--max_model_len") + 1])
-    assert served == arguments(spec)["vllm_max_model_length"] == rollout_section.get("maxModelLen", 512 + 3072 + 1024)
+    expected = rollout_section.get("maxModelLen", 512 + 3072 + 1024)  # default: prompt + guidance + completion
+    assert served == arguments(spec)["vllm_max_model_length"] == expected
