@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+import g2rpo
 from g2rpo.rewards import build_reward_functions
 from g2rpo.rewards.code import extract_program, make_code_reward
 from g2rpo.rewards.format import format_reward
@@ -204,19 +208,32 @@ def test_extract_program(text, program):
 # --- building from the spec ----------------------------------------------------------------------
 
 
-def test_build_reward_functions_names_weights_and_limits():
+def test_build_reward_functions_names_and_limits():
     specs = [
         RewardSpec(name="accuracy", weight=1.0),
         RewardSpec(name="format", weight=0.25),
         RewardSpec(name="code", weight=2.0, timeout_seconds=0.5, memory_mb=256),
     ]
-    functions, weights = build_reward_functions(specs)
+    functions = build_reward_functions(specs)
     assert [function.__name__ for function in functions] == ["accuracy", "format", "code"]
-    assert weights == [1.0, 0.25, 2.0]
     slow = fenced("import time\ntime.sleep(3)\ndef add(a, b):\n    return a + b")
     started = time.monotonic()
     assert call(functions[2], [slow], tests=[ADD_TESTS]) == [0.0], "the spec's 0.5 s timeout applies"
     assert time.monotonic() - started < 2.5
+
+
+def test_the_code_reward_and_the_sandbox_child_need_only_the_standard_library():
+    """Without site-packages on the path, importing them loads nothing but the standard library and g2rpo:
+    no math_verify (the accuracy reward's, imported on first use), torch, transformers or pydantic."""
+    source_root = Path(g2rpo.__file__).parents[1]
+    probe = (
+        f"import sys; sys.path.insert(0, {str(source_root)!r})\n"
+        "import g2rpo.rewards.code, g2rpo.rewards.sandbox_child\n"
+        "print(sorted({name.partition('.')[0] for name in sys.modules} - sys.stdlib_module_names - {'__main__'}))"
+    )
+    result = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['g2rpo']"
 
 
 # --- HumanEval -----------------------------------------------------------------------------------

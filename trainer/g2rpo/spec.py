@@ -706,6 +706,15 @@ def check_batch_layout(spec: G2RPOJobSpec, num_processes: int) -> None:
         )
 
 
+def max_model_len(spec: G2RPOJobSpec) -> int:
+    """vLLM's context length: rollout.maxModelLen, else the longest sequence a roll-out can reach (prompt +
+    guidance prefix + generated completion). The rollout server is started with it and the trainer's
+    GRPOConfig carries it, so both read it from here."""
+    if spec.rollout.max_model_len is not None:
+        return spec.rollout.max_model_len
+    return spec.training.max_prompt_length + spec.guidance.max_length + spec.training.max_completion_length
+
+
 def load_job(path: str | Path) -> G2RPOJob:
     """Read and validate a G2RPOJob YAML file."""
     text = Path(path).read_text()

@@ -17,6 +17,8 @@ run read-only (no GPU on the machines that build this).
 
 from __future__ import annotations
 
+from g2rpo.spec import max_model_len
+
 from g2rpo_operator.builders.common import (
     CACHE_MOUNT,
     GANG_EPOCH_ANNOTATION,
@@ -42,14 +44,6 @@ COMPONENT = "rollout"
 PORT_NAME = "http"
 
 
-def max_model_len(ctx: JobContext) -> int:
-    """The longest sequence a roll-out can reach: prompt + guidance prefix + generated completion."""
-    spec = ctx.spec
-    if spec.rollout.max_model_len is not None:
-        return spec.rollout.max_model_len
-    return spec.training.max_prompt_length + spec.guidance.max_length + spec.training.max_completion_length
-
-
 def vllm_serve_command(ctx: JobContext) -> list[str]:
     spec = ctx.spec
     rollout = spec.rollout
@@ -69,7 +63,7 @@ def vllm_serve_command(ctx: JobContext) -> list[str]:
         "--gpu_memory_utilization",
         str(rollout.gpu_memory_utilization),
         "--max_model_len",
-        str(max_model_len(ctx)),
+        str(max_model_len(spec)),
         "--host",
         "0.0.0.0",
         "--port",

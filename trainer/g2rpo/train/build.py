@@ -20,6 +20,7 @@ from accelerate import PartialState
 from g2rpo.controller.client import GuidanceClient
 from g2rpo.guidance.schedule import ScheduleParams
 from g2rpo.spec import G2RPOJob, G2RPOJobSpec, SpecError, check_batch_layout
+from g2rpo.train.config import Generation, grpo_config
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,6 @@ class RunLayout:
     @property
     def plot_file(self) -> Path:
         return self.run_dir / "reward_and_guidance.png"
-
-
-@dataclass(frozen=True)
-class Generation:
-    """Where roll-outs are generated: in the training process, or on a vLLM server (TRL's server mode).
-
-    `weight_sync_port` is the port of TRL's NCCL group that pushes weights to the server.
-    """
-
-    vllm_server_url: str | None = None
-    weight_sync_port: int = 51216
 
 
 def resolve_resume(spec: G2RPOJobSpec, checkpoint_dir: Path) -> str | None:
@@ -92,7 +82,6 @@ def build_trainer(
 ):
     """Build the trainer for `job`. The controller client is created on rank 0 only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig
 
     from g2rpo.data.load import load_training_dataset
     from g2rpo.models.bundled import resolve_model_path
@@ -108,7 +97,7 @@ def build_trainer(
     model_path = resolve_model_path(spec.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=_revision(spec, model_path))
     dataset = _fit_prompts(load_training_dataset(spec), tokenizer, training.max_prompt_length)
-    reward_funcs, reward_weights = build_reward_functions(spec.rewards)
+    reward_funcs = build_reward_functions(spec.rewards)
 
     prompts_per_step = training.per_device_batch_size * training.gradient_accumulation_steps * world.num_processes
     prompts_per_step //= training.num_generations
@@ -122,50 +111,8 @@ def build_trainer(
 
     use_cuda = torch.cuda.is_available()
     dtype = _torch_dtype(spec.model.dtype, use_cuda)
-    config = GRPOConfig(
-        output_dir=str(layout.checkpoint_dir),
-        use_cpu=not use_cuda,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        per_device_train_batch_size=training.per_device_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        num_generations=training.num_generations,
-        learning_rate=training.learning_rate,
-        num_train_epochs=training.epochs,
-        max_steps=training.max_steps or -1,
-        max_completion_length=training.max_completion_length,
-        temperature=training.temperature,
-        top_p=training.top_p,
-        top_k=training.top_k,
-        beta=training.beta,
-        epsilon=training.epsilon,
-        epsilon_high=training.epsilon_high,
-        loss_type=training.loss_type,
-        scale_rewards=training.scale_rewards,
-        num_iterations=training.num_iterations,
-        mask_truncated_completions=training.mask_truncated_completions,
-        weight_decay=training.weight_decay,
-        warmup_steps=training.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-        lr_scheduler_type=training.lr_scheduler_type,
-        max_grad_norm=training.max_grad_norm,
-        gradient_checkpointing=training.gradient_checkpointing,
-        seed=training.seed,
-        logging_steps=training.logging_steps,
-        save_strategy="steps",
-        save_steps=spec.checkpoint.every_steps,
-        save_total_limit=spec.checkpoint.keep,
-        reward_weights=reward_weights,
-        shuffle_dataset=spec.curriculum is None,  # a curriculum's order is the point
-        report_to=[],
-        disable_tqdm=True,
-        use_vllm=generation.vllm_server_url is not None,
-        vllm_mode="server",
-        vllm_server_base_url=generation.vllm_server_url,
-        vllm_group_port=generation.weight_sync_port,
-        # As long as the rollout's startup probe allows vLLM to come up: a restarted gang meets a new server.
-        vllm_server_timeout=float(spec.rollout.startup_timeout_seconds),
-        # vLLM must fit the longest roll-out: prompt + guidance + generated tokens.
-        vllm_max_model_length=training.max_prompt_length + spec.guidance.max_length + training.max_completion_length,
+    config = grpo_config(
+        spec, output_dir=layout.checkpoint_dir, dtype=dtype, use_cpu=not use_cuda, generation=generation
     )
     model = AutoModelForCausalLM.from_pretrained(model_path, revision=_revision(spec, model_path), dtype=dtype)
     trainer = G2RPOTrainer(
