@@ -76,7 +76,7 @@ PROBE_PERIOD_SECONDS = 10
 
 def startup_failure_threshold(ctx: JobContext) -> int:
     """Startup probes allowed to fail: rollout.startupTimeoutSeconds, the same time the trainer waits for the
-    server (TRL's vllm_server_timeout, set from the same field in g2rpo.train.build)."""
+    server (TRL's vllm_server_timeout, set from the same field in g2rpo.train.config)."""
     return -(-ctx.spec.rollout.startup_timeout_seconds // PROBE_PERIOD_SECONDS)
 
 
