@@ -44,7 +44,7 @@ from pydantic.alias_generators import to_camel
 
 from g2rpo.controller.core import StepConflict, StepRecord
 from g2rpo.controller.metrics import REPORT_METRICS, ControllerMetrics
-from g2rpo.controller.store import DEFAULT_COMPACT_EVERY, DurableController, Report
+from g2rpo.controller.store import DEFAULT_COMPACT_EVERY, DurableController, ReportAnswer
 from g2rpo.guidance.schedule import ScheduleParams
 from g2rpo.spec import GuidanceSpec
 
@@ -322,7 +322,7 @@ async def post_step(request: web.Request) -> web.Response:
         service.metrics.count_report("invalid")
         raise
 
-    def accept(durable: DurableController) -> tuple[Report, StepRecord]:
+    def accept(durable: DurableController) -> tuple[ReportAnswer, StepRecord]:
         try:
             report = durable.report(step, reward, values)
         except StepConflict as exc:
