@@ -10,6 +10,8 @@ import asyncio
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,8 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from g2rpo.controller.core import StepConflict
 from g2rpo.controller.http_client import ControllerRejected, ControllerUnavailable, HttpGuidanceClient
+from g2rpo.controller.metrics import SANDBOX_LAYERS
 from g2rpo.controller.service import GuidanceService, ServiceConfig, start_server
 from g2rpo.guidance import schedule as sched
+from g2rpo_operator.controller_client import ControllerReport, read_controller
 
 TOKEN = "test-token-0123456789"
 PARAMS = sched.ScheduleParams(schedule="adaptive", initial_length=400, min_length=1, max_length=800, window=2)
@@ -188,6 +192,7 @@ def test_operator_overrides_are_recorded(server):
         ("override", None, ""),
     ]
     assert events[1]["params"]["max_length"] == 100
+    assert set(answer) == {"job", "step", "length", "schedule", "params"}  # no lastStep: that is /v1/guidance's
     status, answer = call(server.url, "POST", "/v1/override", {"params": {"rewardEma": 0.5, "maxChangeFactor": 2}})
     assert status == 200 and (answer["params"]["rewardEma"], answer["params"]["maxChangeFactor"]) == (0.5, 2)
     status, answer = call(server.url, "POST", "/v1/override", {"params": {"rewardEma": 0, "maxChangeFactor": None}})
@@ -306,3 +311,53 @@ def test_client_surfaces_rejections(server):
     with pytest.raises(ControllerRejected) as info:
         client(server.url).report(0, float("nan"), {})
     assert info.value.status == 422 and info.value.field == "reward"
+
+
+def test_guidance_answers_the_last_step_and_the_operator_reads_it(server):
+    """The operator's whole view of a job's training comes from GET /v1/guidance, as JSON."""
+    status, answer = call(server.url, "GET", "/v1/guidance")
+    assert status == 200 and answer["lastStep"] is None
+    assert read_controller(server.url, TOKEN, timeout=5) == ControllerReport(step=0, length=400, reward=None)
+
+    c = client(server.url)
+    layers = {f"sandbox_{layer}": 1.0 for layer in SANDBOX_LAYERS}
+    c.report(0, 0.5, STATS)
+    # The driving reward is the schedule's r_k, whatever the step's accuracy statistic says.
+    c.report(1, 0.25, {**STATS, **layers, "sandbox_seccomp": 0.0})
+    status, answer = call(server.url, "GET", "/v1/guidance")
+    last = answer["lastStep"]
+    assert (last["step"], last["reward"], last["nextLength"]) == (1, 0.25, c.current()[1])
+    assert last["metrics"]["accuracy"] == 0.5 and last["lengthUsed"] == sched.lengths_for(PARAMS, [0.5])[1]
+    assert time.time() - last["reportedAt"] < 60
+    expected_layers = {layer: layer != "seccomp" for layer in SANDBOX_LAYERS}
+    assert last["sandboxLayers"] == expected_layers
+    assert read_controller(server.url, TOKEN, timeout=5) == ControllerReport(
+        step=2, length=c.current()[1], reward=0.25, sandbox_layers=expected_layers
+    )
+
+    c.rewind(1)  # the last step still in the history is step 0, which reported no sandbox layers
+    report = read_controller(server.url, TOKEN, timeout=5)
+    assert (report.step, report.reward, report.sandbox_layers) == (1, 0.5, None)
+    c.rewind(0)
+    assert read_controller(server.url, TOKEN, timeout=5) == ControllerReport(step=0, length=400, reward=None)
+
+
+def test_the_operator_reads_none_from_a_controller_that_does_not_answer(server):
+    assert read_controller(server.url, "wrong-" + TOKEN, timeout=5) is None
+    assert read_controller(f"http://127.0.0.1:{_free_port()}", TOKEN, timeout=5) is None
+
+
+def test_the_shared_client_imports_only_the_standard_library():
+    """The operator reads its controllers through it, and the operator's image has no torch."""
+    program = (
+        "import json, sys; import g2rpo_operator.controller_client; "
+        "print(json.dumps([m for m in sys.modules if m.split('.')[0] not in sys.stdlib_module_names]))"
+    )
+    loaded = json.loads(subprocess.check_output([sys.executable, "-c", program], text=True))
+    assert sorted(m for m in loaded if not m.startswith("_")) == [  # "_": the interpreter's site hooks
+        "g2rpo",
+        "g2rpo.controller",
+        "g2rpo.controller.connection",
+        "g2rpo_operator",
+        "g2rpo_operator.controller_client",
+    ]

@@ -13,7 +13,13 @@ Semantics, the contract of both:
 - Any other step is refused with `StepConflict`: an older step (use `rewind` when the trainer
   resumes from a checkpoint), a retry with a different reward, or a step from the future.
 - `rewind(step)` returns the schedule to the state it had after `step` steps.
-- `override(length=...)` sets the next length by hand; it is recorded in the event log.
+- `override(length=..., params=...)` sets the next length and/or the schedule parameters by hand;
+  it is recorded in the event log.
+- `restore(snapshot)` continues from a checkpoint's snapshot; the event log keeps its past.
+
+Every mutation checks everything it depends on before it changes anything: a refusal leaves the
+controller as it was. Each takes the time to record as `at` (default: now), so that the durable
+store (store.py) can stamp it with its own clock and a journal replay repeats the original times.
 """
 
 from __future__ import annotations
@@ -28,6 +34,27 @@ from g2rpo.guidance import schedule as sched
 
 class StepConflict(ValueError):
     """A report that does not fit the schedule's history (stale, conflicting, or skipping steps)."""
+
+
+def check_step(step: Any) -> None:
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+
+
+def check_reward(reward: Any) -> None:
+    if not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        raise ValueError(f"reward must be a finite number, got {reward!r}")
+
+
+def check_override(length: float | None, params: sched.ScheduleParams | None) -> None:
+    if length is None and params is None:
+        raise ValueError("an override needs a length or schedule parameters")
+    if length is not None and (not isinstance(length, (int, float)) or not math.isfinite(length) or length < 0):
+        raise ValueError(f"length must be a non-negative finite number, got {length!r}")
+
+
+def _now(at: float | None) -> float:
+    return time.time() if at is None else at
 
 
 @dataclass
@@ -60,12 +87,12 @@ class GuidanceController:
         """How many steps have been observed (the step number expected next)."""
         return self.state.step
 
-    def report(self, step: int, reward: float, metrics: dict[str, float] | None = None) -> int:
+    def report(
+        self, step: int, reward: float, metrics: dict[str, float] | None = None, *, at: float | None = None
+    ) -> int:
         """Record r_k for step k and return l_{k+1}, in tokens."""
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        if not isinstance(reward, (int, float)) or not math.isfinite(reward):
-            raise ValueError(f"reward must be a finite number, got {reward!r}")
+        check_step(step)
+        check_reward(reward)
         if self.history and step == self.history[-1].step:
             last = self.history[-1]
             if last.reward != float(reward):
@@ -88,25 +115,54 @@ class GuidanceController:
                 length_used=length_used,
                 next_length=self.state.tokens,
                 metrics=dict(metrics or {}),
-                reported_at=time.time(),
+                reported_at=_now(at),
             )
         )
         return self.state.tokens
 
-    def rewind(self, step: int) -> int:
+    def rewind(self, step: int, *, at: float | None = None) -> int:
         """Go back to the state after `step` steps (a resume from that checkpoint); returns l_step."""
-        self.state = sched.rewind(self.state, step)
+        self.state = sched.rewind(self.state, step)  # raises before anything changes if step is out of range
         del self.history[step:]
-        self.events.append({"event": "rewind", "step": step, "at": time.time()})
+        self.events.append({"event": "rewind", "step": step, "at": _now(at)})
         return self.state.tokens
 
-    def override(self, length: float, reason: str = "") -> int:
-        """An operator sets the next guidance length by hand (clipped to the bounds)."""
-        if not math.isfinite(length) or length < 0:
-            raise ValueError(f"length must be a non-negative finite number, got {length!r}")
-        self.state = sched.with_length(self.params, self.state, float(length))
-        self.events.append({"event": "override", "step": self.state.step, "length": length, "reason": reason, "at": time.time()})
+    def override(
+        self,
+        length: float | None,
+        reason: str = "",
+        params: sched.ScheduleParams | None = None,
+        *,
+        at: float | None = None,
+    ) -> int:
+        """An operator sets the next guidance length and/or the schedule parameters by hand.
+
+        The length is clipped to the bounds in force afterwards; new parameters alone re-clip the
+        current length to theirs. The event keeps the request as it came (None for what it left out).
+        """
+        check_override(length, params)
+        if params is not None:
+            self.params = params
+        requested = self.state.length if length is None else float(length)
+        self.state = sched.with_length(self.params, self.state, requested)
+        self.events.append(
+            {
+                "event": "override",
+                "step": self.state.step,
+                "length": length,
+                "reason": reason,
+                "at": _now(at),
+                "params": params.to_dict() if params is not None else None,
+            }
+        )
         return self.state.tokens
+
+    def restore(self, snapshot: Any, *, at: float | None = None) -> int:
+        """Continue from a checkpoint's snapshot (ValueError if it is not one); the event log keeps its past."""
+        restored = self.from_checkpoint(snapshot)
+        self.params, self.state, self.history = restored.params, restored.state, restored.history
+        self.events.append({"event": "restore", "step": restored.step, "length": restored.length, "at": _now(at)})
+        return self.length
 
     def snapshot(self) -> dict[str, Any]:
         """Everything needed to restore this controller exactly (JSON-serialisable)."""
@@ -124,3 +180,17 @@ class GuidanceController:
         controller.history = [StepRecord(**record) for record in data["history"]]
         controller.events = list(data.get("events", []))
         return controller
+
+    @classmethod
+    def from_checkpoint(cls, snapshot: Any) -> GuidanceController:
+        """A controller from a checkpoint's snapshot, checked for consistency (ValueError if not)."""
+        try:
+            restored = cls.from_snapshot(snapshot)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a guidance controller snapshot: {exc!r}") from None
+        if not (len(restored.history) == len(restored.state.rewards) == len(restored.state.lengths) == restored.step):
+            raise ValueError(
+                f"inconsistent snapshot: state.step={restored.step} but {len(restored.history)} history records, "
+                f"{len(restored.state.rewards)} rewards and {len(restored.state.lengths)} lengths"
+            )
+        return restored

@@ -10,6 +10,9 @@ trainer must stop rather than train on with a stale guidance length.
 Answers that retrying cannot fix fail at once, with the exceptions the in-process client raises:
 409 is `StepConflict` (as `GuidanceController.report` raises it), other 4xx are
 `ControllerRejected` (a ValueError naming the field).
+
+The wire itself (bearer header, JSON, no proxy) is `ControllerConnection` (connection.py), which
+the operator uses too.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import os
 import random
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
+from g2rpo.controller.connection import ControllerConnection
 from g2rpo.controller.core import StepConflict
 
 log = logging.getLogger(__name__)
@@ -85,9 +88,7 @@ class HttpGuidanceClient:
         self.request_timeout = request_timeout
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
-        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        # The controller is in-cluster (or on loopback): never route it through an http_proxy.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._connection = ControllerConnection(self.url, token)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **kwargs: Any) -> HttpGuidanceClient:
@@ -114,17 +115,16 @@ class HttpGuidanceClient:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         url = self.url + path
-        data = json.dumps(body).encode() if body is not None else None
         start = time.monotonic()
         deadline = start + self.total_timeout
         attempt = 0
         while True:
             attempt += 1
             remaining = deadline - time.monotonic()
-            request = urllib.request.Request(url, data=data, method=method, headers=self._headers)
             try:
-                with self._opener.open(request, timeout=max(0.05, min(self.request_timeout, remaining))) as response:
-                    return json.loads(response.read())
+                return self._connection.call(
+                    method, path, body, timeout=max(0.05, min(self.request_timeout, remaining))
+                )
             except urllib.error.HTTPError as exc:
                 error = _error_body(exc)
                 if exc.code == 409:

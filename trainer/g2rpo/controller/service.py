@@ -10,11 +10,14 @@ API (JSON; every /v1 call needs `Authorization: Bearer <token>`):
     GET  /healthz        liveness: 200 unless the state could not be written (then 503: restart me)
     GET  /readyz         readiness: 200 once the state is loaded
     GET  /metrics        Prometheus exposition (docs/metrics.md)
-    GET  /v1/guidance    {"job", "step", "length", "schedule", "params"}
+    GET  /v1/guidance    {"job", "step", "length", "schedule", "params", "lastStep"}: lastStep is null
+                         before the first report, else {"step", "reward" (r_k, the schedule's driving
+                         reward), "lengthUsed", "nextLength", "reportedAt", "metrics" (as reported),
+                         "sandboxLayers" ({layer: holds}, null unless the step reported them)}
     POST /v1/steps       {"step", "reward", "metrics"?} -> {"step", "nextLength", "nextStep", "duplicate"}
     GET  /v1/state       {"job", "snapshot"}: the full state and per-step history (core snapshot format)
     POST /v1/rewind      {"step"} -> {"step", "length"}
-    POST /v1/override    {"length"?, "params"?, "reason"?} -> {"step", "length", "schedule", "params"}
+    POST /v1/override    {"length"?, "params"?, "reason"?} -> {"job", "step", "length", "schedule", "params"}
     POST /v1/restore     {"snapshot"} -> {"step", "length"}
 
 Errors are {"error": "...", "field": "name" | null, ...}: 400 a malformed payload (not JSON, wrong
@@ -43,8 +46,8 @@ from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
 from g2rpo.controller.core import StepConflict, StepRecord
-from g2rpo.controller.metrics import REPORT_METRICS, ControllerMetrics
-from g2rpo.controller.store import DEFAULT_COMPACT_EVERY, DurableController, Report
+from g2rpo.controller.metrics import REPORT_METRICS, ControllerMetrics, sandbox_layers
+from g2rpo.controller.store import DEFAULT_COMPACT_EVERY, DurableController, ReportAnswer
 from g2rpo.guidance.schedule import ScheduleParams
 from g2rpo.spec import GuidanceSpec
 
@@ -261,7 +264,8 @@ class GuidanceService:
             raise ApiError(503, "the controller is still loading its state")
         return self.durable
 
-    def guidance(self, durable: DurableController) -> dict[str, Any]:
+    def position(self, durable: DurableController) -> dict[str, Any]:
+        """Where the schedule stands: the answer to an override."""
         c = durable.controller
         return {
             "job": durable.job,
@@ -270,6 +274,23 @@ class GuidanceService:
             "schedule": c.params.schedule,
             "params": camel_params(c.params),
         }
+
+    def guidance(self, durable: DurableController) -> dict[str, Any]:
+        """The position and the last step still in the history, all the operator reads."""
+        history = durable.controller.history
+        return {**self.position(durable), "lastStep": step_answer(history[-1]) if history else None}
+
+
+def step_answer(record: StepRecord) -> dict[str, Any]:
+    return {
+        "step": record.step,
+        "reward": record.reward,
+        "lengthUsed": record.length_used,
+        "nextLength": record.next_length,
+        "reportedAt": record.reported_at,
+        "metrics": dict(record.metrics),
+        "sandboxLayers": sandbox_layers(record.metrics),
+    }
 
 
 # --- handlers ------------------------------------------------------------------------------------
@@ -322,7 +343,7 @@ async def post_step(request: web.Request) -> web.Response:
         service.metrics.count_report("invalid")
         raise
 
-    def accept(durable: DurableController) -> tuple[Report, StepRecord]:
+    def accept(durable: DurableController) -> tuple[ReportAnswer, StepRecord]:
         try:
             report = durable.report(step, reward, values)
         except StepConflict as exc:
@@ -376,7 +397,7 @@ async def post_override(request: web.Request) -> web.Response:
         changes = payload.body.get("params")
         params = overridden_params(durable.controller.params, changes) if changes is not None else None
         durable.override(length, params, reason)
-        return service.guidance(durable)
+        return service.position(durable)
 
     answer = await service.mutate(override)
     service.metrics.count_event("override")

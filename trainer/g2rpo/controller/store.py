@@ -17,8 +17,9 @@ A crash in the middle of an append can leave a torn last line. It was never ackn
 fsync had not returned), so it is dropped with a warning and cut off the file. A bad line that is
 *not* the last one is real corruption: loading stops with `StateError` rather than guess.
 
-The same `apply` function mutates the controller on the live path and on replay, so the two
-cannot drift apart.
+Each mutation is a typed command (commands.py): the same `execute` applies it on the live path
+and on replay, so the two cannot drift apart, and each record is the command's `encode`d form.
+The command's time comes from the clock the controller is given, never patched in afterwards.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from g2rpo.controller.commands import Command, Override, Report, Restore, Rewind, decode, encode, execute
 from g2rpo.controller.core import GuidanceController
 from g2rpo.guidance import schedule as sched
 
@@ -49,7 +52,7 @@ class StateError(RuntimeError):
     """The state directory cannot be used as it is (real corruption, another job's state): refuse to guess."""
 
 
-class Report(NamedTuple):
+class ReportAnswer(NamedTuple):
     step: int
     next_length: int
     duplicate: bool
@@ -160,62 +163,12 @@ class Journal:
             self._fd = None
 
 
-def apply(controller: GuidanceController, record: dict[str, Any]) -> int:
-    """Apply one journal record to `controller` and return the next guidance length.
-
-    Raises (StepConflict, ValueError) before changing anything when the record does not fit, so
-    the live path can call it to validate and mutate in one go. The record's own timestamp
-    replaces the wall clock that `GuidanceController` stamps, so a replay is exact.
-    """
-    op, at = record["op"], record["at"]
-    if op == "report":
-        length = controller.report(record["step"], record["reward"], record["metrics"])
-        controller.history[-1].reported_at = at
-        return length
-    if op == "rewind":
-        length = controller.rewind(record["step"])
-        controller.events[-1]["at"] = at
-        return length
-    if op == "override":
-        old_params = controller.params
-        if record["params"] is not None:
-            controller.params = sched.ScheduleParams.from_dict(record["params"])
-        # New params alone: "overriding" with the current exact length re-clips it to the new bounds.
-        requested = record["length"] if record["length"] is not None else controller.state.length
-        try:
-            length = controller.override(requested, record["reason"])
-        except ValueError:
-            controller.params = old_params
-            raise
-        controller.events[-1].update(at=at, length=record["length"], params=record["params"])
-        return length
-    if op == "restore":
-        restored = restore_controller(record["snapshot"])
-        controller.params, controller.state, controller.history = restored.params, restored.state, restored.history
-        controller.events.append({"event": "restore", "step": restored.step, "length": restored.length, "at": at})
-        return controller.length
-    raise StateError(f"unknown journal operation {op!r}")
-
-
-def restore_controller(snapshot: Any) -> GuidanceController:
-    """A controller from a checkpoint's snapshot, checked for consistency (ValueError if not)."""
-    try:
-        restored = GuidanceController.from_snapshot(snapshot)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"not a guidance controller snapshot: {exc!r}") from None
-    if not (len(restored.history) == len(restored.state.rewards) == len(restored.state.lengths) == restored.step):
-        raise ValueError(
-            f"inconsistent snapshot: state.step={restored.step} but {len(restored.history)} history records, "
-            f"{len(restored.state.rewards)} rewards and {len(restored.state.lengths)} lengths"
-        )
-    return restored
-
-
 class DurableController:
     """A GuidanceController whose mutations are journaled (fsync) before they are acknowledged.
 
     Without a journal (no state directory) it is the same controller in memory only: a restart
     starts from step 0, and the trainer must `restore` the snapshot saved in its checkpoint.
+    `clock` gives each mutation its time (the step records' `reported_at`, the events' `at`).
     Not thread-safe: the service calls it under one lock.
     """
 
@@ -226,12 +179,14 @@ class DurableController:
         journal: Journal | None = None,
         seq: int = 0,
         compact_every: int = DEFAULT_COMPACT_EVERY,
+        clock: Callable[[], float] = time.time,
     ):
         self.job = job
         self.controller = controller
         self.journal = journal
         self.seq = seq  # the sequence number of the last record applied
         self.compact_every = compact_every
+        self.clock = clock
         self._since_compaction = 0
 
     @classmethod
@@ -241,10 +196,11 @@ class DurableController:
         params: sched.ScheduleParams,
         state_dir: Path | None,
         compact_every: int = DEFAULT_COMPACT_EVERY,
+        clock: Callable[[], float] = time.time,
     ) -> DurableController:
         """Load the job's state from `state_dir` (or start fresh with `params`) and compact it."""
         if state_dir is None:
-            return cls(job, GuidanceController(params), compact_every=compact_every)
+            return cls(job, GuidanceController(params), compact_every=compact_every, clock=clock)
         journal = Journal(state_dir)
         snapshot, records = journal.load()
         if snapshot is None:
@@ -254,7 +210,11 @@ class DurableController:
                 raise StateError(f"{state_dir} holds the state of job {snapshot['job']!r}, not {job!r}")
             controller, seq = GuidanceController.from_snapshot(snapshot["controller"]), snapshot["seq"]
         for record in records:
-            apply(controller, record)
+            try:
+                execute(controller, decode(record))
+            except (KeyError, TypeError, ValueError) as exc:
+                where = f"{journal.journal_path}: record seq {record['seq']}"
+                raise StateError(f"{where} does not replay: {exc!r}") from None
             seq = record["seq"]
         if controller.params != params:
             log.warning(
@@ -265,11 +225,11 @@ class DurableController:
         log.info(
             "loaded job %s from %s: step %d, %d journal records replayed", job, state_dir, controller.step, len(records)
         )
-        durable = cls(job, controller, journal, seq, compact_every)
+        durable = cls(job, controller, journal, seq, compact_every, clock)
         durable.compact()
         return durable
 
-    def report(self, step: int, reward: float, metrics: dict[str, float]) -> Report:
+    def report(self, step: int, reward: float, metrics: dict[str, float]) -> ReportAnswer:
         """Record step `step`. A retry of the last step answers again without journaling anything.
 
         The answer is the controller's current next length: the same as the first answer, unless
@@ -278,34 +238,28 @@ class DurableController:
         history = self.controller.history
         if history and history[-1].step == step:
             self.controller.report(step, reward, metrics)  # raises StepConflict if the reward differs
-            return Report(step, self.controller.length, duplicate=True)
-        self._commit({"op": "report", "step": step, "reward": float(reward), "metrics": dict(metrics)})
-        return Report(step, self.controller.length, duplicate=False)
+            return ReportAnswer(step, self.controller.length, duplicate=True)
+        self._commit(Report(step, reward, dict(metrics), at=self.clock()))
+        return ReportAnswer(step, self.controller.length, duplicate=False)
 
     def rewind(self, step: int) -> int:
-        return self._commit({"op": "rewind", "step": step})
+        return self._commit(Rewind(step, at=self.clock()))
 
     def override(self, length: float | None, params: sched.ScheduleParams | None, reason: str) -> int:
         """An operator's override of the next length and/or the schedule parameters (an event)."""
-        if length is None and params is None:
-            raise ValueError("an override needs a length or schedule parameters")
-        return self._commit(
-            {"op": "override", "length": length, "params": params.to_dict() if params else None, "reason": reason}
-        )
+        return self._commit(Override(length, params, reason, at=self.clock()))
 
     def restore(self, snapshot: dict[str, Any]) -> int:
         """Continue from a checkpoint's snapshot; the event log keeps its past (audit trail)."""
-        restore_controller(snapshot)  # validate before the record is written
-        length = self._commit({"op": "restore", "snapshot": snapshot})
+        length = self._commit(Restore(snapshot, at=self.clock()))
         self.compact()  # a restore record carries a whole history: fold it into the snapshot now
         return length
 
-    def _commit(self, record: dict[str, Any]) -> int:
-        record = {"seq": self.seq + 1, "at": time.time(), **record}
-        length = apply(self.controller, record)
+    def _commit(self, command: Command) -> int:
+        length = execute(self.controller, command)
         if self.journal is not None:
             # If this raises, memory is ahead of the disk: the service stops serving until restarted.
-            self.journal.append(record)
+            self.journal.append(encode(command, self.seq + 1))
         self.seq += 1
         self._since_compaction += 1
         if self._since_compaction >= self.compact_every:
