@@ -11,9 +11,11 @@ operator reads. The same file is valid for both.
 
 from __future__ import annotations
 
+import decimal
+import difflib
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -599,7 +601,7 @@ class G2RPOJobSpec(SpecModel):
                         ("guidance", "ratio"),
                         f"ratio*numGenerations = {self.guidance.ratio}*{self.training.num_generations} guides no "
                         f"roll-out (floor rounds it to 0); raise the ratio to at least "
-                        f"{1 / self.training.num_generations:.4g} or set it to 0 for vanilla GRPO",
+                        f"{_one_in(self.training.num_generations)} or set it to 0 for vanilla GRPO",
                     )
                 )
         if self.training.epsilon_high is not None and self.training.epsilon_high < self.training.epsilon:
@@ -607,6 +609,11 @@ class G2RPOJobSpec(SpecModel):
         if errors:
             raise SpecError(errors)
         return self
+
+
+def _one_in(num_generations: int) -> str:
+    """1/G rounded up to 4 significant digits: a ratio that guides one roll-out (1/3 -> 0.3334)."""
+    return str(decimal.Context(prec=4, rounding=decimal.ROUND_CEILING).divide(1, num_generations))
 
 
 class ObjectMeta(BaseModel):
@@ -644,7 +651,7 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{_dotted(path)}: {reason}" for path, reason in errors))
 
     def lines(self) -> list[str]:
-        return [f"{_dotted(path)}: {reason}" for path, reason in self.errors]
+        return [f"{_dotted(path)}: {reason}" if path else reason for path, reason in self.errors]
 
 
 def _dotted(path: tuple[str | int, ...]) -> str:
@@ -654,7 +661,9 @@ def _dotted(path: tuple[str | int, ...]) -> str:
     return out
 
 
-def _from_validation_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> SpecError:
+def _from_validation_error(
+    exc: ValidationError, root: type[BaseModel], prefix: tuple[str | int, ...] = ()
+) -> SpecError:
     errors: list[tuple[tuple[str | int, ...], str]] = []
     for err in exc.errors():
         nested = (err.get("ctx") or {}).get("error")
@@ -664,11 +673,33 @@ def _from_validation_error(exc: ValidationError, prefix: tuple[str | int, ...] =
         loc = tuple(part for part in err["loc"] if not (isinstance(part, str) and part.startswith("function-")))
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            message = "unknown field"
+            message = "unknown field" + _did_you_mean(root, loc, prefix)
         elif err["type"] == "literal_error":
             message = f"{message} (got {err['input']!r})"
         errors.append((prefix + loc, message))
     return SpecError(errors)
+
+
+def _did_you_mean(root: type[BaseModel], loc: tuple[str | int, ...], prefix: tuple[str | int, ...]) -> str:
+    """"; did you mean spec.training.numGenerations?" for a misspelt field, from its siblings' names."""
+    model: type[BaseModel] | None = root
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list
+            continue
+        fields = {field.alias or name: field for name, field in model.model_fields.items()}
+        model = _model_in(fields[part].annotation) if part in fields else None
+        if model is None:
+            return ""
+    siblings = [field.alias or name for name, field in model.model_fields.items()]
+    close = difflib.get_close_matches(str(loc[-1]), siblings, n=1, cutoff=0.6)
+    return f"; did you mean {_dotted(prefix + loc[:-1] + (close[0],))}?" if close else ""
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, through Optional, list[...] and Annotated[...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((model for arg in get_args(annotation) if (model := _model_in(arg))), None)
 
 
 def parse_job(document: Any) -> G2RPOJob:
@@ -678,7 +709,7 @@ def parse_job(document: Any) -> G2RPOJob:
     try:
         return G2RPOJob.model_validate(document)
     except ValidationError as exc:
-        raise _from_validation_error(exc) from None
+        raise _from_validation_error(exc, G2RPOJob) from None
 
 
 def parse_spec(spec: Any) -> G2RPOJobSpec:
@@ -686,7 +717,7 @@ def parse_spec(spec: Any) -> G2RPOJobSpec:
     try:
         return G2RPOJobSpec.model_validate(spec)
     except ValidationError as exc:
-        raise _from_validation_error(exc, ("spec",)) from None
+        raise _from_validation_error(exc, G2RPOJobSpec, ("spec",)) from None
 
 
 def check_batch_layout(spec: G2RPOJobSpec, num_processes: int) -> None:
@@ -723,6 +754,13 @@ def load_job(path: str | Path) -> G2RPOJob:
     except yaml.YAMLError as exc:
         raise SpecError([((), f"not valid YAML: {exc}")]) from None
     jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
-    if len(jobs) != 1:
+    if not jobs:
+        kinds = [d.get("kind") for d in documents if isinstance(d, dict)]
+        if len(kinds) == 1:
+            found = "it is missing" if kinds[0] is None else f"found {kinds[0]!r}"
+            raise SpecError([(("kind",), f"must be {KIND!r}, {found} (in {path})")])
+        found = f"found kinds {', '.join(repr(kind) for kind in kinds)}" if kinds else "it holds no YAML mapping"
+        raise SpecError([((), f"no document in {path} has kind: {KIND}; {found}")])
+    if len(jobs) > 1:
         raise SpecError([((), f"expected exactly one {KIND} document in {path}, found {len(jobs)}")])
     return parse_job(jobs[0])
