@@ -257,8 +257,8 @@ def _load_file(path: Path) -> Dataset:
     data_format = FILE_FORMATS.get(path.suffix)
     if data_format is None:
         raise SpecError([(NAME_PATH, f"unsupported file type {path.suffix!r}; use one of {', '.join(FILE_FORMATS)}")])
-    if path.suffix == ".jsonl":
-        _check_json_lines(path)
+    if data_format == "json":
+        _check_json(path)
     try:
         with _datasets_errors_silenced():
             return datasets.load_dataset(data_format, data_files=str(path), split="train")
@@ -266,31 +266,47 @@ def _load_file(path: Path) -> Dataset:
         raise SpecError([(NAME_PATH, f"cannot read {path} as {data_format}: {exc.__cause__ or exc}")]) from exc
 
 
-def _check_json_lines(path: Path, shown: int = 5) -> None:
-    """Name every line of a .jsonl file that is not one JSON object, by its line number in the file.
+def _check_json(path: Path, shown: int = 5) -> None:
+    """Name what is broken in a .json or .jsonl file as `file:line:column: reason`.
 
-    `datasets` (through pyarrow) accepts some broken lines (a trailing comma) and reports others
-    by a 0-based row inside a block; Python's json module is exact.
+    `datasets` (through pyarrow) accepts some broken lines (a trailing comma), reports others by a
+    0-based row inside a block, and logs each error before raising it; Python's json module is
+    exact. A .json file is one JSON document, or JSON Lines (which `datasets` reads as well).
     """
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError as exc:
+            if not _starts_with_a_json_object_line(text):
+                raise SpecError([(NAME_PATH, f"{path}:{exc.lineno}:{exc.colno}: {exc.msg}")]) from None
     broken: list[str] = []
     count = 0
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+            if isinstance(value, dict):
                 continue
-            try:
-                value = json.loads(line)
-                if isinstance(value, dict):
-                    continue
-                reason = f"line {number}: a JSON {type(value).__name__}, not an object"
-            except json.JSONDecodeError as exc:
-                reason = f"line {number} column {exc.colno}: {exc.msg}"
-            count += 1
-            if len(broken) < shown:
-                broken.append(reason)
+            reason = f"{path}:{number}: a JSON {type(value).__name__}, not an object"
+        except json.JSONDecodeError as exc:
+            reason = f"{path}:{number}:{exc.colno}: {exc.msg}"
+        count += 1
+        if len(broken) < shown:
+            broken.append(reason)
     if broken:
         more = f"; {count - shown} more" if count > shown else ""
-        raise SpecError([(NAME_PATH, f"{path} has {count} broken JSON line(s): {'; '.join(broken)}{more}")])
+        raise SpecError([(NAME_PATH, f"{count} broken JSON line(s): {'; '.join(broken)}{more}")])
+
+
+def _starts_with_a_json_object_line(text: str) -> bool:
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 @contextmanager
@@ -311,10 +327,17 @@ def _load_folder(path: Path, split: str) -> Dataset:
     if saved:
         loaded = datasets.load_from_disk(str(path))
     else:
+        for data_file in sorted(path.rglob("*.json*")):
+            hidden = any(part.startswith(".") for part in data_file.relative_to(path).parts)  # datasets skips them
+            if data_file.suffix in (".json", ".jsonl") and not hidden:
+                _check_json(data_file)
         try:
-            loaded = datasets.load_dataset(str(path))
+            with _datasets_errors_silenced():
+                loaded = datasets.load_dataset(str(path))
         except datasets.exceptions.DataFilesNotFoundError as exc:
             raise SpecError([(NAME_PATH, f"no data files ({', '.join(FILE_FORMATS)}) in {path}")]) from exc
+        except datasets.exceptions.DatasetGenerationError as exc:
+            raise SpecError([(NAME_PATH, f"cannot read the data files in {path}: {exc.__cause__ or exc}")]) from exc
     if isinstance(loaded, Dataset):
         return loaded
     if split not in loaded:
