@@ -313,6 +313,20 @@ def test_relative_dataset_names_are_read_from_the_job_files_folder(tmp_path):
     assert hub.dataset.name == "open-r1/OpenR1-Math-220k"
 
 
+def test_outside_the_command_line_a_relative_name_is_read_from_the_current_folder_and_the_error_says_so(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "t.jsonl", [{"problem": "p", "answer": "1", "solution": "s"}])
+    assert load_training_dataset(job({"name": "t.jsonl"}))["answer"] == ["1"]
+    with pytest.raises(SpecError) as caught:
+        load_training_dataset(job({"name": "data/missing.jsonl"}))
+    assert caught.value.lines() == [
+        f"spec.dataset.name: no such file or folder: data/missing.jsonl (a relative name is read from the current "
+        f"folder, {tmp_path})"
+    ]
+
+
 def test_parquet_with_tests_column(tmp_path):
     path = tmp_path / "code.parquet"
     pd.DataFrame(

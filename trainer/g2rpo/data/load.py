@@ -23,7 +23,9 @@ Missing curriculum keys follow curriculum.unknown. Then the curriculum order app
 dataset.maxSamples. Every problem a user can fix is a SpecError naming the spec field.
 
 A relative local path in dataset.name is resolved by the command line against the job file's
-folder (`resolve_relative_name`), so a job and its data travel together.
+folder (`resolve_relative_name`), so a job and its data travel together. Everywhere else (the
+cluster trainer, whose job file is a ConfigMap mount with nothing beside it) it is read from the
+current folder, and an error says so.
 """
 
 from __future__ import annotations
@@ -246,7 +248,8 @@ def _load_source(dataset: DatasetSpec) -> Dataset:
     if path.is_dir():
         return _load_folder(path, dataset.split)
     if path.suffix in FILE_FORMATS or dataset.name.startswith(("/", ".", "~")):
-        raise SpecError([(NAME_PATH, f"no such file or folder: {path}")])
+        where = "" if path.is_absolute() else f" (a relative name is read from the current folder, {Path.cwd()})"
+        raise SpecError([(NAME_PATH, f"no such file or folder: {path}{where}")])
     try:
         return datasets.load_dataset(dataset.name, dataset.config, split=dataset.split)
     except datasets.exceptions.DatasetNotFoundError as exc:
