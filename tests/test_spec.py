@@ -209,3 +209,11 @@ def test_the_suggested_alpha_for_a_ratio_that_guides_nothing_is_accepted(num_gen
     assert len(suggested.replace("0.", "", 1).lstrip("0")) <= 4, suggested
     doc = with_changes(("spec.guidance.ratio", float(suggested)), ("spec.training.numGenerations", num_generations))
     assert parse_job(doc).spec.guided_per_group == 1
+
+
+@pytest.mark.parametrize("field", ["guidance_column", "tests_column"])
+def test_the_code_reward_columns_say_that_it_scores_the_fenced_program(field):
+    from g2rpo.spec import DatasetSpec
+
+    description = DatasetSpec.model_fields[field].description
+    assert "last ```python fenced block after </think>" in description, description

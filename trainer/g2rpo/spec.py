@@ -121,7 +121,12 @@ class DatasetSpec(SpecModel):
     guidance_column: str | None = Field(
         "solution",
         max_length=KEY_MAX,
-        description="Column with the ground-truth reasoning trajectory used as guidance.",
+        description="Column with the reference trajectory a guided roll-out starts from: its first l_k tokens "
+        "are put in front of what the model writes, and the rewards score the whole. So write it as a complete "
+        "answer in the shape the rewards expect. Math (accuracy, format): '<think> steps </think>' then the final "
+        "answer. Code: the code reward runs only the program in the last ```python fenced block after </think>, "
+        "so the guidance is '<think> plan </think>' then the whole reference program in one ```python block (not "
+        "a bare function body, not prose only): a long enough prefix then ends in a program that passes the tests.",
     )
     difficulty_column: str | None = Field(
         None, max_length=KEY_MAX, description="Column with a difficulty key (logged, curriculum)."
@@ -129,7 +134,11 @@ class DatasetSpec(SpecModel):
     tests_column: str | None = Field(
         None,
         max_length=KEY_MAX,
-        description="Column with test code for the code reward (assert statements run after the program).",
+        description="Column with test code for the code reward: Python (assert statements, or any code that exits "
+        "non-zero on a failure) run after the completion's program in the sandbox; the reward is 1 when the "
+        "program and then these tests run clean within the limits, else 0. The program is the last ```python "
+        "fenced block after </think> (else the last fenced block, else the whole answer), so the tests call what "
+        "the prompt asks for by name, e.g. assert add(2, 3) == 5.",
     )
     system_prompt: str | None = Field(
         None, max_length=PROMPT_MAX, description="System message put before every problem."
