@@ -72,3 +72,19 @@ def test_local_run_refuses_a_batch_that_splits_groups(tiny_model_dir, tmp_path):
     result = run(job_file, tmp_path / "run")
     assert result.returncode == 1
     assert "spec.training.perDeviceBatchSize" in result.stderr and "not a multiple of numGenerations (4)" in result.stderr
+
+
+def test_the_summary_and_the_progress_bar_name_the_reward_that_drives_the_schedule():
+    from g2rpo.local.run import summarise
+    from g2rpo.train.callbacks import ProgressCallback
+
+    records = [
+        {"step": 1, "g2rpo/accuracy": 0.25, "g2rpo/accuracy_guided": 0.5, "g2rpo/guidance_length": 8},
+        {"step": 2, "g2rpo/accuracy": 0.75, "g2rpo/accuracy_guided": 1.0, "g2rpo/guidance_length": 6},
+    ]
+    assert summarise(records, "code") == {
+        "code_reward": 0.5, "code_reward_guided": 0.75, "final_guidance_length": 6
+    }
+    assert set(summarise(records, "accuracy")) == {"accuracy", "accuracy_guided", "final_guidance_length"}
+    assert ProgressCallback("code").reward_label == "code"
+    assert ProgressCallback("accuracy").reward_label == "acc"

@@ -1,4 +1,4 @@
-"""The local run's picture: accuracy reward (all, guided, unguided) and guidance length per step."""
+"""The local run's picture: the driving reward (all, guided, unguided) and guidance length per step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_run(metrics_file: Path, out: Path, title: str) -> Path:
+def plot_run(metrics_file: Path, out: Path, title: str, reward: str = "accuracy") -> Path:
+    """`reward`: the reward that drives the schedule, whose means the metrics file holds as g2rpo/accuracy*."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +21,7 @@ def plot_run(metrics_file: Path, out: Path, title: str) -> Path:
     steps = [r["step"] for r in records]
     fig, reward_axis = plt.subplots(figsize=(8, 4.5))
     for key, label, style in (
-        ("g2rpo/accuracy", "accuracy (all)", "-"),
+        ("g2rpo/accuracy", f"{reward} (all)", "-"),
         ("g2rpo/accuracy_guided", "guided roll-outs", "--"),
         ("g2rpo/accuracy_unguided", "unguided roll-outs", ":"),
     ):
@@ -28,7 +29,7 @@ def plot_run(metrics_file: Path, out: Path, title: str) -> Path:
         if points:
             reward_axis.plot(*zip(*points), style, marker="o", markersize=3, label=label)
     reward_axis.set_xlabel("optimizer step")
-    reward_axis.set_ylabel("accuracy reward")
+    reward_axis.set_ylabel(f"{reward} reward")
     reward_axis.set_ylim(-0.05, 1.05)
     length_axis = reward_axis.twinx()
     length_axis.step(steps, [r["g2rpo/guidance_length"] for r in records], where="post", color="tab:red", label="guidance length l_k")

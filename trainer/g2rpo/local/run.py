@@ -57,12 +57,13 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: i
 
     started = time.monotonic()
     layout = RunLayout.for_job(job, run_dir)
+    driving = job.spec.guidance_reward.name
     resume = resolve_resume(job.spec, layout.checkpoint_dir)
     trainer = build_trainer(
         job,
         layout,
         guidance_client_factory=lambda params: InProcessGuidanceClient(GuidanceController(params)),
-        extra_callbacks=[StopAtStepBoundary(signals), *([ProgressCallback()] if progress else [])],
+        extra_callbacks=[StopAtStepBoundary(signals), *([ProgressCallback(driving)] if progress else [])],
     )
     if progress:
         from transformers import PrinterCallback
@@ -78,8 +79,13 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: i
     save_final_model(trainer, layout)
     records = [r for r in read_metrics(layout.metrics_file) if "g2rpo/accuracy" in r]
     if records:
-        plot_run(layout.metrics_file, layout.plot_file, title=f"{job.metadata.name}: accuracy reward and guidance length")
-    summary = summarise(records)
+        plot_run(
+            layout.metrics_file,
+            layout.plot_file,
+            title=f"{job.metadata.name}: {driving} reward and guidance length",
+            reward=driving,
+        )
+    summary = summarise(records, driving)
     if heldout and before:
         summary.update(heldout.compare(before, heldout.evaluate(trainer, "after training"), layout.run_dir))
     return LocalRunResult(
@@ -148,13 +154,19 @@ class HeldoutCheck:
         }
 
 
-def summarise(records: list[dict]) -> dict[str, float]:
-    """Run-level means of the per-step accuracy rewards (guided vs unguided is the headline)."""
+def summarise(records: list[dict], driving_reward: str = "accuracy") -> dict[str, float]:
+    """Run-level means of the per-step driving reward (guided vs unguided is the headline).
+
+    The metrics file holds it as g2rpo/accuracy* whichever reward drives the schedule (the
+    controller's contract, docs/metrics.md); the summary names it: accuracy, else e.g. code_reward.
+    """
+    name = "accuracy" if driving_reward == "accuracy" else f"{driving_reward}_reward"
     summary: dict[str, float] = {}
-    for key in ("g2rpo/accuracy", "g2rpo/accuracy_guided", "g2rpo/accuracy_unguided"):
+    for suffix in ("", "_guided", "_unguided"):
+        key = f"g2rpo/accuracy{suffix}"
         values = [r[key] for r in records if r.get(key) is not None]
         if values:
-            summary[key.removeprefix("g2rpo/")] = sum(values) / len(values)
+            summary[name + suffix] = sum(values) / len(values)
     if records:
         summary["final_guidance_length"] = records[-1]["g2rpo/guidance_length"]
     return summary
