@@ -88,3 +88,24 @@ def test_the_summary_and_the_progress_bar_name_the_reward_that_drives_the_schedu
     assert set(summarise(records, "accuracy")) == {"accuracy", "accuracy_guided", "final_guidance_length"}
     assert ProgressCallback("code").reward_label == "code"
     assert ProgressCallback("accuracy").reward_label == "acc"
+
+
+def test_the_plot_keeps_the_legend_off_the_lines_and_draws_l_k_from_zero_tokens():
+    from g2rpo.local.plot import figure
+
+    records = [
+        {"step": k, "g2rpo/accuracy": r, "g2rpo/accuracy_guided": r, "g2rpo/accuracy_unguided": 0.0,
+         "g2rpo/guidance_length": length}
+        for k, (r, length) in enumerate([(0.0, 48), (0.5, 40), (1.0, 12)], start=1)
+    ]
+    fig = figure(records, "t", "code")
+    fig.canvas.draw()
+    reward_axis, length_axis = fig.axes
+    legend = fig.legends[0].get_window_extent()
+    assert not legend.overlaps(reward_axis.get_window_extent()), "the legend covers the plotted lines"
+    zero_reward = reward_axis.transData.transform((0, 0))[1]
+    zero_tokens = length_axis.transData.transform((0, 0))[1]
+    assert abs(zero_reward - zero_tokens) < 0.5, "0 tokens and reward 0 share a height"
+    assert length_axis.transData.transform((0, 12))[1] > zero_reward + 20, "the lowest l_k is not drawn at reward 0"
+    assert "tokens" in length_axis.get_ylabel() and reward_axis.get_ylabel() == "code reward"
+    assert [t.get_text() for t in fig.legends[0].get_texts()][0] == "code (all)"
