@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,10 +74,11 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: i
     before = heldout.evaluate(trainer, "before training") if heldout else None
     if resume:
         log.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    if signals.stopped_by:
-        raise StopRequested(signals.stopped_by)
-    save_final_model(trainer, layout)
+    with hf_progress_bars_off():
+        trainer.train(resume_from_checkpoint=resume)
+        if signals.stopped_by:
+            raise StopRequested(signals.stopped_by)
+        save_final_model(trainer, layout)
     records = [r for r in read_metrics(layout.metrics_file) if "g2rpo/accuracy" in r]
     if records:
         plot_run(
@@ -94,6 +96,21 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: i
         final_step=trainer.state.global_step,
         summary=summary,
     )
+
+
+@contextmanager
+def hf_progress_bars_off():
+    """No transformers bars while training and saving: the "Writing model shards" bar of every
+    checkpoint and of the final model breaks into g2rpo's step bar and stays behind at 100%."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @dataclass
