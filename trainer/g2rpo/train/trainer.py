@@ -85,13 +85,15 @@ class G2RPOTrainer(GRPOTrainer):
         guidance_loss: str,
         driving_reward: str,
         sandbox_layers: dict[str, bool] | None = None,
+        model_card: str | None = None,
         **kwargs: Any,
     ):
         """`guidance_client` is needed on rank 0 only (other ranks receive lengths by broadcast).
 
         `driving_reward` names the reward function whose per-step mean is r_k. `sandbox_layers`
         (jobs with a code reward) goes with every step report, so the controller, and the job's
-        status on a cluster, show how strong the code sandbox's wall is.
+        status on a cluster, show how strong the code sandbox's wall is. `model_card` (README.md text,
+        g2rpo.train.model_card) replaces the card TRL writes beside the checkpoints.
         """
         super().__init__(*args, **kwargs)
         # transformers rotates (save_total_limit) before a new checkpoint is complete; a crash
@@ -102,6 +104,7 @@ class G2RPOTrainer(GRPOTrainer):
         if guidance_loss not in ("include", "mask"):
             raise ValueError(f"guidance_loss must be 'include' or 'mask', got {guidance_loss!r}")
         self.guidance_client = guidance_client
+        self.model_card = model_card
         self.guided_per_group = guided_per_group
         self.guidance_loss = guidance_loss
         self.driving_reward_index = self.reward_func_names.index(driving_reward)
@@ -139,6 +142,12 @@ class G2RPOTrainer(GRPOTrainer):
             step, _, folder = pause.partition(":")
             if int(step) == self.state.global_step:
                 _pause_for_test(Path(folder))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        if self.model_card is None:
+            return super().create_model_card(model_name, dataset_name, tags)
+        if self.is_world_process_zero():
+            atomic_write_text(Path(self.args.output_dir) / "README.md", self.model_card)
 
     def _issue_warnings_after_load(self, load_result):
         """Leave out of the resume warning the keys of tied weights (lm_head.weight of a model with tied
