@@ -122,11 +122,10 @@ class DatasetSpec(SpecModel):
         "solution",
         max_length=KEY_MAX,
         description="Column with the reference trajectory a guided roll-out starts from: its first l_k tokens "
-        "are put in front of what the model writes, and the rewards score the whole. So write it as a complete "
+        "are put before what the model writes, and the rewards score both together, so write it as a complete "
         "answer in the shape the rewards expect. Math (accuracy, format): '<think> steps </think>' then the final "
-        "answer. Code: the code reward runs only the program in the last ```python fenced block after </think>, "
-        "so the guidance is '<think> plan </think>' then the whole reference program in one ```python block (not "
-        "a bare function body, not prose only): a long enough prefix then ends in a program that passes the tests.",
+        "answer. Code (the code reward runs only the last ```python fenced block after </think>): '<think> plan "
+        "</think>' then the whole reference program in one ```python block, not a bare function body or prose.",
     )
     difficulty_column: str | None = Field(
         None, max_length=KEY_MAX, description="Column with a difficulty key (logged, curriculum)."
