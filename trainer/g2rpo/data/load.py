@@ -276,8 +276,8 @@ def _check_json(path: Path, shown: int = 5) -> None:
     0-based row inside a block, and logs each error before raising it; Python's json module is
     exact. A .json file is one JSON document, or JSON Lines (which `datasets` reads as well).
     """
-    text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".json":
+        text = path.read_text(encoding="utf-8", errors="replace")
         try:
             json.loads(text)
             return
@@ -286,19 +286,20 @@ def _check_json(path: Path, shown: int = 5) -> None:
                 raise SpecError([(NAME_PATH, f"{path}:{exc.lineno}:{exc.colno}: {exc.msg}")]) from None
     broken: list[str] = []
     count = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-            if isinstance(value, dict):
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
                 continue
-            reason = f"{path}:{number}: a JSON {type(value).__name__}, not an object"
-        except json.JSONDecodeError as exc:
-            reason = f"{path}:{number}:{exc.colno}: {exc.msg}"
-        count += 1
-        if len(broken) < shown:
-            broken.append(reason)
+            try:
+                value = json.loads(line.rstrip("\n"))
+                if isinstance(value, dict):
+                    continue
+                reason = f"{path}:{number}: a JSON {type(value).__name__}, not an object"
+            except json.JSONDecodeError as exc:
+                reason = f"{path}:{number}:{exc.colno}: {exc.msg}"
+            count += 1
+            if len(broken) < shown:
+                broken.append(reason)
     if broken:
         more = f"; {count - shown} more" if count > shown else ""
         raise SpecError([(NAME_PATH, f"{count} broken JSON line(s): {'; '.join(broken)}{more}")])
