@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -11,23 +12,46 @@ from pathlib import Path
 from g2rpo.eval.command import add_arguments as add_eval_arguments
 from g2rpo.spec import SpecError, load_job
 
+EXIT_BROKEN_PIPE = 141
+"""What a shell reports for a process killed by SIGPIPE: `g2rpo crd | head` ends like `cat ... | head`."""
+
+JOB_FILE_HELP = "the G2RPOJob YAML file"
+
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe shows at the last flush too
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """The reader of stdout went away: send what is still buffered nowhere, so that the interpreter's
+    final flush raises no second BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2rpo", description="G2RPO-A training, locally or on Kubernetes.")
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    verbs = parser.add_subparsers(dest="verb", title="verbs", metavar="VERB")
 
     validate = verbs.add_parser(
         "validate",
         help="check a G2RPOJob file without running it; local data (files, folders, builtin) is opened and "
         "checked as `run` would (columns, missing values, curriculum tiers, broken JSON lines)",
     )
-    validate.add_argument("file", type=Path)
+    validate.add_argument("file", type=Path, help=JOB_FILE_HELP)
     data = validate.add_mutually_exclusive_group()
     data.add_argument("--data", action="store_true", help="also download and check a hub dataset")
     data.add_argument("--no-data", action="store_true", help="check the job file only, not its data")
 
     run = verbs.add_parser("run", help="run a G2RPOJob on this machine (CPU or one GPU)")
-    run.add_argument("file", type=Path)
+    run.add_argument("file", type=Path, help=f"{JOB_FILE_HELP} (a relative dataset.name is read from its folder)")
     run.add_argument("--output", type=Path, help="run folder (default: runs/<job name>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -38,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings; G2RPO_* environment variables override them as they do for the operator (mirror your chart "
         "values). Owner references and the controller token are filled in by the operator at creation.",
     )
-    render.add_argument("file", type=Path)
+    render.add_argument("file", type=Path, help=JOB_FILE_HELP)
     render.add_argument("--namespace", help="namespace of the job (default: its metadata.namespace, else 'default')")
 
     evaluate = verbs.add_parser("eval", help="pass@1 of a model, checkpoint or job's final model (math, HumanEval)")
@@ -46,8 +70,15 @@ def main(argv: list[str] | None = None) -> int:
 
     verbs.add_parser("crd", help="print the G2RPOJob CustomResourceDefinition (YAML)")
     verbs.add_parser("controller", help="serve a job's guidance controller", add_help=False)
+    return parser
 
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.verb is None:
+        parser.print_help(sys.stderr)
+        return 2
     if args.verb == "controller":
         from g2rpo.controller.__main__ import main as controller_main
 
