@@ -312,7 +312,7 @@ def build_report(bed: Testbed, results: list[dict], warm: dict, wall_seconds: fl
         "config": asdict(bed),
         "machine": machine(),
         "wall_seconds": wall_seconds,
-        "command": "python -m bench.efficacy",
+        "command": " ".join(["python -m bench.efficacy", *sys.argv[1:]]),
     }
 
 
