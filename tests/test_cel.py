@@ -30,7 +30,7 @@ from typing import Any
 import celpy
 import pytest
 import yaml
-from g2rpo.spec import parse_job
+from g2rpo.api.spec import parse_job
 from g2rpo_operator.crd import CROSS_FIELD_RULES, render_crd
 from g2rpo_operator.reconcile import MUTABLE_FIELDS, validate
 from operator_fixtures import deep_merge, job_manifest
@@ -138,8 +138,8 @@ def operator_errors(document: dict) -> list[str]:
 
 def trainer_start_errors(document: dict) -> list[str]:
     """What the trainer refuses at start-up (on a cluster: world size = replicas x GPUs per replica)."""
+    from g2rpo.api.spec import SpecError
     from g2rpo.models.bundled import resolve_model_path
-    from g2rpo.spec import SpecError
     from g2rpo.train.build import _check_batch_layout
 
     spec = parse_job(document).spec

@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from g2rpo.spec import parse_spec
+from g2rpo.api.spec import parse_spec
 from g2rpo_operator.crd import SchemaError, render_crd, render_crd_yaml, structural
 from operator_fixtures import crd_json_schema, job_manifest
 from pydantic import BaseModel

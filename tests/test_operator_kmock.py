@@ -20,7 +20,7 @@ from g2rpo.controller.metrics import SANDBOX_LAYERS
 from g2rpo.controller.http_client import HttpGuidanceClient
 from g2rpo.controller.service import GuidanceService, ServiceConfig, start_server
 from g2rpo.guidance.schedule import ScheduleParams
-from g2rpo.spec import parse_spec
+from g2rpo.api.spec import parse_spec
 from kmock_support import (
     BATCH_JOBS,
     CHILD_RESOURCES,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from g2rpo.spec import SpecError, load_job, parse_job
+from g2rpo.api.spec import SpecError, load_job, parse_job
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
-from g2rpo.spec import API_GROUP, API_VERSION
+from g2rpo.api.spec import API_GROUP, API_VERSION
 
 from g2rpo_operator.builders.common import MANAGED_BY
 from g2rpo_operator.cache import WATCHED, ObjectCache

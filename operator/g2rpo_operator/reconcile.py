@@ -56,7 +56,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from g2rpo.spec import EXIT_INVALID_SPEC, G2RPOJobSpec, SpecError, check_batch_layout, parse_spec
+from g2rpo.api.spec import EXIT_INVALID_SPEC, G2RPOJobSpec, SpecError, check_batch_layout, parse_spec
 from kopf import append_owner_reference
 from pydantic import ValidationError
 

@@ -8,8 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from g2rpo.api.spec import SpecError, load_job
 from g2rpo.eval.command import add_arguments as add_eval_arguments
-from g2rpo.spec import SpecError, load_job
 
 
 def main(argv: list[str] | None = None) -> int:

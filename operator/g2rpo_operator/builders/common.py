@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from g2rpo.spec import G2RPOJobSpec, GpuPlacementSpec, PodPlacementSpec
+from g2rpo.api.spec import G2RPOJobSpec, GpuPlacementSpec, PodPlacementSpec
 
 from g2rpo_operator.settings import OperatorSettings
 

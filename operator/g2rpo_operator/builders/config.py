@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 
 import yaml
-from g2rpo.spec import API_GROUP, API_VERSION, KIND, G2RPOJobSpec
+from g2rpo.api.spec import API_GROUP, API_VERSION, KIND, G2RPOJobSpec
 
 from g2rpo_operator.builders.common import TOKEN_KEY, JobContext, Manifest, metadata
 

@@ -17,7 +17,7 @@ run read-only (no GPU on the machines that build this).
 
 from __future__ import annotations
 
-from g2rpo.spec import max_model_len
+from g2rpo.api.spec import max_model_len
 
 from g2rpo_operator.builders.common import (
     CACHE_MOUNT,

@@ -25,7 +25,7 @@ without retrying: another attempt would fail the same way.
 
 from __future__ import annotations
 
-from g2rpo.spec import EXIT_INVALID_SPEC
+from g2rpo.api.spec import EXIT_INVALID_SPEC
 
 from g2rpo_operator.builders.common import (
     ACCELERATE_FILE,

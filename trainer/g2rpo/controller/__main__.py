@@ -24,10 +24,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from g2rpo.api.spec import GuidanceSpec, SpecError, load_job
 from g2rpo.controller.http_client import TOKEN_ENV, TOKEN_FILE_ENV, read_token
 from g2rpo.controller.store import DEFAULT_COMPACT_EVERY, StateError
 from g2rpo.guidance.schedule import ScheduleParams
-from g2rpo.spec import GuidanceSpec, SpecError, load_job
 
 log = logging.getLogger("g2rpo.controller")
 

@@ -45,11 +45,11 @@ from aiohttp import web
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
+from g2rpo.api.spec import GuidanceSpec
 from g2rpo.controller.core import StepConflict, StepRecord
 from g2rpo.controller.metrics import REPORT_METRICS, ControllerMetrics, sandbox_layers
 from g2rpo.controller.store import DEFAULT_COMPACT_EVERY, DurableController, ReportAnswer
 from g2rpo.guidance.schedule import ScheduleParams
-from g2rpo.spec import GuidanceSpec
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from g2rpo.spec import EXIT_INVALID_SPEC, SpecError, check_batch_layout, load_job
+from g2rpo.api.spec import EXIT_INVALID_SPEC, SpecError, check_batch_layout, load_job
 
 
 def main(argv: list[str] | None = None) -> int:

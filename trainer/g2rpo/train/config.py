@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from g2rpo.spec import G2RPOJobSpec, max_model_len
+from g2rpo.api.spec import G2RPOJobSpec, max_model_len
 
 if TYPE_CHECKING:
     from trl import GRPOConfig
