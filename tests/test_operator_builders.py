@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from g2rpo.api.spec import EXIT_INVALID_SPEC, parse_job, parse_spec
+from g2rpo.api.status import timestamp
 from g2rpo_operator.builders import JobContext, children, config, controller, gang, network, rollout, trainer
 from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, placements, release_quota
 from g2rpo_operator.reconcile import (
@@ -27,7 +28,6 @@ from g2rpo_operator.reconcile import (
     validate,
 )
 from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
-from g2rpo_operator.status import timestamp
 from operator_fixtures import CLAIM, job_manifest
 
 KUBE_VERSION = "1.30"  # the oldest Kubernetes the manifests target

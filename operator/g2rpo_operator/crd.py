@@ -1,6 +1,6 @@
 """The G2RPOJob CustomResourceDefinition, rendered from the job-spec model (never written by hand).
 
-`g2rpo.api.spec.G2RPOJobSpec` (and `g2rpo_operator.status.JobStatus`) give pydantic JSON schemas;
+`g2rpo.api.spec.G2RPOJobSpec` (and `g2rpo.api.status.JobStatus`) give pydantic JSON schemas;
 this module turns them into a *structural* openAPIV3Schema, which Kubernetes requires:
 $refs inlined, `Optional[X]` as X with `nullable: true`, JSON-Schema-2020 exclusive bounds as
 OpenAPI 3.0 ones (integers get an inclusive bound instead), pydantic titles dropped, descriptions
@@ -40,12 +40,12 @@ from typing import Any
 
 import yaml
 from g2rpo.api.spec import API_GROUP, API_VERSION, BUNDLED_MODEL_PREFIX, DATA_PARALLEL_REASON, KIND, G2RPOJobSpec
+from g2rpo.api.status import JobStatus
 from g2rpo.models.bundled import BUNDLED_MODELS
 from pydantic import BaseModel
 
 from g2rpo_operator.builders.common import CHECKPOINT_MOUNT
 from g2rpo_operator.reconcile import MAX_NAME_LENGTH, MUTABLE_FIELDS
-from g2rpo_operator.status import JobStatus
 
 PLURAL = "g2rpojobs"
 SINGULAR = "g2rpojob"

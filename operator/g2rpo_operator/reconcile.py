@@ -57,6 +57,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from g2rpo.api.spec import EXIT_INVALID_SPEC, G2RPOJobSpec, SpecError, check_batch_layout, parse_spec
+from g2rpo.api.status import (
+    COMPLETE,
+    CONDITION_TYPES,
+    FAILED,
+    READY,
+    REFERENCES_RESOLVED,
+    SANDBOX_ISOLATED,
+    SPEC_APPLIED,
+    SPEC_VALID,
+    STORAGE_READY,
+    SUSPENDED,
+    JobStatus,
+    Phase,
+    condition,
+    parse_timestamp,
+    timestamp,
+)
 from kopf import append_owner_reference
 from pydantic import ValidationError
 
@@ -89,23 +106,6 @@ from g2rpo_operator.kube import (
     resource_of,
 )
 from g2rpo_operator.settings import OperatorSettings
-from g2rpo_operator.status import (
-    COMPLETE,
-    CONDITION_TYPES,
-    FAILED,
-    READY,
-    REFERENCES_RESOLVED,
-    SANDBOX_ISOLATED,
-    SPEC_APPLIED,
-    SPEC_VALID,
-    STORAGE_READY,
-    SUSPENDED,
-    JobStatus,
-    Phase,
-    condition,
-    parse_timestamp,
-    timestamp,
-)
 
 log = logging.getLogger(__name__)
 
