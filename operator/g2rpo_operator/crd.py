@@ -39,12 +39,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from g2rpo.api.names import CHECKPOINT_MOUNT
 from g2rpo.api.spec import API_GROUP, API_VERSION, BUNDLED_MODEL_PREFIX, DATA_PARALLEL_REASON, KIND, G2RPOJobSpec
 from g2rpo.api.status import JobStatus
 from g2rpo.models.bundled import BUNDLED_MODELS
 from pydantic import BaseModel
 
-from g2rpo_operator.builders.common import CHECKPOINT_MOUNT
 from g2rpo_operator.reconcile import MAX_NAME_LENGTH, MUTABLE_FIELDS
 
 PLURAL = "g2rpojobs"

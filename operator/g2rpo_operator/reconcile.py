@@ -56,6 +56,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from g2rpo.api.names import CHECKPOINT_MOUNT, TOKEN_KEY
 from g2rpo.api.spec import EXIT_INVALID_SPEC, G2RPOJobSpec, SpecError, check_batch_layout, parse_spec
 from g2rpo.api.status import (
     COMPLETE,
@@ -78,14 +79,7 @@ from kopf import append_owner_reference
 from pydantic import ValidationError
 
 from g2rpo_operator.builders import JobContext, children, config
-from g2rpo_operator.builders.common import (
-    APP_NAME,
-    CHECKPOINT_MOUNT,
-    GANG_EPOCH_ANNOTATION,
-    MANAGED_BY,
-    TOKEN_KEY,
-    child_name,
-)
+from g2rpo_operator.builders.common import APP_NAME, GANG_EPOCH_ANNOTATION, MANAGED_BY, child_name
 from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
 from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.controller_client import ControllerReport, read_controller
