@@ -30,9 +30,9 @@ from typing import Any
 import celpy
 import pytest
 import yaml
-from g2rpo.api.spec import parse_job
-from g2rpo_operator.crd import CROSS_FIELD_RULES, render_crd
-from g2rpo_operator.reconcile import MUTABLE_FIELDS, validate
+from g2rpo.api.crd import CROSS_FIELD_RULES, render_crd
+from g2rpo.api.spec import MUTABLE_FIELDS, parse_job
+from g2rpo_operator.reconcile import validate
 from operator_fixtures import deep_merge, job_manifest
 
 CEL = celpy.Environment()

@@ -20,7 +20,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from g2rpo_operator.crd import render_crd, render_crd_yaml
+from g2rpo.api.crd import render_crd, render_crd_yaml
 from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[1]

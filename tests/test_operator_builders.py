@@ -13,12 +13,11 @@ from datetime import UTC, datetime, timedelta
 import kubernetes_validate
 import pytest
 import yaml
-from g2rpo.api.spec import EXIT_INVALID_SPEC, parse_job, parse_spec
+from g2rpo.api.spec import EXIT_INVALID_SPEC, MUTABLE_FIELDS, parse_job, parse_spec
 from g2rpo.api.status import timestamp
 from g2rpo_operator.builders import JobContext, children, config, controller, gang, network, rollout, trainer
 from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, placements, release_quota
 from g2rpo_operator.reconcile import (
-    MUTABLE_FIELDS,
     checkpoint_claim,
     claim_problems,
     deployment_available,

@@ -57,7 +57,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from g2rpo.api.names import CHECKPOINT_MOUNT, TOKEN_KEY
-from g2rpo.api.spec import EXIT_INVALID_SPEC, G2RPOJobSpec, SpecError, check_batch_layout, parse_spec
+from g2rpo.api.spec import (
+    EXIT_INVALID_SPEC,
+    MAX_NAME_LENGTH,
+    MUTABLE_FIELDS,
+    G2RPOJobSpec,
+    SpecError,
+    check_batch_layout,
+    parse_spec,
+)
 from g2rpo.api.status import (
     COMPLETE,
     CONDITION_TYPES,
@@ -102,12 +110,6 @@ from g2rpo_operator.kube import (
 from g2rpo_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
-
-MUTABLE_FIELDS = frozenset({"suspend", "runPolicy.backoffLimit", "runPolicy.activeDeadlineSeconds"})
-"""Spec fields (camelCase paths under spec) that may change after creation; every other is fixed."""
-
-MAX_NAME_LENGTH = 52
-"""63 (a DNS label) minus the longest suffix the job's children and pod hostnames add ("-controller")."""
 
 
 # --- pure decisions ------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_eval(args)
     if args.verb == "crd":
-        from g2rpo_operator.crd import render_crd_yaml
+        from g2rpo.api.crd import render_crd_yaml
 
         sys.stdout.write(render_crd_yaml())
         return 0

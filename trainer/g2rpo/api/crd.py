@@ -15,8 +15,8 @@ section of defaults), so that the API server stores every defaulted section and 
 rules below can rely on it being there.
 
 Admission (`x-kubernetes-validations`, CEL; see RULES): the name limit, the cross-field rules of
-the model and of the operator's cluster checks (reconcile.validate), and immutability: every spec
-field but reconcile.MUTABLE_FIELDS keeps its value on update (transition rules on the spec node,
+the model and of the operator's cluster checks (g2rpo_operator.reconcile.validate), and immutability: every spec
+field but g2rpo.api.spec.MUTABLE_FIELDS keeps its value on update (transition rules on the spec node,
 and on runPolicy, which holds mutable fields). So `kubectl apply` of a bad job or a forbidden edit
 is refused at once; the operator's own checks stay for what CEL cannot see (the name's DNS
 prefix is in the schema pattern; a claim that exists; a float that is finite, which JSON cannot
@@ -39,13 +39,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from g2rpo.api.names import CHECKPOINT_MOUNT
-from g2rpo.api.spec import API_GROUP, API_VERSION, BUNDLED_MODEL_PREFIX, DATA_PARALLEL_REASON, KIND, G2RPOJobSpec
-from g2rpo.api.status import JobStatus
-from g2rpo.models.bundled import BUNDLED_MODELS
 from pydantic import BaseModel
 
-from g2rpo_operator.reconcile import MAX_NAME_LENGTH, MUTABLE_FIELDS
+from g2rpo.api.names import CHECKPOINT_MOUNT
+from g2rpo.api.spec import (
+    API_GROUP,
+    API_VERSION,
+    BUNDLED_MODEL_PREFIX,
+    DATA_PARALLEL_REASON,
+    KIND,
+    MAX_NAME_LENGTH,
+    MUTABLE_FIELDS,
+    G2RPOJobSpec,
+)
+from g2rpo.api.status import JobStatus
+from g2rpo.models.bundled import BUNDLED_MODELS
 
 PLURAL = "g2rpojobs"
 SINGULAR = "g2rpojob"
@@ -389,7 +397,7 @@ CROSS_FIELD_RULES: tuple[Rule, ...] = (
         for component in ("trainer", "rollout", "controller")
     ),
 )
-"""Every check of g2rpo.api.spec, reconcile.validate and the trainer's start-up that CEL can state
+"""Every check of g2rpo.api.spec, g2rpo_operator.reconcile.validate and the trainer's start-up that CEL can state
 without the dataset or the API (the batch layout with the cluster's world size, bundled models)."""
 
 
@@ -531,5 +539,5 @@ def render_crd_yaml() -> str:
     return HEADER + yaml.safe_dump(render_crd(), sort_keys=False, width=110)
 
 
-if __name__ == "__main__":  # python -m g2rpo_operator.crd > manifests/crd/g2rpojob.yaml
+if __name__ == "__main__":  # python -m g2rpo.api.crd > manifests/crd/g2rpojob.yaml
     print(render_crd_yaml(), end="")
