@@ -17,15 +17,10 @@ from g2rpo.api.spec import EXIT_INVALID_SPEC, MUTABLE_FIELDS, parse_job, parse_s
 from g2rpo.api.status import timestamp
 from g2rpo_operator.builders import JobContext, children, config, controller, gang, network, rollout, trainer
 from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, placements, release_quota
-from g2rpo_operator.reconcile import (
-    checkpoint_claim,
-    claim_problems,
-    deployment_available,
-    pod_problems,
-    progress,
-    spec_changes,
-    validate,
-)
+from g2rpo_operator.admission import spec_changes, validate
+from g2rpo_operator.conditions import claim_problems, pod_problems
+from g2rpo_operator.lifecycle import deployment_available, progress
+from g2rpo_operator.reconcile import checkpoint_claim
 from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
 from operator_fixtures import CLAIM, job_manifest
 

@@ -2,7 +2,7 @@
 with the controller's API token.
 
 The ConfigMap's `job.yaml` is also the operator's record of the *accepted* spec: later edits are
-compared with it (see reconcile.spec_changes), so the trainer always reads exactly what was applied.
+compared with it (see admission.spec_changes), so the trainer always reads exactly what was applied.
 """
 
 from __future__ import annotations

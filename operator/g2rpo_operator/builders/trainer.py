@@ -18,7 +18,7 @@ completion-index annotation through the downward API; WORLD_SIZE counts processe
 Failures that are not the trainer's: the Job's podFailurePolicy ignores pods that fail with the
 DisruptionTarget condition (preemption, node drain, API-initiated eviction), so they never fail the
 Job; the operator sees the disrupted pod and restarts the whole gang without spending the retry
-budget (reconcile.py). A pod that exits with EXIT_INVALID_SPEC (the `check-spec` init container:
+budget (lifecycle.py). A pod that exits with EXIT_INVALID_SPEC (the `check-spec` init container:
 the job cannot run as configured) fails the Job at once (FailJob), and the operator fails the job
 without retrying: another attempt would fail the same way.
 """

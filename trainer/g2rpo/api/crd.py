@@ -14,17 +14,17 @@ Sections the model builds with a default_factory get that default in the CRD too
 section of defaults), so that the API server stores every defaulted section and the admission
 rules below can rely on it being there.
 
-Admission (`x-kubernetes-validations`, CEL; see RULES): the name limit, the cross-field rules of
-the model and of the operator's cluster checks (g2rpo_operator.reconcile.validate), and immutability: every spec
-field but g2rpo.api.spec.MUTABLE_FIELDS keeps its value on update (transition rules on the spec node,
-and on runPolicy, which holds mutable fields). So `kubectl apply` of a bad job or a forbidden edit
-is refused at once; the operator's own checks stay for what CEL cannot see (the name's DNS
-prefix is in the schema pattern; a claim that exists; a float that is finite, which JSON cannot
-even carry otherwise). The API server refuses rules whose estimated cost is unbounded, so every
-string, list and map under spec has a maxLength/maxItems/maxProperties (set in g2rpo.api.spec;
-tests/test_cel.py checks that none is missing). Rule conventions: an optional field counts as
-set only when present and of its type (`has(x) && type(x) == string`), so an explicit null reads
-as unset, as in the model.
+Admission (`x-kubernetes-validations`, CEL; see RULES): the name limit, the cross-field rules of the
+model and of the operator's cluster checks (g2rpo_operator.admission.validate), and immutability:
+every spec field but g2rpo.api.spec.MUTABLE_FIELDS keeps its value on update (transition rules on
+the spec node, and on runPolicy, which holds mutable fields). So `kubectl apply` of a bad job or a
+forbidden edit is refused at once; the operator's own checks stay for what CEL cannot see (the
+name's DNS prefix is in the schema pattern; a claim that exists; a float that is finite, which JSON
+cannot even carry otherwise). The API server refuses rules whose estimated cost is unbounded, so
+every string, list and map under spec has a maxLength/maxItems/maxProperties (set in g2rpo.api.spec;
+tests/test_cel.py checks that none is missing). Rule conventions: an optional field counts as set
+only when present and of its type (`has(x) && type(x) == string`), so an explicit null reads as
+unset, as in the model.
 
 `render_crd_yaml()` is what `g2rpo crd` prints and what manifests/crd/g2rpojob.yaml holds;
 tests/test_crd.py fails when the two differ.
@@ -397,8 +397,8 @@ CROSS_FIELD_RULES: tuple[Rule, ...] = (
         for component in ("trainer", "rollout", "controller")
     ),
 )
-"""Every check of g2rpo.api.spec, g2rpo_operator.reconcile.validate and the trainer's start-up that CEL can state
-without the dataset or the API (the batch layout with the cluster's world size, bundled models)."""
+"""Every check of g2rpo.api.spec, g2rpo_operator.admission.validate and the trainer's start-up that CEL
+can state without the dataset or the API (the batch layout with the cluster's world size, bundled models)."""
 
 
 def immutability_rules(spec_schema: dict[str, Any]) -> list[Rule]:
