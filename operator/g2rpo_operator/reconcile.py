@@ -40,7 +40,7 @@ from kopf import append_owner_reference
 from pydantic import ValidationError
 
 from g2rpo_operator.admission import refused_edits, validate
-from g2rpo_operator.builders import JobContext, children, config
+from g2rpo_operator.builders import JobContext, child_keys, children, config
 from g2rpo_operator.builders.common import APP_NAME, GANG_EPOCH_ANNOTATION, MANAGED_BY, child_name
 from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
 from g2rpo_operator.cache import ObjectCache, View
@@ -61,6 +61,7 @@ from g2rpo_operator.kube import (
     Manifest,
     Resource,
     resource_of,
+    resource_of_kind,
 )
 from g2rpo_operator.lifecycle import Progress, deployment_available, progress, ready_count
 from g2rpo_operator.settings import OperatorSettings
@@ -237,9 +238,8 @@ class Reconciler:
 
     def _observe(self, view: View, ctx: JobContext, configmap: Manifest | None) -> dict[tuple[str, str], Manifest]:
         found = {_key(CONFIGMAPS, ctx.config_name): configmap} if configmap else {}
-        for manifest in children(ctx, token="", active=True):
-            res = resource_of(manifest)
-            key = _key(res, manifest["metadata"]["name"])
+        for key in child_keys(ctx, active=True):
+            res = resource_of_kind(key[0])
             if key not in found and res is not CONFIGMAPS:
                 obj = view.get(res, ctx.namespace, key[1])
                 if obj is not None:
