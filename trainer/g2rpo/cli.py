@@ -6,10 +6,19 @@ import argparse
 import logging
 import sys
 import warnings
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
-from g2rpo.api.spec import SpecError, load_job
+from g2rpo.api.spec import G2RPOJob, SpecError, load_job
 from g2rpo.eval.command import add_arguments as add_eval_arguments
+
+VERB_ENTRY_POINTS = "g2rpo.verbs"
+"""Verbs that the operator package adds to `g2rpo` (`render`; pyproject.toml): each entry point is a
+function that adds its verb's parser to the verbs it is given and returns what runs the verb on the
+loaded job file. The trainer package reaches the operator's code only through them."""
+
+JobVerb = Callable[[G2RPOJob, argparse.Namespace], int]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,15 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--output", type=Path, help="run folder (default: runs/<job name>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    render = verbs.add_parser(
-        "render",
-        help="print every object the operator would create for a job (YAML), as `helm template` does",
-        description="Print the job's children as the operator would create them, with the operator's default "
-        "settings; G2RPO_* environment variables override them as they do for the operator (mirror your chart "
-        "values). Owner references and the controller token are filled in by the operator at creation.",
-    )
-    render.add_argument("file", type=Path)
-    render.add_argument("--namespace", help="namespace of the job (default: its metadata.namespace, else 'default')")
+    job_verbs, unavailable = _added_verbs(verbs)
 
     evaluate = verbs.add_parser("eval", help="pass@1 of a model, checkpoint or job's final model (math, HumanEval)")
     add_eval_arguments(evaluate)
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         from g2rpo.controller.__main__ import main as controller_main
 
         return controller_main(rest)
+    if args.verb in unavailable:
+        print(unavailable[args.verb], file=sys.stderr)
+        return 2
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.verb == "eval":
@@ -75,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.verb == "validate":
         return _validate(job, args)
-    if args.verb == "render":
-        return _render(job, args)
+    if args.verb in job_verbs:
+        return job_verbs[args.verb](job, args)
     try:
         _resolve_dataset_name(job, args.file)
     except SpecError as exc:
@@ -89,6 +93,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before run_local took over SIGINT: nothing was trained or saved
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
+
+
+def _added_verbs(verbs: argparse._SubParsersAction) -> tuple[dict[str, JobVerb], dict[str, str]]:
+    """The verbs of VERB_ENTRY_POINTS, and why each of those that cannot be imported is unavailable."""
+    added: dict[str, JobVerb] = {}
+    unavailable: dict[str, str] = {}
+    for entry in entry_points(group=VERB_ENTRY_POINTS):
+        try:
+            add_verb = entry.load()
+        except ImportError as exc:
+            unavailable[entry.name] = (
+                f"g2rpo {entry.name} needs the operator package: pip install 'g2rpo[operator]' ({exc})"
+            )
+            placeholder = verbs.add_parser(entry.name, help="(needs the operator package)", add_help=False)
+            placeholder.add_argument("arguments", nargs=argparse.REMAINDER)
+        else:
+            added[entry.name] = add_verb(verbs)
+    return added, unavailable
 
 
 def _resolve_dataset_name(job, job_file: Path) -> None:
@@ -123,65 +145,6 @@ def _validate(job, args) -> int:
 
 def _is_local(dataset) -> bool:
     return dataset.is_builtin_arithmetic or Path(dataset.name).expanduser().exists()
-
-
-RENDERED_TOKEN = "placeholder-the-operator-generates-a-random-token"
-
-
-def render_children(job, namespace: str | None = None, env=None) -> str:
-    """The job's children as multi-document YAML; raises SpecError (a cluster check failed),
-    ValueError (a G2RPO_* setting does not parse) or ImportError (no operator extra)."""
-    import yaml
-    from g2rpo_operator.builders import JobContext, children
-    from g2rpo_operator.reconcile import validate
-    from g2rpo_operator.settings import OperatorSettings
-
-    namespace = namespace or job.metadata.namespace or "default"
-    settings = OperatorSettings.from_env(env)
-    spec, errors = validate(job.metadata.name, job.spec.model_dump(by_alias=True, mode="json"))
-    if spec is None:
-        raise SpecError([((line.split(": ", 1)[0],), line.split(": ", 1)[1]) for line in errors])
-    ctx = JobContext.resolve(job.metadata.name, namespace, spec, settings)
-    block_dumper = _block_dumper()
-    out = [
-        f"# g2rpo render: the children of G2RPOJob {namespace}/{ctx.name}, as the operator creates them "
-        "(ownerReferences to the job are added at creation)."
-    ]
-    for manifest in children(ctx, RENDERED_TOKEN, active=not spec.suspend):
-        out.append("---")
-        if manifest["kind"] == "Secret":
-            out.append("# Not a secret: the operator generates a random token at creation; this is a placeholder.")
-        out.append(yaml.dump(manifest, Dumper=block_dumper, sort_keys=False).rstrip("\n"))
-    return "\n".join(out) + "\n"
-
-
-def _block_dumper():
-    import yaml
-
-    class BlockDumper(yaml.SafeDumper):
-        """Multi-line strings (the ConfigMap's files) as literal blocks, readable in a review."""
-
-    def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-        style = "|" if "\n" in value else None
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-    BlockDumper.add_representer(str, text)
-    return BlockDumper
-
-
-def _render(job, args) -> int:
-    try:
-        sys.stdout.write(render_children(job, args.namespace))
-    except ImportError as exc:
-        print(f"g2rpo render needs the operator package: pip install 'g2rpo[operator]' ({exc})", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # SpecError too
-        lines = exc.lines() if isinstance(exc, SpecError) else [str(exc)]
-        print(f"{args.file} cannot run on a cluster:", file=sys.stderr)
-        for line in lines:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _run(job, args) -> int:
