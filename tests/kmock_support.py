@@ -4,9 +4,10 @@ KMock (PyPI `kmock`, by kopf's author) is the sanctioned fake of the API server 
 there is no cluster here. It serves the Kubernetes REST API on loopback; kopf, the operator and its
 API client run for real against it over HTTP. `Emulator` adds what a real API server (and its
 garbage collector) does and KMock 0.8 does not, measured in ../shared/testing.md: uid, namespace,
-creationTimestamp, generation and resourceVersion on writes, and the cascade deletion of objects
-whose owners are gone. Like KMock, it has no controllers: tests set child status themselves
-(`patch_status`), as the Deployment/Job controllers and the kubelet would.
+creationTimestamp, generation and resourceVersion on writes, a merge patch that names a stale
+resourceVersion refused with 409, and the cascade deletion of objects whose owners are gone. Like
+KMock, it has no controllers: tests set child status themselves (`patch_status`), as the
+Deployment/Job controllers and the kubelet would.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ class Emulator(kmock.KubernetesEmulator):
             return _with_data(request, data)
         if request.action == enums.action.UPDATE and isinstance(request.data, dict):
             data = copy.deepcopy(request.data)
+            expected = (data.get("metadata") or {}).get("resourceVersion")
+            if expected is not None:  # a merge patch naming a version applies only over that version
+                current = self.stored(request.resource, request.namespace, request.name)
+                if current is not None and current["metadata"].get("resourceVersion") != expected:
+                    raise kmock.KubernetesError(status=409, reason="Conflict", message="the object has been modified")
             data.setdefault("metadata", {})["resourceVersion"] = version
             if "spec" in data and request.subresource is None:
                 current = self.stored(request.resource, request.namespace, request.name)

@@ -254,10 +254,47 @@ def test_broken_json_lines_are_named_by_their_line_in_the_file(tmp_path, capsys)
     with pytest.raises(SpecError) as caught:
         load_training_dataset(job({"name": str(path)}))
     assert caught.value.lines() == [
-        f"spec.dataset.name: {path} has 2 broken JSON line(s): line 3 column 30: Expecting property name "
-        "enclosed in double quotes; line 4: a JSON list, not an object"
+        f"spec.dataset.name: 2 broken JSON line(s): {path}:3:30: Expecting property name "
+        f"enclosed in double quotes; {path}:4: a JSON list, not an object"
     ]
     assert "broken" not in capsys.readouterr().err, "said once, by the SpecError"
+
+
+BROKEN_SECOND_LINE = '{"problem": "a", "answer": "1", "solution": "s"}\n{"problem": "b", answer: "2"}\n'
+
+
+@pytest.mark.parametrize("layout", ["json lines in a .json file", "a folder of .jsonl files"])
+def test_a_broken_json_line_is_reported_once_by_file_and_line(tmp_path, capsys, caplog, layout):
+    if layout == "json lines in a .json file":
+        path = tmp_path / "rows.json"
+        name = path
+    else:
+        (tmp_path / "rows").mkdir()
+        path = tmp_path / "rows" / "train.jsonl"
+        name = tmp_path / "rows"
+    path.write_text(BROKEN_SECOND_LINE)
+    with pytest.raises(SpecError) as caught:
+        load_training_dataset(job({"name": str(name)}))
+    assert caught.value.lines() == [
+        f"spec.dataset.name: 1 broken JSON line(s): {path}:2:18: Expecting property name enclosed in double quotes"
+    ]
+    assert "row" not in capsys.readouterr().err + caplog.text, "said once, by the SpecError"
+
+
+def test_a_broken_json_document_is_reported_by_file_and_line(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"problem": "a", "answer": "1", "solution": "s"},\n  {"problem": "b",}\n]\n')
+    with pytest.raises(SpecError) as caught:
+        load_training_dataset(job({"name": str(path)}))
+    assert caught.value.lines() == [f"spec.dataset.name: {path}:3:19: Expecting property name enclosed in double quotes"]
+
+
+def test_a_json_document_and_json_lines_in_a_json_file_both_load(tmp_path):
+    rows = [{"problem": "a", "answer": "1", "solution": "s"}, {"problem": "b", "answer": "2", "solution": "t"}]
+    (tmp_path / "array.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for name in ("array.json", "lines.json"):
+        assert load_training_dataset(job({"name": str(tmp_path / name)}))["answer"] == ["1", "2"]
 
 
 def test_relative_dataset_names_are_read_from_the_job_files_folder(tmp_path):
@@ -274,6 +311,20 @@ def test_relative_dataset_names_are_read_from_the_job_files_folder(tmp_path):
     hub = job({"name": "open-r1/OpenR1-Math-220k"})
     resolve_relative_name(hub.dataset, tmp_path)
     assert hub.dataset.name == "open-r1/OpenR1-Math-220k"
+
+
+def test_outside_the_command_line_a_relative_name_is_read_from_the_current_folder_and_the_error_says_so(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "t.jsonl", [{"problem": "p", "answer": "1", "solution": "s"}])
+    assert load_training_dataset(job({"name": "t.jsonl"}))["answer"] == ["1"]
+    with pytest.raises(SpecError) as caught:
+        load_training_dataset(job({"name": "data/missing.jsonl"}))
+    assert caught.value.lines() == [
+        f"spec.dataset.name: no such file or folder: data/missing.jsonl (a relative name is read from the current "
+        f"folder, {tmp_path})"
+    ]
 
 
 def test_parquet_with_tests_column(tmp_path):
@@ -334,7 +385,7 @@ def test_every_missing_column_is_named_by_its_field_with_the_available_columns(t
         ("{tmp}/missing.jsonl", r"spec\.dataset\.name: no such file or folder"),
         ("{tmp}/rows.txt", r"spec\.dataset\.name: unsupported file type '\.txt'"),
         ("{tmp}/empty.csv", r"spec\.dataset\.name: cannot read .*empty\.csv as csv: .*no data"),
-        ("{tmp}/broken.jsonl", r"spec\.dataset\.name: .*broken\.jsonl has 1 broken JSON line\(s\): line 1 column 26: Invalid control"),
+        ("{tmp}/broken.jsonl", r"spec\.dataset\.name: 1 broken JSON line\(s\): .*broken\.jsonl:1:13: Unterminated string"),
         ("{tmp}/empty.parquet", r"spec\.dataset\.name: cannot read .*empty\.parquet as parquet"),
         ("{tmp}/blank.jsonl", r"spec\.dataset\.promptColumn: 1 of 1 rows have no 'problem' value \(rows 1\)"),
     ],

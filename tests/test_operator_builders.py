@@ -15,6 +15,7 @@ import pytest
 import yaml
 from g2rpo.api.spec import EXIT_INVALID_SPEC, MUTABLE_FIELDS, parse_job, parse_spec
 from g2rpo.api.status import timestamp
+from g2rpo_operator.admission import spec_changes, validate
 from g2rpo_operator.builders import (
     JobContext,
     child_keys,
@@ -26,9 +27,8 @@ from g2rpo_operator.builders import (
     rollout,
     trainer,
 )
-from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, placements, release_quota
-from g2rpo_operator.admission import spec_changes, validate
 from g2rpo_operator.conditions import claim_problems, pod_problems
+from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, placements, pods_ready, release_quota
 from g2rpo_operator.lifecycle import deployment_available, progress
 from g2rpo_operator.reconcile import checkpoint_claim
 from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
@@ -469,6 +469,13 @@ def test_kueue_workload_states_and_the_quota_handed_back():
     assert released["admission"] is None
     states = {c["type"]: (c["status"], c.get("reason")) for c in released["conditions"]}
     assert states == {"QuotaReserved": ("False", "Pending"), "Admitted": ("False", "NoReservation"), "Evicted": ("True", None)}
+    # PodsReady follows the gang (Kueue's waitForPodsReady); no write when it already says so.
+    starting = pods_ready(admitted_wl, False, NOW)["status"]["conditions"]
+    assert [c["status"] for c in starting if c["type"] == "PodsReady"] == ["False"] and len(starting) == 3
+    ready_wl = {**admitted_wl, "status": {**admitted_wl["status"], "conditions": starting}}
+    assert pods_ready(ready_wl, False, NOW) is None
+    running = pods_ready(ready_wl, True, NOW)["status"]["conditions"]
+    assert {c["type"]: c["status"] for c in running} == {"QuotaReserved": "True", "Admitted": "True", "PodsReady": "True"}
 
 
 def test_gang_scheduling_with_volcano():

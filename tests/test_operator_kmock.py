@@ -16,11 +16,14 @@ import aiohttp
 import kmock
 import pytest
 import yaml
+from g2rpo.api.spec import parse_spec
 from g2rpo.controller.metrics import SANDBOX_LAYERS
 from g2rpo.controller.http_client import HttpGuidanceClient
 from g2rpo.controller.service import GuidanceService, ServiceConfig, start_server
 from g2rpo.guidance.schedule import ScheduleParams
-from g2rpo.api.spec import parse_spec
+from g2rpo_operator.cache import ObjectCache, View
+from g2rpo_operator.kube import KubeApi
+from g2rpo_operator.reconcile import Reconciler
 from kmock_support import (
     BATCH_JOBS,
     CHILD_RESOURCES,
@@ -585,6 +588,11 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     assert "suspend" not in trainer["spec"]
     await start_trainer(cluster)
     await wait_for(phase_is(cluster, "Running"), what="phase Running")
+    # Kueue's waitForPodsReady reads this; without it such a cluster would evict the job at its timeout.
+    await wait_for(
+        lambda: any(c["type"] == "PodsReady" and c["status"] == "True" for c in _workload(cluster)["status"]["conditions"]),
+        what="the Workload's PodsReady condition",
+    )
 
     # Preempted: Kueue marks the Workload Evicted and waits for the integration to stop the gang.
     evicted = _kueue_admits(cluster)
@@ -647,6 +655,27 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
         ("kueue.x-k8s.io", "workloads", verb) for verb in ("get", "list", "watch", "create", "delete")
     } | {("kueue.x-k8s.io", "workloads/status", "patch"), ("kueue.x-k8s.io", "resourceflavors", "get")}
     assert ("apps", "deployments", "delete") in used  # granted by kueue-rules.yaml only
+
+
+async def test_workload_status_is_written_only_over_the_version_read(cluster):
+    """Kueue writes the Workload's conditions too: the operator's whole-list write must not erase one it
+    has not seen (a merge patch naming the resourceVersion it read; the API server answers 409 otherwise)."""
+    workload = {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload", "metadata": {"name": "w"}, "spec": {}}
+    read = await cluster.emulator.create_object(WORKLOADS, NAMESPACE, workload)
+    evicted = {"status": {"conditions": [{"type": "Evicted", "status": "True", "reason": "Preempted", "message": ""}]}}
+    await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "w", evicted, status=True)  # Kueue, after our read
+    view = View(KubeApi.for_url(cluster.url), ObjectCache(), fresh=True)
+    stale_write = {"status": {"conditions": [{"type": "PodsReady", "status": "True", "reason": "PodsReady"}]}}
+    await asyncio.to_thread(Reconciler._patch_workload_status, view, read, stale_write)
+    assert _workload_conditions(cluster, "w") == {"Evicted": "True"}  # refused, nothing lost
+    fresh = cluster.emulator.stored(WORKLOADS, NAMESPACE, "w")
+    await asyncio.to_thread(Reconciler._patch_workload_status, view, fresh, stale_write)
+    assert _workload_conditions(cluster, "w") == {"PodsReady": "True"}
+
+
+def _workload_conditions(cluster: Cluster, name: str) -> dict[str, str]:
+    stored = cluster.emulator.stored(WORKLOADS, NAMESPACE, name)
+    return {c["type"]: c["status"] for c in stored["status"]["conditions"]}
 
 
 async def test_kueue_jobs_are_refused_without_the_integration(cluster, start_operator):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
+from torch.nn.modules.module import _IncompatibleKeys
 
 from g2rpo.guidance.schedule import ScheduleParams, lengths_for
 from g2rpo.train.trainer import GUIDANCE_STATE_FILE
@@ -14,7 +16,7 @@ REWARDS = [0.5, 0.25, 0.75, 0.5]
 SCHEDULE = dict(schedule="adaptive", initial_length=8, min_length=1, max_length=40)
 
 
-def test_resume_restores_guidance_length_and_reward_history(tiny_model_dir, tmp_path):
+def test_resume_restores_guidance_length_and_reward_history(tiny_model_dir, tmp_path, caplog):
     full, _, _ = make_trainer(
         tiny_model_dir, tmp_path / "a", reward=ScriptedReward(REWARDS), max_steps=4, save_steps=1, **SCHEDULE
     )
@@ -29,7 +31,10 @@ def test_resume_restores_guidance_length_and_reward_history(tiny_model_dir, tmp_
     )
     resumed.restore_guidance(checkpoint)
     assert (resumed.guidance_step, resumed.guidance_length) == (2, expected[2])
-    resumed.train(resume_from_checkpoint=str(checkpoint))
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.model.config.tie_word_embeddings
+    assert "missing keys" not in caplog.text, "lm_head.weight is tied to the embeddings, not missing"
     assert len(reward.calls) == 2, "only steps 2 and 3 were trained after the resume"
     controller = resumed.guidance_client.controller
     assert [r.reward for r in controller.history] == REWARDS
@@ -43,3 +48,10 @@ def test_resume_from_an_incomplete_checkpoint_fails_clearly(tiny_model_dir, tmp_
     (tmp_path / "checkpoint-1" / "model.safetensors").write_bytes(b"cut")
     with pytest.raises(ValueError, match=r"checkpoint-1: no g2rpo_checkpoint_complete.json \(the save was interrupted\); it holds: model.safetensors"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+def test_a_missing_key_that_is_not_a_tied_weight_is_still_reported(tiny_model_dir, tmp_path, caplog):
+    trainer, _, _ = make_trainer(tiny_model_dir, tmp_path, max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+        trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight", "model.norm.weight"], []))
+    assert "There were missing keys in the checkpoint model loaded: ['model.norm.weight']" in caplog.text

@@ -156,3 +156,64 @@ def test_validate_cli_on_garbage(tmp_path):
     result = _cli("validate", str(path))
     assert result.returncode == 1 and "not valid YAML" in result.stderr
     assert _cli("validate", str(tmp_path / "missing.yaml")).returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("field", "suggested"),
+    [
+        ("spec.training.numGeneratons", "spec.training.numGenerations"),
+        ("spec.guidance.initialLenght", "spec.guidance.initialLength"),
+        ("spec.rewards.0.wieght", "spec.rewards[0].weight"),
+        ("specs", "spec"),
+    ],
+)
+def test_an_unknown_field_names_the_closest_known_one(field, suggested):
+    if field.startswith("spec.rewards.0."):
+        doc = with_changes(("spec.rewards", [{"name": "accuracy", "wieght": 1}]))
+    else:
+        doc = with_changes((field, 1))
+    assert errors_of(doc)[field] == f"unknown field; did you mean {suggested}?"
+
+
+def test_an_unknown_field_with_no_close_name_gets_no_guess():
+    assert errors_of(with_changes(("spec.training.xyzzy", 1)))["spec.training.xyzzy"] == "unknown field"
+
+
+def test_parse_spec_suggests_with_the_spec_prefix():
+    from g2rpo.api.spec import parse_spec
+
+    with pytest.raises(SpecError) as info:
+        parse_spec({**GOOD["spec"], "guidance": {"ratoi": 0.5}})
+    assert info.value.lines() == ["spec.guidance.ratoi: unknown field; did you mean spec.guidance.ratio?"]
+
+
+@pytest.mark.parametrize(
+    ("kind_line", "expected"),
+    [
+        ("kind: G2RPOjob", "kind: must be 'G2RPOJob', found 'G2RPOjob'"),
+        ("", "kind: must be 'G2RPOJob', it is missing"),
+    ],
+)
+def test_a_misspelt_or_missing_kind_is_named(tmp_path, kind_line, expected):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(GOOD).replace("kind: G2RPOJob", kind_line))
+    with pytest.raises(SpecError) as info:
+        load_job(path)
+    assert info.value.lines() == [f"{expected} (in {path})"]
+
+
+@pytest.mark.parametrize("num_generations", range(2, 65))
+def test_the_suggested_alpha_for_a_ratio_that_guides_nothing_is_accepted(num_generations):
+    found = errors_of(with_changes(("spec.guidance.ratio", 0.01), ("spec.training.numGenerations", num_generations)))
+    suggested = found["spec.guidance.ratio"].split("raise the ratio to at least ")[1].split(" ")[0]
+    assert len(suggested.replace("0.", "", 1).lstrip("0")) <= 4, suggested
+    doc = with_changes(("spec.guidance.ratio", float(suggested)), ("spec.training.numGenerations", num_generations))
+    assert parse_job(doc).spec.guided_per_group == 1
+
+
+@pytest.mark.parametrize("field", ["guidance_column", "tests_column"])
+def test_the_code_reward_columns_say_that_it_scores_the_fenced_program(field):
+    from g2rpo.api.spec import DatasetSpec
+
+    description = DatasetSpec.model_fields[field].description
+    assert "last ```python fenced block after </think>" in description, description

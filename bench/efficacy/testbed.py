@@ -349,7 +349,7 @@ def plot(report: dict, path: Path) -> None:
     ax.plot(range(len(tiers)), [report["warm_start"]["accuracy"][t] for t in tiers], "k_", markersize=30, label="warm start")
     ax.set_xticks(range(len(tiers)), [f"tier {t} ({t} steps)" for t in tiers])
     ax.set_ylabel("held-out pass@1 (unguided)")
-    ax.set_title(f"held-out accuracy, mean ± std over {len(report['config']['seeds'])} seeds")
+    ax.set_title(f"held-out accuracy, mean ± std over {len(report['config']['seeds'])} seeds", fontsize=10)
     ax.legend(fontsize=8)
     for ax, (name, label) in zip(
         (axes[0][1], axes[1][0], axes[1][1]),
@@ -360,9 +360,10 @@ def plot(report: dict, path: Path) -> None:
             curve = data["curves"][name]
             ax.plot(range(1, len(curve) + 1), _smooth(curve), label=arm)
         ax.set_xlabel("RL step")
-        ax.set_title(label + ", seed mean, 5-step moving average")
+        ax.set_title(label, fontsize=10)
     axes[0][1].legend(fontsize=8)
-    figure.tight_layout()
+    figure.suptitle("curves: mean over seeds, 5-step moving average", fontsize=9, y=0.005, va="bottom")
+    figure.tight_layout(rect=(0, 0.02, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -11,7 +11,9 @@ When Kueue evicts the Workload (preemption, an inactive Workload, a pods-ready t
 for the integration to stop the job: the operator deletes the trainer Job (a disruption, which
 does not spend runPolicy.backoffLimit) and the rollout Deployment, and once both are gone hands
 the quota back (`release_quota`), as Kueue's own integrations do. Kueue then requeues the Workload;
-the gang restarts from the newest checkpoint when it is admitted again.
+the gang restarts from the newest checkpoint when it is admitted again. The operator also keeps the
+Workload's PodsReady condition (`pods_ready`), which Kueue's waitForPodsReady reads: without it,
+a cluster with that setting would evict every job at its timeout.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from g2rpo_operator.builders.common import Manifest
 QUOTA_RESERVED = "QuotaReserved"
 ADMITTED = "Admitted"
 EVICTED = "Evicted"
+PODS_READY = "PodsReady"
 
 
 def _condition(workload: Manifest, type_: str) -> dict[str, Any] | None:
@@ -119,3 +122,19 @@ def release_quota(workload: Manifest, reason: str, now: datetime) -> Manifest:
             cond = {**cond, "status": "False", "reason": why, "message": message, "lastTransitionTime": stamp}
         conditions.append(cond)
     return {"status": {"admission": None, "conditions": conditions}}
+
+
+def pods_ready(workload: Manifest, ready: bool, now: datetime) -> Manifest | None:
+    """The status patch that sets PodsReady (every pod of the gang ready: the job Running), or None when
+    the condition already says so."""
+    status = "True" if ready else "False"
+    current = _condition(workload, PODS_READY)
+    if current is not None and current.get("status") == status:
+        return None
+    reason, message = ("PodsReady", "the rollout and every trainer pod are ready") if ready else (
+        "WaitingForPods",
+        "waiting for the rollout and the trainer pods to become ready",
+    )
+    new = {"type": PODS_READY, "status": status, "reason": reason, "message": message, "lastTransitionTime": timestamp(now)}
+    others = [c for c in (workload.get("status") or {}).get("conditions") or [] if c.get("type") != PODS_READY]
+    return {"status": {"conditions": [*others, new]}}

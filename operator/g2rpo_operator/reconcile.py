@@ -46,7 +46,15 @@ from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
 from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.conditions import Facts, claim_problems, invalid_status, job_status, pod_problems, status_patch
 from g2rpo_operator.controller_client import ControllerReport, read_controller
-from g2rpo_operator.kueue import Admission, Placement, admission_of, assigned_flavors, placements, release_quota
+from g2rpo_operator.kueue import (
+    Admission,
+    Placement,
+    admission_of,
+    assigned_flavors,
+    placements,
+    pods_ready,
+    release_quota,
+)
 from g2rpo_operator.kube import (
     CONFIGMAPS,
     DEPLOYMENTS,
@@ -162,6 +170,8 @@ class Reconciler:
         )
         if kueue and kueue.evicted is not None and workload is not None:
             self._release_when_stopped(view, ctx, observed, workload, now)
+        elif kueue and kueue.admitted and workload is not None and prog.active:
+            self._patch_workload_status(view, workload, pods_ready(workload, prog.phase == "Running", now))
         report = self._read_controller(ctx, observed, token)
         facts = Facts(
             progress=prog,
@@ -198,8 +208,26 @@ class Reconciler:
         (deleted in the foreground: their pods go first) is left; Kueue then requeues it."""
         if _key(JOBS, ctx.child("trainer")) in observed or _key(DEPLOYMENTS, ctx.child("rollout")) in observed:
             return
+        Reconciler._patch_workload_status(view, workload, release_quota(workload, "evicted", now))
+
+    @staticmethod
+    def _patch_workload_status(view: View, workload: Manifest, patch: Manifest | None) -> None:
+        """Write the Workload's status only over the version this pass read (its conditions are replaced
+        whole, and Kueue writes them too); on a conflict the change's watch event brings another pass."""
+        if patch is None:
+            return
         meta = workload["metadata"]
-        view.patch(WORKLOADS, meta["namespace"], meta["name"], release_quota(workload, "evicted", now), "status")
+        try:
+            view.patch(
+                WORKLOADS,
+                meta["namespace"],
+                meta["name"],
+                {"metadata": {"resourceVersion": meta.get("resourceVersion")}, **patch},
+                "status",
+            )
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
 
     def _effective(
         self, name: str, namespace: str, spec: G2RPOJobSpec | None, accepted: JobContext | None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 from g2rpo.api.spec import G2RPOJob, SpecError
+from g2rpo.cli import JOB_FILE_HELP
 
 from g2rpo_operator.admission import validate
 from g2rpo_operator.builders import JobContext, children
@@ -32,7 +33,7 @@ def add_verb(verbs: argparse._SubParsersAction) -> Callable[[G2RPOJob, argparse.
         "settings; G2RPO_* environment variables override them as they do for the operator (mirror your chart "
         "values). Owner references and the controller token are filled in by the operator at creation.",
     )
-    render.add_argument("file", type=Path)
+    render.add_argument("file", type=Path, help=JOB_FILE_HELP)
     render.add_argument("--namespace", help="namespace of the job (default: its metadata.namespace, else 'default')")
     return run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -14,47 +15,78 @@ from g2rpo.api.spec import G2RPOJob, SpecError, load_job
 from g2rpo.eval.command import add_arguments as add_eval_arguments
 
 VERB_ENTRY_POINTS = "g2rpo.verbs"
-"""Verbs that the operator package adds to `g2rpo` (`render`; pyproject.toml): each entry point is a
-function that adds its verb's parser to the verbs it is given and returns what runs the verb on the
-loaded job file. The trainer package reaches the operator's code only through them."""
+"""Verbs that the operator package adds to `g2rpo` (`render`; pyproject.toml): each entry point, named
+as its verb, is a function that adds the verb's parser to the verbs it is given and returns what runs
+the verb on the loaded job file. The trainer package reaches the operator's code only through them."""
 
 JobVerb = Callable[[G2RPOJob, argparse.Namespace], int]
 
+EXIT_BROKEN_PIPE = 141
+"""What a shell reports for a process killed by SIGPIPE: `g2rpo crd | head` ends like `cat ... | head`."""
+
+JOB_FILE_HELP = "the G2RPOJob YAML file"
+
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe shows at the last flush too
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """The reader of stdout went away: send what is still buffered nowhere, so that the interpreter's
+    final flush raises no second BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2rpo", description="G2RPO-A training, locally or on Kubernetes.")
-    verbs = parser.add_subparsers(dest="verb", required=True)
+    parser.set_defaults(run_job=None, unavailable=None)
+    verbs = parser.add_subparsers(dest="verb", title="verbs", metavar="VERB")
 
     validate = verbs.add_parser(
         "validate",
         help="check a G2RPOJob file without running it; local data (files, folders, builtin) is opened and "
         "checked as `run` would (columns, missing values, curriculum tiers, broken JSON lines)",
     )
-    validate.add_argument("file", type=Path)
+    validate.add_argument("file", type=Path, help=JOB_FILE_HELP)
     data = validate.add_mutually_exclusive_group()
     data.add_argument("--data", action="store_true", help="also download and check a hub dataset")
     data.add_argument("--no-data", action="store_true", help="check the job file only, not its data")
 
     run = verbs.add_parser("run", help="run a G2RPOJob on this machine (CPU or one GPU)")
-    run.add_argument("file", type=Path)
+    run.add_argument("file", type=Path, help=f"{JOB_FILE_HELP} (a relative dataset.name is read from its folder)")
     run.add_argument("--output", type=Path, help="run folder (default: runs/<job name>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    job_verbs, unavailable = _added_verbs(verbs)
+    _add_entry_point_verbs(verbs)
 
     evaluate = verbs.add_parser("eval", help="pass@1 of a model, checkpoint or job's final model (math, HumanEval)")
     add_eval_arguments(evaluate)
 
     verbs.add_parser("crd", help="print the G2RPOJob CustomResourceDefinition (YAML)")
     verbs.add_parser("controller", help="serve a job's guidance controller", add_help=False)
+    return parser
 
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.verb is None:
+        parser.print_help(sys.stderr)
+        return 2
     if args.verb == "controller":
         from g2rpo.controller.__main__ import main as controller_main
 
         return controller_main(rest)
-    if args.verb in unavailable:
-        print(unavailable[args.verb], file=sys.stderr)
+    if args.unavailable:
+        print(args.unavailable, file=sys.stderr)
         return 2
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -79,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.verb == "validate":
         return _validate(job, args)
-    if args.verb in job_verbs:
-        return job_verbs[args.verb](job, args)
+    if args.run_job:
+        return args.run_job(job, args)
     try:
         _resolve_dataset_name(job, args.file)
     except SpecError as exc:
@@ -95,22 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _added_verbs(verbs: argparse._SubParsersAction) -> tuple[dict[str, JobVerb], dict[str, str]]:
-    """The verbs of VERB_ENTRY_POINTS, and why each of those that cannot be imported is unavailable."""
-    added: dict[str, JobVerb] = {}
-    unavailable: dict[str, str] = {}
+def _add_entry_point_verbs(verbs: argparse._SubParsersAction) -> None:
+    """The verbs of VERB_ENTRY_POINTS; one whose module cannot be imported stays listed and says why."""
     for entry in entry_points(group=VERB_ENTRY_POINTS):
         try:
             add_verb = entry.load()
         except ImportError as exc:
-            unavailable[entry.name] = (
-                f"g2rpo {entry.name} needs the operator package: pip install 'g2rpo[operator]' ({exc})"
-            )
             placeholder = verbs.add_parser(entry.name, help="(needs the operator package)", add_help=False)
             placeholder.add_argument("arguments", nargs=argparse.REMAINDER)
+            placeholder.set_defaults(
+                unavailable=f"g2rpo {entry.name} needs the operator package: pip install 'g2rpo[operator]' ({exc})"
+            )
         else:
-            added[entry.name] = add_verb(verbs)
-    return added, unavailable
+            run_job: JobVerb = add_verb(verbs)
+            verbs.choices[entry.name].set_defaults(run_job=run_job)
 
 
 def _resolve_dataset_name(job, job_file: Path) -> None:

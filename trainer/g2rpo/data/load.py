@@ -23,7 +23,9 @@ Missing curriculum keys follow curriculum.unknown. Then the curriculum order app
 dataset.maxSamples. Every problem a user can fix is a SpecError naming the spec field.
 
 A relative local path in dataset.name is resolved by the command line against the job file's
-folder (`resolve_relative_name`), so a job and its data travel together.
+folder (`resolve_relative_name`), so a job and its data travel together. Everywhere else (the
+cluster trainer, whose job file is a ConfigMap mount with nothing beside it) it is read from the
+current folder, and an error says so.
 """
 
 from __future__ import annotations
@@ -246,7 +248,8 @@ def _load_source(dataset: DatasetSpec) -> Dataset:
     if path.is_dir():
         return _load_folder(path, dataset.split)
     if path.suffix in FILE_FORMATS or dataset.name.startswith(("/", ".", "~")):
-        raise SpecError([(NAME_PATH, f"no such file or folder: {path}")])
+        where = "" if path.is_absolute() else f" (a relative name is read from the current folder, {Path.cwd()})"
+        raise SpecError([(NAME_PATH, f"no such file or folder: {path}{where}")])
     try:
         return datasets.load_dataset(dataset.name, dataset.config, split=dataset.split)
     except datasets.exceptions.DatasetNotFoundError as exc:
@@ -257,8 +260,8 @@ def _load_file(path: Path) -> Dataset:
     data_format = FILE_FORMATS.get(path.suffix)
     if data_format is None:
         raise SpecError([(NAME_PATH, f"unsupported file type {path.suffix!r}; use one of {', '.join(FILE_FORMATS)}")])
-    if path.suffix == ".jsonl":
-        _check_json_lines(path)
+    if data_format == "json":
+        _check_json(path)
     try:
         with _datasets_errors_silenced():
             return datasets.load_dataset(data_format, data_files=str(path), split="train")
@@ -266,12 +269,21 @@ def _load_file(path: Path) -> Dataset:
         raise SpecError([(NAME_PATH, f"cannot read {path} as {data_format}: {exc.__cause__ or exc}")]) from exc
 
 
-def _check_json_lines(path: Path, shown: int = 5) -> None:
-    """Name every line of a .jsonl file that is not one JSON object, by its line number in the file.
+def _check_json(path: Path, shown: int = 5) -> None:
+    """Name what is broken in a .json or .jsonl file as `file:line:column: reason`.
 
-    `datasets` (through pyarrow) accepts some broken lines (a trailing comma) and reports others
-    by a 0-based row inside a block; Python's json module is exact.
+    `datasets` (through pyarrow) accepts some broken lines (a trailing comma), reports others by a
+    0-based row inside a block, and logs each error before raising it; Python's json module is
+    exact. A .json file is one JSON document, or JSON Lines (which `datasets` reads as well).
     """
+    if path.suffix == ".json":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError as exc:
+            if not _starts_with_a_json_object_line(text):
+                raise SpecError([(NAME_PATH, f"{path}:{exc.lineno}:{exc.colno}: {exc.msg}")]) from None
     broken: list[str] = []
     count = 0
     with path.open(encoding="utf-8", errors="replace") as f:
@@ -279,18 +291,26 @@ def _check_json_lines(path: Path, shown: int = 5) -> None:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = json.loads(line.rstrip("\n"))
                 if isinstance(value, dict):
                     continue
-                reason = f"line {number}: a JSON {type(value).__name__}, not an object"
+                reason = f"{path}:{number}: a JSON {type(value).__name__}, not an object"
             except json.JSONDecodeError as exc:
-                reason = f"line {number} column {exc.colno}: {exc.msg}"
+                reason = f"{path}:{number}:{exc.colno}: {exc.msg}"
             count += 1
             if len(broken) < shown:
                 broken.append(reason)
     if broken:
         more = f"; {count - shown} more" if count > shown else ""
-        raise SpecError([(NAME_PATH, f"{path} has {count} broken JSON line(s): {'; '.join(broken)}{more}")])
+        raise SpecError([(NAME_PATH, f"{count} broken JSON line(s): {'; '.join(broken)}{more}")])
+
+
+def _starts_with_a_json_object_line(text: str) -> bool:
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 @contextmanager
@@ -311,10 +331,17 @@ def _load_folder(path: Path, split: str) -> Dataset:
     if saved:
         loaded = datasets.load_from_disk(str(path))
     else:
+        for data_file in sorted(path.rglob("*.json*")):
+            hidden = any(part.startswith(".") for part in data_file.relative_to(path).parts)  # datasets skips them
+            if data_file.suffix in (".json", ".jsonl") and not hidden:
+                _check_json(data_file)
         try:
-            loaded = datasets.load_dataset(str(path))
+            with _datasets_errors_silenced():
+                loaded = datasets.load_dataset(str(path))
         except datasets.exceptions.DataFilesNotFoundError as exc:
             raise SpecError([(NAME_PATH, f"no data files ({', '.join(FILE_FORMATS)}) in {path}")]) from exc
+        except datasets.exceptions.DatasetGenerationError as exc:
+            raise SpecError([(NAME_PATH, f"cannot read the data files in {path}: {exc.__cause__ or exc}")]) from exc
     if isinstance(loaded, Dataset):
         return loaded
     if split not in loaded:

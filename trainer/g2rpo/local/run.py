@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,12 +58,13 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: i
 
     started = time.monotonic()
     layout = RunLayout.for_job(job, run_dir)
+    driving = job.spec.guidance_reward.name
     resume = resolve_resume(job.spec, layout.checkpoint_dir)
     trainer = build_trainer(
         job,
         layout,
         guidance_client_factory=lambda params: InProcessGuidanceClient(GuidanceController(params)),
-        extra_callbacks=[StopAtStepBoundary(signals), *([ProgressCallback()] if progress else [])],
+        extra_callbacks=[StopAtStepBoundary(signals), *([ProgressCallback(driving)] if progress else [])],
     )
     if progress:
         from transformers import PrinterCallback
@@ -72,14 +74,20 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: i
     before = heldout.evaluate(trainer, "before training") if heldout else None
     if resume:
         log.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    if signals.stopped_by:
-        raise StopRequested(signals.stopped_by)
-    save_final_model(trainer, layout)
+    with hf_progress_bars_off():
+        trainer.train(resume_from_checkpoint=resume)
+        if signals.stopped_by:
+            raise StopRequested(signals.stopped_by)
+        save_final_model(trainer, layout)
     records = [r for r in read_metrics(layout.metrics_file) if "g2rpo/accuracy" in r]
     if records:
-        plot_run(layout.metrics_file, layout.plot_file, title=f"{job.metadata.name}: accuracy reward and guidance length")
-    summary = summarise(records)
+        plot_run(
+            layout.metrics_file,
+            layout.plot_file,
+            title=f"{job.metadata.name}: {driving} reward and guidance length",
+            reward=driving,
+        )
+    summary = summarise(records, driving)
     if heldout and before:
         summary.update(heldout.compare(before, heldout.evaluate(trainer, "after training"), layout.run_dir))
     return LocalRunResult(
@@ -88,6 +96,21 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: i
         final_step=trainer.state.global_step,
         summary=summary,
     )
+
+
+@contextmanager
+def hf_progress_bars_off():
+    """No transformers bars while training and saving: the "Writing model shards" bar of every
+    checkpoint and of the final model breaks into g2rpo's step bar and stays behind at 100%."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @dataclass
@@ -148,13 +171,19 @@ class HeldoutCheck:
         }
 
 
-def summarise(records: list[dict]) -> dict[str, float]:
-    """Run-level means of the per-step accuracy rewards (guided vs unguided is the headline)."""
+def summarise(records: list[dict], driving_reward: str = "accuracy") -> dict[str, float]:
+    """Run-level means of the per-step driving reward (guided vs unguided is the headline).
+
+    The metrics file holds it as g2rpo/accuracy* whichever reward drives the schedule (the
+    controller's contract, docs/metrics.md); the summary names it: accuracy, else e.g. code_reward.
+    """
+    name = "accuracy" if driving_reward == "accuracy" else f"{driving_reward}_reward"
     summary: dict[str, float] = {}
-    for key in ("g2rpo/accuracy", "g2rpo/accuracy_guided", "g2rpo/accuracy_unguided"):
+    for suffix in ("", "_guided", "_unguided"):
+        key = f"g2rpo/accuracy{suffix}"
         values = [r[key] for r in records if r.get(key) is not None]
         if values:
-            summary[key.removeprefix("g2rpo/")] = sum(values) / len(values)
+            summary[name + suffix] = sum(values) / len(values)
     if records:
         summary["final_guidance_length"] = records[-1]["g2rpo/guidance_length"]
     return summary

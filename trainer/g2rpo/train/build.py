@@ -87,6 +87,7 @@ def build_trainer(
     from g2rpo.models.bundled import resolve_model_path
     from g2rpo.rewards import build_reward_functions
     from g2rpo.train.callbacks import MetricsFileCallback
+    from g2rpo.train.model_card import model_card
     from g2rpo.train.trainer import G2RPOTrainer
 
     spec = job.spec
@@ -126,6 +127,7 @@ def build_trainer(
         guidance_loss=spec.guidance.loss,
         driving_reward=spec.guidance_reward.name,
         sandbox_layers=_sandbox_layers(spec),
+        model_card=model_card(job),
         callbacks=[MetricsFileCallback(layout.metrics_file), *(extra_callbacks or [])],
     )
     return trainer
@@ -140,7 +142,8 @@ def _sandbox_layers(spec: G2RPOJobSpec) -> dict[str, bool] | None:
 
 
 def save_final_model(trainer, layout: RunLayout) -> Path:
-    """Save the trained model as run_dir/final, atomically: into a temporary folder renamed into place.
+    """Save the trained model and its card as run_dir/final, atomically: into a temporary folder renamed
+    into place.
 
     Every rank takes part in save_model (DeepSpeed ZeRO-3 gathers the weights); rank 0 renames.
     """
@@ -154,6 +157,8 @@ def save_final_model(trainer, layout: RunLayout) -> Path:
     trainer.save_model(str(partial))
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
+        if trainer.model_card is not None:
+            (partial / "README.md").write_text(trainer.model_card)
         if final.exists():
             old = final.with_name(".deleting-final")
             shutil.rmtree(old, ignore_errors=True)

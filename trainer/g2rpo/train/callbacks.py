@@ -68,10 +68,12 @@ class GuidanceCheckpointCallback(TrainerCallback):
 
 
 class ProgressCallback(TrainerCallback):
-    """A tqdm bar over optimizer steps showing accuracy reward and guidance length."""
+    """A tqdm bar over optimizer steps showing the driving reward (acc, or the reward's name) and the
+    guidance length."""
 
-    def __init__(self):
+    def __init__(self, driving_reward: str = "accuracy"):
         self.bar = None
+        self.reward_label = "acc" if driving_reward == "accuracy" else driving_reward
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -83,7 +85,7 @@ class ProgressCallback(TrainerCallback):
         if self.bar is None or not logs:
             return
         shown = {
-            "acc": logs.get("g2rpo/accuracy"),
+            self.reward_label: logs.get("g2rpo/accuracy"),
             "guided": logs.get("g2rpo/accuracy_guided"),
             "unguided": logs.get("g2rpo/accuracy_unguided"),
             "l_k": logs.get("g2rpo/guidance_length"),

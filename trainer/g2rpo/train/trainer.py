@@ -56,6 +56,8 @@ PRIVATE_TRL_HOOKS: dict[str, tuple[str, ...]] = {
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
     # Public, but with transformers' private `_internal_call`; the test-only pause hook lives here.
     "save_model": ("self", "output_dir", "_internal_call"),
+    # transformers' Trainer: quiets the missing key of a tied weight on resume.
+    "_issue_warnings_after_load": ("self", "load_result"),
 }
 # Private attributes of GRPOTrainer that the hooks read.
 PRIVATE_TRL_ATTRIBUTES = ("_metrics", "_tokenizer", "num_generations", "num_iterations", "use_vllm")
@@ -83,13 +85,15 @@ class G2RPOTrainer(GRPOTrainer):
         guidance_loss: str,
         driving_reward: str,
         sandbox_layers: dict[str, bool] | None = None,
+        model_card: str | None = None,
         **kwargs: Any,
     ):
         """`guidance_client` is needed on rank 0 only (other ranks receive lengths by broadcast).
 
         `driving_reward` names the reward function whose per-step mean is r_k. `sandbox_layers`
         (jobs with a code reward) goes with every step report, so the controller, and the job's
-        status on a cluster, show how strong the code sandbox's wall is.
+        status on a cluster, show how strong the code sandbox's wall is. `model_card` (README.md text,
+        g2rpo.train.model_card) replaces the card TRL writes beside the checkpoints.
         """
         super().__init__(*args, **kwargs)
         # transformers rotates (save_total_limit) before a new checkpoint is complete; a crash
@@ -100,6 +104,7 @@ class G2RPOTrainer(GRPOTrainer):
         if guidance_loss not in ("include", "mask"):
             raise ValueError(f"guidance_loss must be 'include' or 'mask', got {guidance_loss!r}")
         self.guidance_client = guidance_client
+        self.model_card = model_card
         self.guided_per_group = guided_per_group
         self.guidance_loss = guidance_loss
         self.driving_reward_index = self.reward_func_names.index(driving_reward)
@@ -137,6 +142,20 @@ class G2RPOTrainer(GRPOTrainer):
             step, _, folder = pause.partition(":")
             if int(step) == self.state.global_step:
                 _pause_for_test(Path(folder))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        if self.model_card is None:
+            return super().create_model_card(model_name, dataset_name, tags)
+        if self.is_world_process_zero():
+            atomic_write_text(Path(self.args.output_dir) / "README.md", self.model_card)
+
+    def _issue_warnings_after_load(self, load_result):
+        """Leave out of the resume warning the keys of tied weights (lm_head.weight of a model with tied
+        embeddings): a checkpoint stores a tied tensor once, and it is loaded under its other name.
+        Every other missing or unexpected key is still reported."""
+        loaded_through_a_twin = _tied_names_loaded_through_a_twin(self.model, load_result.missing_keys)
+        missing = [key for key in load_result.missing_keys if key not in loaded_through_a_twin]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def restore_guidance(self, checkpoint: Path) -> None:
         state_file = checkpoint / GUIDANCE_STATE_FILE
@@ -289,6 +308,21 @@ class G2RPOTrainer(GRPOTrainer):
         if status == "error":
             raise RuntimeError(f"the guidance controller call failed on rank 0: {value}")
         return value
+
+
+def _tied_names_loaded_through_a_twin(model: torch.nn.Module, missing_keys: list[str]) -> set[str]:
+    """The missing keys naming a parameter that another, loaded, key names too."""
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    missing = set(missing_keys)
+    return {
+        name
+        for names in names_of.values()
+        if any(other not in missing for other in names)
+        for name in names
+        if name in missing
+    }
 
 
 def _pause_for_test(folder: Path) -> None:
