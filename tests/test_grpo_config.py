@@ -86,7 +86,7 @@ EXAMPLE_CONFIGS = {
         "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "num_generations": 4,
         "learning_rate": 6e-05, "max_steps": 40, "max_completion_length": 64, "temperature": 0.8,
         "loss_type": "dapo", "scale_rewards": "group", "lr_scheduler_type": "constant", "warmup_steps": 0.0,
-        "save_steps": 10, "save_total_limit": 2, "reward_weights": [1.0, 0.1], "shuffle_dataset": False,
+        "save_steps": 10, "save_total_limit": 1, "reward_weights": [1.0, 0.1], "shuffle_dataset": False,
         "use_vllm": False, "vllm_max_model_length": 384,
     },
     ("manifests/examples/g2rpojob.yaml", SERVER): {
