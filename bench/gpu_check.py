@@ -55,7 +55,7 @@ spec:
 
 
 def accelerate_config(job_file: Path) -> dict:
-    from g2rpo.spec import load_job
+    from g2rpo.api.spec import load_job
     from g2rpo_operator.builders.common import JobContext
     from g2rpo_operator.builders.config import accelerate_config as render
     from g2rpo_operator.settings import OperatorSettings

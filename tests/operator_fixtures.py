@@ -170,7 +170,7 @@ def crd_json_schema(strict: bool = True) -> dict:
     """The CRD's openAPIV3Schema as a JSON Schema (draft 4, whose boolean exclusive bounds OpenAPI 3.0
     shares): `nullable` becomes a null type; `strict` forbids unknown fields where properties are
     listed, as `kubectl apply`'s strict field validation does."""
-    from g2rpo_operator.crd import render_crd
+    from g2rpo.api.crd import render_crd
 
     def convert(node: Any) -> Any:
         if isinstance(node, list):

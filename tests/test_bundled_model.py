@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from g2rpo.api.spec import ArithmeticDatasetSpec, ModelSpec, SpecError
 from g2rpo.data.arithmetic import generate
 from g2rpo.models import bundled
 from g2rpo.models.bundled import resolve_model_path
-from g2rpo.spec import ArithmeticDatasetSpec, ModelSpec, SpecError
 
 SMOLLM2 = ModelSpec(name="bundled:SmolLM2-135M-Instruct")
 

@@ -14,7 +14,7 @@ What this cannot check: the API server's type checker and cost estimator (no kub
 tests/test_operator_cluster.py applies the CRD to a real cluster when one is configured. The cost
 estimator needs bounded strings and lists: test_every_string_list_and_map_under_spec_is_bounded.
 
-Each refusal is also checked against the model and the operator (reconcile.validate), or for the
+Each refusal is also checked against the model and the operator (admission.validate), or for the
 two rules that only the trainer checked so far (batch layout, bundled model name), against the
 trainer's start-up checks: they must refuse the same field.
 """
@@ -30,9 +30,9 @@ from typing import Any
 import celpy
 import pytest
 import yaml
-from g2rpo.spec import parse_job
-from g2rpo_operator.crd import CROSS_FIELD_RULES, render_crd
-from g2rpo_operator.reconcile import MUTABLE_FIELDS, validate
+from g2rpo.api.crd import CROSS_FIELD_RULES, render_crd
+from g2rpo.api.spec import MUTABLE_FIELDS, parse_job
+from g2rpo_operator.admission import validate
 from operator_fixtures import deep_merge, job_manifest
 
 CEL = celpy.Environment()
@@ -138,8 +138,8 @@ def operator_errors(document: dict) -> list[str]:
 
 def trainer_start_errors(document: dict) -> list[str]:
     """What the trainer refuses at start-up (on a cluster: world size = replicas x GPUs per replica)."""
+    from g2rpo.api.spec import SpecError
     from g2rpo.models.bundled import resolve_model_path
-    from g2rpo.spec import SpecError
     from g2rpo.train.build import _check_batch_layout
 
     spec = parse_job(document).spec

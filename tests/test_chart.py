@@ -20,7 +20,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from g2rpo_operator.crd import render_crd, render_crd_yaml
+from g2rpo.api.crd import render_crd, render_crd_yaml
 from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +275,7 @@ def test_monitoring_objects_are_valid_for_the_prometheus_operator(tmp_path):
 
 def test_the_controller_labels_the_monitors_select_are_the_builders_labels():
     """The ServiceMonitor/PodMonitor selectors match what the operator puts on a controller's Service and pod."""
-    from g2rpo.spec import parse_spec
+    from g2rpo.api.spec import parse_spec
     from g2rpo_operator.builders import controller
     from g2rpo_operator.builders.common import JobContext
 

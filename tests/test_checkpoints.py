@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from g2rpo.spec import G2RPOJobSpec, SpecError
+from g2rpo.api.spec import G2RPOJobSpec, SpecError
 from g2rpo.train.build import resolve_resume
 from g2rpo.train.checkpoints import COMPLETE_MARKER, is_complete, mark_complete, newest_complete, rotate
 from g2rpo.train.lifecycle import StopRequested, StopSignals

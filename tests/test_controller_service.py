@@ -356,6 +356,8 @@ def test_the_shared_client_imports_only_the_standard_library():
     loaded = json.loads(subprocess.check_output([sys.executable, "-c", program], text=True))
     assert sorted(m for m in loaded if not m.startswith("_")) == [  # "_": the interpreter's site hooks
         "g2rpo",
+        "g2rpo.api",
+        "g2rpo.api.names",
         "g2rpo.controller",
         "g2rpo.controller.connection",
         "g2rpo_operator",

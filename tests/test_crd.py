@@ -13,8 +13,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from g2rpo.spec import parse_spec
-from g2rpo_operator.crd import SchemaError, render_crd, render_crd_yaml, structural
+from g2rpo.api.crd import SchemaError, render_crd, render_crd_yaml, structural
+from g2rpo.api.spec import parse_spec
 from operator_fixtures import crd_json_schema, job_manifest
 from pydantic import BaseModel
 
@@ -30,7 +30,7 @@ def schema() -> dict:
 def test_committed_crd_is_the_rendered_one():
     assert COMMITTED.read_text() == render_crd_yaml(), (
         "manifests/crd/g2rpojob.yaml is stale: regenerate it with "
-        "`python -m g2rpo_operator.crd > manifests/crd/g2rpojob.yaml` (or `g2rpo crd`)"
+        "`python -m g2rpo.api.crd > manifests/crd/g2rpojob.yaml` (or `g2rpo crd`)"
     )
 
 

@@ -16,11 +16,11 @@ import datasets
 import pandas as pd
 import pytest
 
+from g2rpo.api.spec import ArithmeticDatasetSpec, CurriculumSpec, G2RPOJobSpec, SpecError
 from g2rpo.data import load
 from g2rpo.data.arithmetic import generate, value_limit
 from g2rpo.data.curriculum import order_rows
 from g2rpo.data.load import load_training_dataset
-from g2rpo.spec import ArithmeticDatasetSpec, CurriculumSpec, G2RPOJobSpec, SpecError
 
 STEP_LINE = re.compile(r"^Step (\d+): (\d+) ([-+*/]) (\d+) = (\d+)\.$")
 OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}

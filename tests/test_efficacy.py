@@ -8,10 +8,10 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
+from g2rpo.api.spec import ArithmeticDatasetSpec
 from g2rpo.data.arithmetic import generate_compact, value_limit
 from g2rpo.eval.problems import arithmetic_chain
 from g2rpo.rewards import accuracy_reward
-from g2rpo.spec import ArithmeticDatasetSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("grpo", "fixed", "g2rpo-a", "g2rpo-a-smoothed")

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from g2rpo.api.spec import ArithmeticDatasetSpec
 from g2rpo.cli import main
 from g2rpo.data.arithmetic import generate
 from g2rpo.eval import EvalProblem, EvalReport, evaluate, load_humaneval_problems, load_math_problems
 from g2rpo.eval.core import ProblemResult, score_completions
 from g2rpo.eval.problems import arithmetic_chain
-from g2rpo.spec import ArithmeticDatasetSpec
 
 TRAIN = ArithmeticDatasetSpec(num_problems=64, min_steps=1, max_steps=3, max_operand=12, seed=0)
 

@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args, get_origin
 import pytest
 import torch
 
-from g2rpo.spec import CheckpointSpec, SpecError, TrainingSpec, load_job, parse_spec
+from g2rpo.api.spec import CheckpointSpec, SpecError, TrainingSpec, load_job, parse_spec
 from g2rpo.train.config import DELIBERATELY_UNMAPPED, Generation, grpo_config, grpo_config_arguments
 from g2rpo_operator.builders import JobContext, rollout
 from g2rpo_operator.settings import OperatorSettings

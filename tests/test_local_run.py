@@ -119,7 +119,7 @@ def test_the_plot_keeps_the_legend_off_the_lines_and_draws_l_k_from_zero_tokens(
 def test_the_demo_keeps_one_checkpoint_and_its_card_names_the_base_model_and_the_job():
     from pathlib import Path
 
-    from g2rpo.spec import load_job
+    from g2rpo.api.spec import load_job
     from g2rpo.train.model_card import model_card
 
     demo = load_job(Path(__file__).resolve().parents[1] / "examples" / "smollm2-arithmetic.yaml")

@@ -13,21 +13,25 @@ from datetime import UTC, datetime, timedelta
 import kubernetes_validate
 import pytest
 import yaml
-from g2rpo.spec import EXIT_INVALID_SPEC, parse_job, parse_spec
-from g2rpo_operator.builders import JobContext, children, config, controller, gang, network, rollout, trainer
-from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, placements, pods_ready, release_quota
-from g2rpo_operator.reconcile import (
-    MUTABLE_FIELDS,
-    checkpoint_claim,
-    claim_problems,
-    deployment_available,
-    pod_problems,
-    progress,
-    spec_changes,
-    validate,
+from g2rpo.api.spec import EXIT_INVALID_SPEC, MUTABLE_FIELDS, parse_job, parse_spec
+from g2rpo.api.status import timestamp
+from g2rpo_operator.admission import spec_changes, validate
+from g2rpo_operator.builders import (
+    JobContext,
+    child_keys,
+    children,
+    config,
+    controller,
+    gang,
+    network,
+    rollout,
+    trainer,
 )
+from g2rpo_operator.conditions import claim_problems, pod_problems
+from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, placements, pods_ready, release_quota
+from g2rpo_operator.lifecycle import deployment_available, progress
+from g2rpo_operator.reconcile import checkpoint_claim
 from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
-from g2rpo_operator.status import timestamp
 from operator_fixtures import CLAIM, job_manifest
 
 KUBE_VERSION = "1.30"  # the oldest Kubernetes the manifests target
@@ -89,6 +93,35 @@ def test_every_child_is_schema_valid_labelled_and_namespaced(active):
     assert (("Workload", "qwen-gang") in kinds) is active  # a suspended job's quota goes back to Kueue
     # Under Kueue the rollout exists only while admitted (as the trainer), so never at zero replicas.
     assert [o["spec"]["replicas"] for o in objs if o["kind"] == "Deployment"] == [1, 1] if active else [0]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {},
+        {"suspend": True},
+        {"runPolicy": {"gangScheduler": "volcano", "queue": "q"}, "trainer": {"replicas": 1}},
+        {"runPolicy": {"gangScheduler": "kueue", "queue": "team-a", "priorityClassName": "research"}},
+        {"rewards": [{"name": "code"}], "dataset": {"testsColumn": "test"}, "envFromSecret": "hf"},
+    ],
+    ids=["default", "suspended", "volcano", "kueue", "code-reward"],
+)
+@pytest.mark.parametrize("active", [True, False])
+@pytest.mark.parametrize("with_trainer", [True, False])
+@pytest.mark.parametrize("admission", ["anywhere", "queued", "placed"])
+def test_child_keys_name_exactly_the_children_rendered_for_the_same_arguments(spec, active, with_trainer, admission):
+    """The reconciler reads the children back by these keys, without rendering them (a token included)."""
+    admitted = {
+        "anywhere": {},
+        "queued": None,
+        "placed": {"rollout": Placement(node_selector={"pool": "a"}), "trainer": Placement(labels={"team": "a"})},
+    }[admission]
+    context = ctx(**spec)
+    for gang_epoch in (0, 3):
+        rendered = children(context, "t0ken", active, gang_epoch, with_trainer, admitted)
+        assert child_keys(context, active, with_trainer, admitted) == [
+            (o["kind"], o["metadata"]["name"]) for o in rendered
+        ]
 
 
 def test_pods_run_as_non_root_without_privilege_escalation():

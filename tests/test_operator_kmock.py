@@ -16,11 +16,11 @@ import aiohttp
 import kmock
 import pytest
 import yaml
+from g2rpo.api.spec import parse_spec
 from g2rpo.controller.metrics import SANDBOX_LAYERS
 from g2rpo.controller.http_client import HttpGuidanceClient
 from g2rpo.controller.service import GuidanceService, ServiceConfig, start_server
 from g2rpo.guidance.schedule import ScheduleParams
-from g2rpo.spec import parse_spec
 from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.kube import KubeApi
 from g2rpo_operator.reconcile import Reconciler

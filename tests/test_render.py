@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from g2rpo.cli import RENDERED_TOKEN, main
-from g2rpo.spec import load_job
+from g2rpo.api.spec import load_job
+from g2rpo.cli import main
 from g2rpo_operator.builders import JobContext, children
+from g2rpo_operator.render import RENDERED_TOKEN
 from g2rpo_operator.settings import OperatorSettings
 from operator_fixtures import job_manifest
 

@@ -47,8 +47,8 @@ from typing import Any
 
 import pytest
 import yaml
-from g2rpo.cli import render_children
-from g2rpo.spec import parse_job
+from g2rpo.api.spec import parse_job
+from g2rpo_operator.render import render_children
 
 NAME = "contract"
 NAMESPACE = "team"

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 import g2rpo
+from g2rpo.api.spec import RewardSpec
 from g2rpo.rewards import build_reward_functions
 from g2rpo.rewards.code import extract_program, make_code_reward
 from g2rpo.rewards.format import format_reward
 from g2rpo.rewards.math_answer import accuracy_reward, extract_answer
-from g2rpo.spec import RewardSpec
 
 TRL_EXTRAS = {"trainer_state": None, "log_extra": lambda *a, **k: None, "log_metric": lambda *a, **k: None}
 

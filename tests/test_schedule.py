@@ -218,7 +218,7 @@ def test_smoothed_state_round_trips_and_rewinds_exactly():
 
 
 def test_smoothing_spec_fields_and_errors():
-    from g2rpo.spec import GuidanceSpec
+    from g2rpo.api.spec import GuidanceSpec
 
     spec = GuidanceSpec.model_validate({"smoothing": {"rewardEma": 0.8, "maxChangeFactor": 1.5}})
     p = ScheduleParams.from_spec(spec)

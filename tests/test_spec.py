@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from g2rpo.spec import SpecError, load_job, parse_job
+from g2rpo.api.spec import SpecError, load_job, parse_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def test_an_unknown_field_with_no_close_name_gets_no_guess():
 
 
 def test_parse_spec_suggests_with_the_spec_prefix():
-    from g2rpo.spec import parse_spec
+    from g2rpo.api.spec import parse_spec
 
     with pytest.raises(SpecError) as info:
         parse_spec({**GOOD["spec"], "guidance": {"ratoi": 0.5}})
@@ -213,7 +213,7 @@ def test_the_suggested_alpha_for_a_ratio_that_guides_nothing_is_accepted(num_gen
 
 @pytest.mark.parametrize("field", ["guidance_column", "tests_column"])
 def test_the_code_reward_columns_say_that_it_scores_the_fenced_program(field):
-    from g2rpo.spec import DatasetSpec
+    from g2rpo.api.spec import DatasetSpec
 
     description = DatasetSpec.model_fields[field].description
     assert "last ```python fenced block after </think>" in description, description

@@ -58,8 +58,8 @@ def _kind(document: str) -> str:
 
 
 def crd_text() -> str:
-    sys.path[:0] = [str(ROOT / "trainer"), str(ROOT / "operator")]  # this checkout's code, not an installed one
-    from g2rpo_operator.crd import render_crd_yaml
+    sys.path[:0] = [str(ROOT / "trainer")]  # this checkout's code, not an installed one
+    from g2rpo.api.crd import render_crd_yaml
 
     return render_crd_yaml()
 

@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     _single_thread()
 
+    from g2rpo.api.spec import ArithmeticDatasetSpec
     from g2rpo.data.arithmetic import generate_compact
     from g2rpo.eval import load_math_problems
-    from g2rpo.spec import ArithmeticDatasetSpec
 
     from bench.efficacy.warmstart import WarmStartConfig, warm_start
 
@@ -252,8 +252,8 @@ def run_one(arm: str, seed: int | None, source: str, run_dir: str | None, heldou
     result: dict = {"arm": arm, "seed": seed}
     model_dir = source
     if run_dir is not None:
+        from g2rpo.api.spec import load_job
         from g2rpo.local.run import run_local
-        from g2rpo.spec import load_job
 
         started = time.monotonic()
         outcome = run_local(load_job(source), Path(run_dir), progress=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from http.client import HTTPException
 
+from g2rpo.api.names import GUIDANCE_PATH
 from g2rpo.controller.connection import ControllerConnection
 
 
@@ -27,7 +28,7 @@ class ControllerReport:
 
 def read_controller(base_url: str, token: str, timeout: float) -> ControllerReport | None:
     try:
-        guidance = ControllerConnection(base_url, token).call("GET", "/v1/guidance", timeout=timeout)
+        guidance = ControllerConnection(base_url, token).call("GET", GUIDANCE_PATH, timeout=timeout)
         # A controller from before lastStep existed (mid-upgrade) still gives the step and the length.
         last = guidance.get("lastStep")
         return ControllerReport(

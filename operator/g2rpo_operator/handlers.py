@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
-from g2rpo.spec import API_GROUP, API_VERSION
+from g2rpo.api.crd import PLURAL
+from g2rpo.api.spec import API_GROUP, API_VERSION
+from g2rpo.api.status import REFERENCES_RESOLVED
 
 from g2rpo_operator.builders.common import MANAGED_BY
 from g2rpo_operator.cache import WATCHED, ObjectCache
-from g2rpo_operator.crd import PLURAL
 from g2rpo_operator.kube import PVCS, WORKLOADS, KubeApi, KubeError, Manifest, Resource
 from g2rpo_operator.metrics import OperatorMetrics
 from g2rpo_operator.reconcile import Reconciler
 from g2rpo_operator.settings import OperatorSettings
-from g2rpo_operator.status import REFERENCES_RESOLVED
 
 ANNOTATION_PREFIX = "g2rpo.dev"
 PEERING_NAME = "g2rpo-operator"

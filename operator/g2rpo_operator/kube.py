@@ -75,8 +75,16 @@ _BY_KIND = {
 }
 
 
+_BY_KIND_ONLY = {r.kind: r for r in _BY_KIND.values()}
+
+
 def resource_of(manifest: Manifest) -> Resource:
     return _BY_KIND[(manifest["apiVersion"], manifest["kind"])]
+
+
+def resource_of_kind(kind: str) -> Resource:
+    """The resource of a kind the operator manages: none of them is served by two API groups."""
+    return _BY_KIND_ONLY[kind]
 
 
 class KubeError(Exception):

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from g2rpo.api.status import timestamp
+
 from g2rpo_operator.builders.common import Manifest
-from g2rpo_operator.status import timestamp
 
 QUOTA_RESERVED = "QuotaReserved"
 ADMITTED = "Admitted"

@@ -7,10 +7,19 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
+from g2rpo.api.spec import G2RPOJob, SpecError, load_job
 from g2rpo.eval.command import add_arguments as add_eval_arguments
-from g2rpo.spec import SpecError, load_job
+
+VERB_ENTRY_POINTS = "g2rpo.verbs"
+"""Verbs that the operator package adds to `g2rpo` (`render`; pyproject.toml): each entry point, named
+as its verb, is a function that adds the verb's parser to the verbs it is given and returns what runs
+the verb on the loaded job file. The trainer package reaches the operator's code only through them."""
+
+JobVerb = Callable[[G2RPOJob, argparse.Namespace], int]
 
 EXIT_BROKEN_PIPE = 141
 """What a shell reports for a process killed by SIGPIPE: `g2rpo crd | head` ends like `cat ... | head`."""
@@ -38,6 +47,7 @@ def _discard_stdout() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="g2rpo", description="G2RPO-A training, locally or on Kubernetes.")
+    parser.set_defaults(run_job=None, unavailable=None)
     verbs = parser.add_subparsers(dest="verb", title="verbs", metavar="VERB")
 
     validate = verbs.add_parser(
@@ -55,15 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, help="run folder (default: runs/<job name>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    render = verbs.add_parser(
-        "render",
-        help="print every object the operator would create for a job (YAML), as `helm template` does",
-        description="Print the job's children as the operator would create them, with the operator's default "
-        "settings; G2RPO_* environment variables override them as they do for the operator (mirror your chart "
-        "values). Owner references and the controller token are filled in by the operator at creation.",
-    )
-    render.add_argument("file", type=Path, help=JOB_FILE_HELP)
-    render.add_argument("--namespace", help="namespace of the job (default: its metadata.namespace, else 'default')")
+    _add_entry_point_verbs(verbs)
 
     evaluate = verbs.add_parser("eval", help="pass@1 of a model, checkpoint or job's final model (math, HumanEval)")
     add_eval_arguments(evaluate)
@@ -83,6 +85,9 @@ def _main(argv: list[str] | None) -> int:
         from g2rpo.controller.__main__ import main as controller_main
 
         return controller_main(rest)
+    if args.unavailable:
+        print(args.unavailable, file=sys.stderr)
+        return 2
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.verb == "eval":
@@ -90,7 +95,7 @@ def _main(argv: list[str] | None) -> int:
 
         return run_eval(args)
     if args.verb == "crd":
-        from g2rpo_operator.crd import render_crd_yaml
+        from g2rpo.api.crd import render_crd_yaml
 
         sys.stdout.write(render_crd_yaml())
         return 0
@@ -106,8 +111,8 @@ def _main(argv: list[str] | None) -> int:
         return 1
     if args.verb == "validate":
         return _validate(job, args)
-    if args.verb == "render":
-        return _render(job, args)
+    if args.run_job:
+        return args.run_job(job, args)
     try:
         _resolve_dataset_name(job, args.file)
     except SpecError as exc:
@@ -120,6 +125,22 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:  # before run_local took over SIGINT: nothing was trained or saved
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
+
+
+def _add_entry_point_verbs(verbs: argparse._SubParsersAction) -> None:
+    """The verbs of VERB_ENTRY_POINTS; one whose module cannot be imported stays listed and says why."""
+    for entry in entry_points(group=VERB_ENTRY_POINTS):
+        try:
+            add_verb = entry.load()
+        except ImportError as exc:
+            placeholder = verbs.add_parser(entry.name, help="(needs the operator package)", add_help=False)
+            placeholder.add_argument("arguments", nargs=argparse.REMAINDER)
+            placeholder.set_defaults(
+                unavailable=f"g2rpo {entry.name} needs the operator package: pip install 'g2rpo[operator]' ({exc})"
+            )
+        else:
+            run_job: JobVerb = add_verb(verbs)
+            verbs.choices[entry.name].set_defaults(run_job=run_job)
 
 
 def _resolve_dataset_name(job, job_file: Path) -> None:
@@ -154,65 +175,6 @@ def _validate(job, args) -> int:
 
 def _is_local(dataset) -> bool:
     return dataset.is_builtin_arithmetic or Path(dataset.name).expanduser().exists()
-
-
-RENDERED_TOKEN = "placeholder-the-operator-generates-a-random-token"
-
-
-def render_children(job, namespace: str | None = None, env=None) -> str:
-    """The job's children as multi-document YAML; raises SpecError (a cluster check failed),
-    ValueError (a G2RPO_* setting does not parse) or ImportError (no operator extra)."""
-    import yaml
-    from g2rpo_operator.builders import JobContext, children
-    from g2rpo_operator.reconcile import validate
-    from g2rpo_operator.settings import OperatorSettings
-
-    namespace = namespace or job.metadata.namespace or "default"
-    settings = OperatorSettings.from_env(env)
-    spec, errors = validate(job.metadata.name, job.spec.model_dump(by_alias=True, mode="json"))
-    if spec is None:
-        raise SpecError([((line.split(": ", 1)[0],), line.split(": ", 1)[1]) for line in errors])
-    ctx = JobContext.resolve(job.metadata.name, namespace, spec, settings)
-    block_dumper = _block_dumper()
-    out = [
-        f"# g2rpo render: the children of G2RPOJob {namespace}/{ctx.name}, as the operator creates them "
-        "(ownerReferences to the job are added at creation)."
-    ]
-    for manifest in children(ctx, RENDERED_TOKEN, active=not spec.suspend):
-        out.append("---")
-        if manifest["kind"] == "Secret":
-            out.append("# Not a secret: the operator generates a random token at creation; this is a placeholder.")
-        out.append(yaml.dump(manifest, Dumper=block_dumper, sort_keys=False).rstrip("\n"))
-    return "\n".join(out) + "\n"
-
-
-def _block_dumper():
-    import yaml
-
-    class BlockDumper(yaml.SafeDumper):
-        """Multi-line strings (the ConfigMap's files) as literal blocks, readable in a review."""
-
-    def text(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-        style = "|" if "\n" in value else None
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-    BlockDumper.add_representer(str, text)
-    return BlockDumper
-
-
-def _render(job, args) -> int:
-    try:
-        sys.stdout.write(render_children(job, args.namespace))
-    except ImportError as exc:
-        print(f"g2rpo render needs the operator package: pip install 'g2rpo[operator]' ({exc})", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # SpecError too
-        lines = exc.lines() if isinstance(exc, SpecError) else [str(exc)]
-        print(f"{args.file} cannot run on a cluster:", file=sys.stderr)
-        for line in lines:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _run(job, args) -> int:

@@ -1,14 +1,15 @@
 """Pure functions from a job's spec to the manifests of its children (dicts, no API calls).
 
 One module per group of children: `config` (ConfigMap, Secret), `network` (NetworkPolicies),
-`controller`, `rollout`, `trainer`, `gang` (Volcano PodGroup, Kueue Workload). `children` lists them
-in creation order: what a pod mounts, the policies that guard it and its gang exist before the pod.
-Ownership (ownerReferences) is added by the reconciler, which knows the owner's uid.
+`controller`, `rollout`, `trainer`, `gang` (Volcano PodGroup, Kueue Workload). `children` renders them
+in creation order; `child_keys` names them (kind, name) without rendering, for the reconciler to read
+them back. Ownership (ownerReferences) is added by the reconciler, which knows the owner's uid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -37,31 +38,96 @@ def children(
     Under Kueue the Workload stands for the GPU gang while the job is active; `admitted` is the
     placement Kueue granted each pod set, or None while it has not admitted the Workload: then the
     rollout Deployment and the trainer Job are left out. Without Kueue it is ignored."""
+    return [child.render() for child in _plan(ctx, token, active, gang_epoch, with_trainer, admitted)]
+
+
+def child_keys(
+    ctx: JobContext,
+    active: bool,
+    with_trainer: bool = True,
+    admitted: Mapping[str, Placement] | None = ADMITTED_ANYWHERE,
+) -> list[tuple[str, str]]:
+    """(kind, name) of each child that `children` gives for the same arguments, in the same order, without
+    rendering any (neither the token nor the gang epoch changes a key)."""
+    return [(child.kind, child.name) for child in _plan(ctx, "", active, 0, with_trainer, admitted)]
+
+
+@dataclass(frozen=True)
+class _Child:
+    kind: str
+    name: str
+    render: Callable[[], Manifest]
+
+
+def _plan(
+    ctx: JobContext,
+    token: str,
+    active: bool,
+    gang_epoch: int,
+    with_trainer: bool,
+    admitted: Mapping[str, Placement] | None,
+) -> list[_Child]:
+    """The children in creation order: what a pod mounts, the policies that guard it and its gang exist
+    before the pod."""
     replicas = 1 if active else 0
     kueue = ctx.spec.run_policy.gang_scheduler == "kueue"
-    rollout_deployment = rollout.deployment(ctx, replicas, gang_epoch)
-    trainer_job = trainer.job(ctx)
-    objs = [
-        config.configmap(ctx),
-        config.token_secret(ctx, token),
-        *network.policies(ctx),
+
+    def placed(pod_set: str) -> Placement | None:
+        return admitted.get(pod_set) if kueue and admitted else None
+
+    plan = [
+        _Child("ConfigMap", ctx.config_name, lambda: config.configmap(ctx)),
+        _Child("Secret", ctx.token_name, lambda: config.token_secret(ctx, token)),
+        *(
+            _Child("NetworkPolicy", ctx.child(component), lambda component=component: network.policy(ctx, component))
+            for component in network.GUARDED
+        ),
     ]
     if ctx.spec.run_policy.gang_scheduler == "volcano":
-        objs.append(gang.volcano_pod_group(ctx))
+        plan.append(_Child("PodGroup", ctx.child(gang.COMPONENT), lambda: gang.volcano_pod_group(ctx)))
     if kueue and active:
-        objs.append(gang.kueue_workload(ctx, rollout_deployment, trainer_job))
-    objs += [
-        controller.service(ctx),
-        controller.deployment(ctx, replicas),
-        rollout.service(ctx),
+        plan.append(
+            _Child(
+                "Workload",
+                ctx.child(gang.COMPONENT),
+                lambda: gang.kueue_workload(ctx, rollout.deployment(ctx, replicas, gang_epoch), trainer.job(ctx)),
+            )
+        )
+    plan += [
+        _Child("Service", ctx.child(controller.COMPONENT), lambda: controller.service(ctx)),
+        _Child("Deployment", ctx.child(controller.COMPONENT), lambda: controller.deployment(ctx, replicas)),
+        _Child("Service", ctx.child(rollout.COMPONENT), lambda: rollout.service(ctx)),
     ]
     gang_allowed = not kueue or (active and admitted is not None)
     if gang_allowed:
-        objs.append(gang.place(rollout_deployment, admitted.get(gang.ROLLOUT_POD_SET) if kueue and admitted else None))
-    objs.append(trainer.headless_service(ctx))
+        plan.append(
+            _Child(
+                "Deployment",
+                ctx.child(rollout.COMPONENT),
+                lambda: gang.place(rollout.deployment(ctx, replicas, gang_epoch), placed(gang.ROLLOUT_POD_SET)),
+            )
+        )
+    plan.append(_Child("Service", ctx.child(trainer.COMPONENT), lambda: trainer.headless_service(ctx)))
     if active and with_trainer and gang_allowed:
-        objs.append(gang.place(trainer_job, admitted.get(gang.TRAINER_POD_SET) if kueue and admitted else None))
-    return objs
+        plan.append(
+            _Child(
+                "Job",
+                ctx.child(trainer.COMPONENT),
+                lambda: gang.place(trainer.job(ctx), placed(gang.TRAINER_POD_SET)),
+            )
+        )
+    return plan
 
 
-__all__ = ["JobContext", "Manifest", "children", "config", "controller", "gang", "network", "rollout", "trainer"]
+__all__ = [
+    "JobContext",
+    "Manifest",
+    "child_keys",
+    "children",
+    "config",
+    "controller",
+    "gang",
+    "network",
+    "rollout",
+    "trainer",
+]

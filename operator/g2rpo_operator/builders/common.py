@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from g2rpo.spec import G2RPOJobSpec, GpuPlacementSpec, PodPlacementSpec
+from g2rpo.api.names import CHECKPOINT_MOUNT, CONFIG_DIR, CONTROLLER_PORT, ROLLOUT_PORT, TOKEN_DIR
+from g2rpo.api.spec import G2RPOJobSpec, GpuPlacementSpec, PodPlacementSpec
 
 from g2rpo_operator.settings import OperatorSettings
 
@@ -19,20 +20,9 @@ Manifest = dict[str, Any]
 MANAGED_BY = "g2rpo-operator"
 APP_NAME = "g2rpo"
 
-CONFIG_DIR = "/etc/g2rpo/config"
-TOKEN_DIR = "/etc/g2rpo/token"
-TOKEN_KEY = "token"
-JOB_FILE = f"{CONFIG_DIR}/job.yaml"
-ACCELERATE_FILE = f"{CONFIG_DIR}/accelerate.yaml"
-CHECKPOINT_MOUNT = "/checkpoints"
 CACHE_MOUNT = "/var/cache/g2rpo"
 """HOME and the Hugging Face cache of GPU pods: model downloads go to a volume, not the image layer."""
 
-CONTROLLER_PORT = 8080
-ROLLOUT_PORT = 8000
-ROLLOUT_GROUP_PORT = 51216
-"""TRL's NCCL weight-transfer port (vllm_group_port): vLLM workers connect to trainer rank 0 on it."""
-RENDEZVOUS_PORT = 29500
 RUN_AS_USER = 1000
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GANG_EPOCH_ANNOTATION = "g2rpo.dev/gang-epoch"

@@ -2,7 +2,7 @@
 with the controller's API token.
 
 The ConfigMap's `job.yaml` is also the operator's record of the *accepted* spec: later edits are
-compared with it (see reconcile.spec_changes), so the trainer always reads exactly what was applied.
+compared with it (see admission.spec_changes), so the trainer always reads exactly what was applied.
 """
 
 from __future__ import annotations
@@ -10,17 +10,15 @@ from __future__ import annotations
 import base64
 
 import yaml
-from g2rpo.spec import API_GROUP, API_VERSION, KIND, G2RPOJobSpec
+from g2rpo.api.names import ACCELERATE_KEY, JOB_KEY, TOKEN_KEY
+from g2rpo.api.spec import API_GROUP, API_VERSION, KIND, G2RPOJobSpec
 
-from g2rpo_operator.builders.common import TOKEN_KEY, JobContext, Manifest, metadata
+from g2rpo_operator.builders.common import JobContext, Manifest, metadata
 
 # libyaml when PyYAML has it: every reconcile pass renders and reads job.yaml, and the pure-Python
 # parser and emitter take most of a pass's time (same documents, same YAML either way).
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-JOB_KEY = "job.yaml"
-ACCELERATE_KEY = "accelerate.yaml"
 
 _MIXED_PRECISION = {"auto": "bf16", "bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 

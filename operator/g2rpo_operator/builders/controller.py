@@ -13,11 +13,21 @@ app.kubernetes.io/name=g2rpo, app.kubernetes.io/component=controller (instance =
 
 from __future__ import annotations
 
-from g2rpo_operator.builders.common import (
+from g2rpo.api.names import (
+    CONTROLLER_JOB_FLAG,
     CONTROLLER_PORT,
+    CONTROLLER_PORT_FLAG,
+    CONTROLLER_SCHEDULE_FROM_FLAG,
+    CONTROLLER_STATE_DIR_FLAG,
+    CONTROLLER_TOKEN_FILE_FLAG,
+    HEALTH_PATH,
     JOB_FILE,
-    TOKEN_DIR,
-    TOKEN_KEY,
+    METRICS_PATH,
+    READY_PATH,
+    TOKEN_FILE,
+)
+
+from g2rpo_operator.builders.common import (
     JobContext,
     Manifest,
     config_mounts,
@@ -44,7 +54,7 @@ def _scrape_annotations() -> dict[str, str]:
     return {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(CONTROLLER_PORT),
-        "prometheus.io/path": "/metrics",
+        "prometheus.io/path": METRICS_PATH,
     }
 
 
@@ -52,15 +62,15 @@ def controller_command(ctx: JobContext) -> list[str]:
     return [
         "g2rpo",
         "controller",
-        "--job",
+        CONTROLLER_JOB_FLAG,
         ctx.name,
-        "--state-dir",
+        CONTROLLER_STATE_DIR_FLAG,
         STATE_DIR,
-        "--token-file",
-        f"{TOKEN_DIR}/{TOKEN_KEY}",
-        "--port",
+        CONTROLLER_TOKEN_FILE_FLAG,
+        TOKEN_FILE,
+        CONTROLLER_PORT_FLAG,
         str(CONTROLLER_PORT),
-        "--schedule-from",
+        CONTROLLER_SCHEDULE_FROM_FLAG,
         JOB_FILE,
     ]
 
@@ -69,7 +79,7 @@ def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
     """`replicas` is 0 while the job is suspended; never more than 1 (one state owner)."""
     placement = ctx.spec.controller
     settings = ctx.settings
-    probe = {"httpGet": {"path": "/healthz", "port": METRICS_PORT_NAME}, "periodSeconds": 10}
+    probe = {"httpGet": {"path": HEALTH_PATH, "port": METRICS_PORT_NAME}, "periodSeconds": 10}
     container: Manifest = {
         "name": COMPONENT,
         "image": placement.image or settings.controller_image,
@@ -77,7 +87,7 @@ def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
         "command": controller_command(ctx),
         "env": placement_env(placement),
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": CONTROLLER_PORT, "protocol": "TCP"}],
-        "readinessProbe": {**probe, "httpGet": {"path": "/readyz", "port": METRICS_PORT_NAME}},
+        "readinessProbe": {**probe, "httpGet": {"path": READY_PATH, "port": METRICS_PORT_NAME}},
         "livenessProbe": {**probe, "failureThreshold": 6},
         "resources": resources(
             placement, settings.controller_cpu, settings.controller_memory, settings.controller_scratch_size

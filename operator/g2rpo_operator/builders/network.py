@@ -20,14 +20,9 @@ Kubelet probes come from the node and are not subject to these policies on commo
 
 from __future__ import annotations
 
-from g2rpo_operator.builders.common import (
-    APP_NAME,
-    CONTROLLER_PORT,
-    JobContext,
-    Manifest,
-    metadata,
-    selector_labels,
-)
+from g2rpo.api.names import CONTROLLER_PORT
+
+from g2rpo_operator.builders.common import APP_NAME, JobContext, Manifest, metadata, selector_labels
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
@@ -57,22 +52,30 @@ def _namespace(name: str) -> Manifest:
     return {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: name}}}
 
 
+GUARDED = ("controller", "rollout", "trainer")
+"""The components whose pods get a NetworkPolicy, named after the component, in creation order."""
+
+
 def policies(ctx: JobContext) -> list[Manifest]:
+    return [policy(ctx, component) for component in GUARDED]
+
+
+def policy(ctx: JobContext, component: str) -> Manifest:
+    return _policy(ctx, component, _ingress(ctx)[component])
+
+
+def _ingress(ctx: JobContext) -> dict[str, list[Manifest]]:
     settings = ctx.settings
     api_port = [{"protocol": "TCP", "port": CONTROLLER_PORT}]
     operator = {
         **_namespace(settings.operator_namespace),
         "podSelector": {"matchLabels": dict(settings.operator_pod_labels)},
     }
-    return [
-        _policy(
-            ctx,
-            "controller",
-            [
-                {"from": [_job_pods(ctx), operator], "ports": api_port},
-                {"from": [_namespace(settings.monitoring_namespace)], "ports": api_port},
-            ],
-        ),
-        _policy(ctx, "rollout", [{"from": [_job_pods(ctx, "trainer")]}]),
-        _policy(ctx, "trainer", [{"from": [_job_pods(ctx, "trainer"), _job_pods(ctx, "rollout")]}]),
-    ]
+    return {
+        "controller": [
+            {"from": [_job_pods(ctx), operator], "ports": api_port},
+            {"from": [_namespace(settings.monitoring_namespace)], "ports": api_port},
+        ],
+        "rollout": [{"from": [_job_pods(ctx, "trainer")]}],
+        "trainer": [{"from": [_job_pods(ctx, "trainer"), _job_pods(ctx, "rollout")]}],
+    }

@@ -17,12 +17,12 @@ run read-only (no GPU on the machines that build this).
 
 from __future__ import annotations
 
-from g2rpo.spec import max_model_len
+from g2rpo.api.names import ROLLOUT_PORT
+from g2rpo.api.spec import max_model_len
 
 from g2rpo_operator.builders.common import (
     CACHE_MOUNT,
     GANG_EPOCH_ANNOTATION,
-    ROLLOUT_PORT,
     JobContext,
     Manifest,
     cache_env,

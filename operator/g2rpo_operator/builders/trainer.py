@@ -18,25 +18,34 @@ completion-index annotation through the downward API; WORLD_SIZE counts processe
 Failures that are not the trainer's: the Job's podFailurePolicy ignores pods that fail with the
 DisruptionTarget condition (preemption, node drain, API-initiated eviction), so they never fail the
 Job; the operator sees the disrupted pod and restarts the whole gang without spending the retry
-budget (reconcile.py). A pod that exits with EXIT_INVALID_SPEC (the `check-spec` init container:
+budget (lifecycle.py). A pod that exits with EXIT_INVALID_SPEC (the `check-spec` init container:
 the job cannot run as configured) fails the Job at once (FailJob), and the operator fails the job
 without retrying: another attempt would fail the same way.
 """
 
 from __future__ import annotations
 
-from g2rpo.spec import EXIT_INVALID_SPEC
-
-from g2rpo_operator.builders.common import (
+from g2rpo.api.names import (
     ACCELERATE_FILE,
-    CACHE_MOUNT,
     CHECKPOINT_MOUNT,
     CONFIG_DIR,
+    CONTROLLER_TOKEN_FILE_ENV,
+    CONTROLLER_URL_ENV,
     JOB_FILE,
+    JOB_NAME_ENV,
     RENDEZVOUS_PORT,
     ROLLOUT_GROUP_PORT,
-    TOKEN_DIR,
-    TOKEN_KEY,
+    ROLLOUT_GROUP_PORT_ENV,
+    ROLLOUT_URL_ENV,
+    TOKEN_FILE,
+    TRAINER_CHECK_FLAG,
+    TRAINER_JOB_FLAG,
+    TRAINER_MODULE,
+)
+from g2rpo.api.spec import EXIT_INVALID_SPEC
+
+from g2rpo_operator.builders.common import (
+    CACHE_MOUNT,
     JobContext,
     Manifest,
     cache_env,
@@ -84,8 +93,8 @@ def launch_command() -> list[str]:
         "--main_process_port",
         "$(MASTER_PORT)",
         "-m",
-        "g2rpo.train",
-        "--job",
+        TRAINER_MODULE,
+        TRAINER_JOB_FLAG,
         JOB_FILE,
     ]
 
@@ -102,11 +111,11 @@ def trainer_env(ctx: JobContext) -> list[Manifest]:
         {"name": "WORLD_SIZE", "value": str(trainer.replicas * trainer.gpus_per_replica)},
         {"name": "MASTER_ADDR", "value": master_address(ctx)},
         {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
-        {"name": "G2RPO_JOB_NAME", "value": ctx.name},
-        {"name": "G2RPO_CONTROLLER_URL", "value": ctx.controller_url},
-        {"name": "G2RPO_CONTROLLER_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
-        {"name": "G2RPO_ROLLOUT_URL", "value": ctx.rollout_url},
-        {"name": "G2RPO_ROLLOUT_GROUP_PORT", "value": str(ROLLOUT_GROUP_PORT)},
+        {"name": JOB_NAME_ENV, "value": ctx.name},
+        {"name": CONTROLLER_URL_ENV, "value": ctx.controller_url},
+        {"name": CONTROLLER_TOKEN_FILE_ENV, "value": TOKEN_FILE},
+        {"name": ROLLOUT_URL_ENV, "value": ctx.rollout_url},
+        {"name": ROLLOUT_GROUP_PORT_ENV, "value": str(ROLLOUT_GROUP_PORT)},
         *cache_env(),
         *placement_env(trainer),
     ]
@@ -114,7 +123,7 @@ def trainer_env(ctx: JobContext) -> list[Manifest]:
 
 def check_command() -> list[str]:
     """Exits EXIT_INVALID_SPEC when the mounted job cannot run with this world size (before any GPU work)."""
-    return ["python", "-m", "g2rpo.train", "--job", JOB_FILE, "--check"]
+    return ["python", "-m", TRAINER_MODULE, TRAINER_JOB_FLAG, JOB_FILE, TRAINER_CHECK_FLAG]
 
 
 def _pod_spec(ctx: JobContext) -> Manifest:

@@ -24,10 +24,20 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from g2rpo.controller.http_client import TOKEN_ENV, TOKEN_FILE_ENV, read_token
+from g2rpo.api.names import (
+    CONTROLLER_JOB_FLAG,
+    CONTROLLER_PORT,
+    CONTROLLER_PORT_FLAG,
+    CONTROLLER_SCHEDULE_FROM_FLAG,
+    CONTROLLER_STATE_DIR_FLAG,
+    CONTROLLER_TOKEN_ENV,
+    CONTROLLER_TOKEN_FILE_ENV,
+    CONTROLLER_TOKEN_FILE_FLAG,
+)
+from g2rpo.api.spec import GuidanceSpec, SpecError, load_job
+from g2rpo.controller.http_client import read_token
 from g2rpo.controller.store import DEFAULT_COMPACT_EVERY, StateError
 from g2rpo.guidance.schedule import ScheduleParams
-from g2rpo.spec import GuidanceSpec, SpecError, load_job
 
 log = logging.getLogger("g2rpo.controller")
 
@@ -35,9 +45,13 @@ log = logging.getLogger("g2rpo.controller")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="g2rpo controller", description="Serve a job's guidance state over HTTP.")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--schedule-from", metavar="JOB.yaml", type=Path, help="a G2RPOJob file: its spec.guidance")
+    source.add_argument(
+        CONTROLLER_SCHEDULE_FROM_FLAG, metavar="JOB.yaml", type=Path, help="a G2RPOJob file: its spec.guidance"
+    )
     source.add_argument("--params", metavar="JSON", help="spec.guidance fields as a JSON object")
-    p.add_argument("--job", help="job name (the metrics' job label); default: metadata.name of --schedule-from")
+    p.add_argument(
+        CONTROLLER_JOB_FLAG, help="job name (the metrics' job label); default: metadata.name of --schedule-from"
+    )
     p.add_argument(
         "--run-total-steps",
         type=int,
@@ -45,13 +59,20 @@ def parser() -> argparse.ArgumentParser:
         help="the run's length, for linear/concave schedules without guidance.totalSteps "
         "(default: spec.training.maxSteps of --schedule-from)",
     )
-    p.add_argument("--state-dir", type=Path, help="volume path for the journal and snapshot (default: memory only)")
     p.add_argument(
-        "--token-file", type=Path, help=f"file holding the bearer token (default: ${TOKEN_FILE_ENV}, else ${TOKEN_ENV})"
+        CONTROLLER_STATE_DIR_FLAG, type=Path, help="volume path for the journal and snapshot (default: memory only)"
+    )
+    p.add_argument(
+        CONTROLLER_TOKEN_FILE_FLAG,
+        type=Path,
+        help=f"file holding the bearer token (default: ${CONTROLLER_TOKEN_FILE_ENV}, else ${CONTROLLER_TOKEN_ENV})",
     )
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     p.add_argument(
-        "--port", type=int, default=8080, help="port to listen on; 0 picks a free one (default: %(default)s)"
+        CONTROLLER_PORT_FLAG,
+        type=int,
+        default=CONTROLLER_PORT,
+        help="port to listen on; 0 picks a free one (default: %(default)s)",
     )
     p.add_argument(
         "--compact-every",

@@ -28,14 +28,11 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
+from g2rpo.api.names import CONTROLLER_TOKEN_ENV, CONTROLLER_TOKEN_FILE_ENV, CONTROLLER_URL_ENV, GUIDANCE_PATH
 from g2rpo.controller.connection import ControllerConnection
 from g2rpo.controller.core import StepConflict
 
 log = logging.getLogger(__name__)
-
-URL_ENV = "G2RPO_CONTROLLER_URL"
-TOKEN_ENV = "G2RPO_CONTROLLER_TOKEN"
-TOKEN_FILE_ENV = "G2RPO_CONTROLLER_TOKEN_FILE"
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -43,10 +40,10 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 def read_token(path: str | Path | None = None, env: Mapping[str, str] = os.environ) -> str:
     """The bearer token: from `path`, else the file named by $G2RPO_CONTROLLER_TOKEN_FILE, else
     $G2RPO_CONTROLLER_TOKEN. Surrounding whitespace (a Secret file's newline) is dropped."""
-    path = path or env.get(TOKEN_FILE_ENV)
-    token = Path(path).read_text().strip() if path else env.get(TOKEN_ENV, "").strip()
+    path = path or env.get(CONTROLLER_TOKEN_FILE_ENV)
+    token = Path(path).read_text().strip() if path else env.get(CONTROLLER_TOKEN_ENV, "").strip()
     if not token:
-        where = f"the token file {path}" if path else f"${TOKEN_ENV} (or ${TOKEN_FILE_ENV})"
+        where = f"the token file {path}" if path else f"${CONTROLLER_TOKEN_ENV} (or ${CONTROLLER_TOKEN_FILE_ENV})"
         raise ValueError(f"no controller token: {where} is empty or unset")
     return token
 
@@ -93,12 +90,12 @@ class HttpGuidanceClient:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, **kwargs: Any) -> HttpGuidanceClient:
         """From $G2RPO_CONTROLLER_URL and the token variables (what the operator sets on rank 0)."""
-        if not env.get(URL_ENV):
-            raise ValueError(f"${URL_ENV} is not set")
-        return cls(env[URL_ENV], read_token(env=env), **kwargs)
+        if not env.get(CONTROLLER_URL_ENV):
+            raise ValueError(f"${CONTROLLER_URL_ENV} is not set")
+        return cls(env[CONTROLLER_URL_ENV], read_token(env=env), **kwargs)
 
     def current(self) -> tuple[int, int]:
-        answer = self._call("GET", "/v1/guidance")
+        answer = self._call("GET", GUIDANCE_PATH)
         return answer["step"], answer["length"]
 
     def report(self, step: int, reward: float, metrics: dict[str, float]) -> int:

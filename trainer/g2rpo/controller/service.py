@@ -45,15 +45,16 @@ from aiohttp import web
 from pydantic import ValidationError
 from pydantic.alias_generators import to_camel
 
+from g2rpo.api.names import GUIDANCE_PATH, HEALTH_PATH, METRICS_PATH, READY_PATH
+from g2rpo.api.spec import GuidanceSpec
 from g2rpo.controller.core import StepConflict, StepRecord
 from g2rpo.controller.metrics import REPORT_METRICS, ControllerMetrics, sandbox_layers
 from g2rpo.controller.store import DEFAULT_COMPACT_EVERY, DurableController, ReportAnswer
 from g2rpo.guidance.schedule import ScheduleParams
-from g2rpo.spec import GuidanceSpec
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+PUBLIC_PATHS = frozenset({HEALTH_PATH, READY_PATH, METRICS_PATH})
 
 #: r_k is the mean of a pass/fail reward (accuracy, code tests) over the batch, so it lies in
 #: [0, 1]; anything else would make the adaptive ratio meaningless (a negative length).
@@ -458,10 +459,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
 def create_app(service: GuidanceService) -> web.Application:
     app = web.Application(middlewares=[instrument, authenticate], client_max_size=MAX_BODY_BYTES)
     app[SERVICE] = service
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/guidance", get_guidance)
+    app.router.add_get(HEALTH_PATH, healthz)
+    app.router.add_get(READY_PATH, readyz)
+    app.router.add_get(METRICS_PATH, metrics)
+    app.router.add_get(GUIDANCE_PATH, get_guidance)
     app.router.add_get("/v1/state", get_state)
     app.router.add_post("/v1/steps", post_step)
     app.router.add_post("/v1/rewind", post_rewind)

@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from g2rpo.spec import ArithmeticDatasetSpec
+from g2rpo.api.spec import ArithmeticDatasetSpec
 
 PEOPLE = [
     ("Mia", "She"), ("Liam", "He"), ("Ava", "She"), ("Noah", "He"), ("Zoe", "She"), ("Omar", "He"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from g2rpo.spec import CurriculumSpec, SpecError
+from g2rpo.api.spec import CurriculumSpec, SpecError
 
 ORDER_PATH = ("spec", "curriculum", "order")
 COLUMN_PATH = ("spec", "curriculum", "column")

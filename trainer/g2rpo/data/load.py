@@ -41,9 +41,9 @@ from typing import Any, NamedTuple
 import datasets
 from datasets import Dataset
 
+from g2rpo.api.spec import DatasetSpec, G2RPOJobSpec, SpecError
 from g2rpo.data.arithmetic import generate
 from g2rpo.data.curriculum import COLUMN_PATH, sorted_indices
-from g2rpo.spec import DatasetSpec, G2RPOJobSpec, SpecError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from g2rpo.spec import BUNDLED_MODEL_PREFIX, G2RPOJob, ModelSpec, SpecError, load_job
+from g2rpo.api.spec import BUNDLED_MODEL_PREFIX, G2RPOJob, ModelSpec, SpecError, load_job
 
 # The system prompt of examples/smollm2-arithmetic.yaml: math evaluation without a job uses it.
 DEFAULT_MATH_SYSTEM_PROMPT = (

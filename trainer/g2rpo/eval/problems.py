@@ -29,8 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from g2rpo.api.spec import BUILTIN_DATASET_PREFIX, ArithmeticDatasetSpec
 from g2rpo.data.arithmetic import generate
-from g2rpo.spec import BUILTIN_DATASET_PREFIX, ArithmeticDatasetSpec
 
 ARITHMETIC = f"{BUILTIN_DATASET_PREFIX}arithmetic"
 SPLITS = ("heldout", "train")

@@ -57,7 +57,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from g2rpo.spec import GuidanceSpec
+from g2rpo.api.spec import GuidanceSpec
 
 
 @dataclass(frozen=True)

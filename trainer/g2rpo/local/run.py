@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from g2rpo.api.spec import G2RPOJob
 from g2rpo.controller.client import InProcessGuidanceClient
 from g2rpo.controller.core import GuidanceController
-from g2rpo.spec import G2RPOJob
 
 if TYPE_CHECKING:
     from g2rpo.train.build import RunLayout

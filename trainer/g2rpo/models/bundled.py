@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from g2rpo.spec import BUNDLED_MODEL_PREFIX, ModelSpec, SpecError
+from g2rpo.api.spec import BUNDLED_MODEL_PREFIX, ModelSpec, SpecError
 
 CACHE_ENV = "G2RPO_CACHE"
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"

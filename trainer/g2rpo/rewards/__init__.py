@@ -18,8 +18,8 @@ from g2rpo.rewards.code import make_code_reward
 from g2rpo.rewards.format import format_reward
 
 if TYPE_CHECKING:
+    from g2rpo.api.spec import RewardSpec
     from g2rpo.rewards.math_answer import accuracy_reward
-    from g2rpo.spec import RewardSpec
 
 __all__ = ["accuracy_reward", "build_reward_functions", "format_reward", "make_code_reward"]
 

@@ -24,14 +24,24 @@ import os
 import sys
 from pathlib import Path
 
-from g2rpo.spec import EXIT_INVALID_SPEC, SpecError, check_batch_layout, load_job
+from g2rpo.api.names import (
+    ROLLOUT_GROUP_PORT,
+    ROLLOUT_GROUP_PORT_ENV,
+    ROLLOUT_URL_ENV,
+    TRAINER_CHECK_FLAG,
+    TRAINER_JOB_FLAG,
+    TRAINER_MODULE,
+)
+from g2rpo.api.spec import EXIT_INVALID_SPEC, SpecError, check_batch_layout, load_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m g2rpo.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--job", type=Path, required=True, help="the G2RPOJob YAML file")
+    parser = argparse.ArgumentParser(prog=f"python -m {TRAINER_MODULE}", description=__doc__.splitlines()[0])
+    parser.add_argument(TRAINER_JOB_FLAG, type=Path, required=True, help="the G2RPOJob YAML file")
     parser.add_argument("--run-dir", type=Path, help="metrics and final model (default: beside the checkpoints)")
-    parser.add_argument("--check", action="store_true", help="validate the job for WORLD_SIZE ranks, then exit")
+    parser.add_argument(
+        TRAINER_CHECK_FLAG, action="store_true", help="validate the job for WORLD_SIZE ranks, then exit"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -66,8 +76,8 @@ def _train(job, layout, signals) -> None:
     from g2rpo.train.lifecycle import StopAtStepBoundary, StopRequested
 
     generation = Generation(
-        vllm_server_url=os.environ.get("G2RPO_ROLLOUT_URL") or None,
-        weight_sync_port=int(os.environ.get("G2RPO_ROLLOUT_GROUP_PORT", "51216")),
+        vllm_server_url=os.environ.get(ROLLOUT_URL_ENV) or None,
+        weight_sync_port=int(os.environ.get(ROLLOUT_GROUP_PORT_ENV, str(ROLLOUT_GROUP_PORT))),
     )
     trainer = build_trainer(
         job, layout, guidance_client_factory=lambda params: HttpGuidanceClient.from_env(), generation=generation,

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from g2rpo.api.spec import G2RPOJob, G2RPOJobSpec, SpecError, check_batch_layout
 from g2rpo.controller.client import GuidanceClient
 from g2rpo.guidance.schedule import ScheduleParams
-from g2rpo.spec import G2RPOJob, G2RPOJobSpec, SpecError, check_batch_layout
 from g2rpo.train.config import Generation, grpo_config
 
 log = logging.getLogger(__name__)

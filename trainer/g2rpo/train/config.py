@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from g2rpo.spec import G2RPOJobSpec, max_model_len
+from g2rpo.api.names import ROLLOUT_GROUP_PORT
+from g2rpo.api.spec import G2RPOJobSpec, max_model_len
 
 if TYPE_CHECKING:
     from trl import GRPOConfig
@@ -27,7 +28,7 @@ class Generation:
     """
 
     vllm_server_url: str | None = None
-    weight_sync_port: int = 51216
+    weight_sync_port: int = ROLLOUT_GROUP_PORT
 
 
 DELIBERATELY_UNMAPPED: dict[str, str] = {

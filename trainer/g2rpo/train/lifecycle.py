@@ -155,7 +155,7 @@ def distributed_teardown() -> Iterator[None]:
     On any other exception the group is left alone: destroying it while another rank still
     waits in a collective can hang, and that rank's failure is already the news.
     """
-    from g2rpo.spec import SpecError
+    from g2rpo.api.spec import SpecError
 
     try:
         yield

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from g2rpo.spec import BUILTIN_DATASET_PREFIX, BUNDLED_MODEL_PREFIX, G2RPOJob
+from g2rpo.api.spec import BUILTIN_DATASET_PREFIX, BUNDLED_MODEL_PREFIX, G2RPOJob
 
 PAPER = "https://arxiv.org/abs/2508.13023"
 

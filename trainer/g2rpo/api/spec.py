@@ -31,6 +31,13 @@ KIND = "G2RPOJob"
 BUNDLED_MODEL_PREFIX = "bundled:"
 BUILTIN_DATASET_PREFIX = "builtin:"
 
+MUTABLE_FIELDS = frozenset({"suspend", "runPolicy.backoffLimit", "runPolicy.activeDeadlineSeconds"})
+"""Spec fields (camelCase paths under spec) that may change after creation; every other is fixed."""
+
+MAX_NAME_LENGTH = 52
+"""Of a G2RPOJob's name on a cluster: 63 (a DNS label) minus the longest suffix the job's children and pod
+hostnames add ("-controller")."""
+
 
 # Upper bounds of free-form values. Besides refusing absurd input early, they let the API server's
 # CEL cost estimator accept the CRD's validation rules, which it rejects over unbounded strings and

@@ -1,0 +1,267 @@
+"""The status the operator writes: every condition and field, derived from what one pass observed
+(`Facts`), the previous status and the clock.
+
+Ready=False always names the most actionable reason: a missing reference, a child it does not own, the
+checkpoint claim, Kueue's queue, a pod the scheduler or the kubelet cannot start, then waiting. A
+status equal to the previous one is not written (no write, no watch event).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from g2rpo.api.spec import MUTABLE_FIELDS, G2RPOJobSpec
+from g2rpo.api.status import (
+    COMPLETE,
+    CONDITION_TYPES,
+    FAILED,
+    READY,
+    REFERENCES_RESOLVED,
+    SANDBOX_ISOLATED,
+    SPEC_APPLIED,
+    SPEC_VALID,
+    STORAGE_READY,
+    SUSPENDED,
+    JobStatus,
+    condition,
+)
+
+from g2rpo_operator.builders.common import Manifest
+from g2rpo_operator.controller_client import ControllerReport
+from g2rpo_operator.kueue import Admission
+from g2rpo_operator.lifecycle import Progress
+
+
+IMAGE_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+START_PROBLEMS = frozenset(
+    {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
+)
+
+
+def pod_problems(pods: list[Manifest]) -> list[tuple[str, str]]:
+    """(reason, message) for each pod that waits on something the user or the cluster must fix: the
+    scheduler's Unschedulable (with its message: which resources, taints, affinity), image pulls,
+    container start errors. Pods being deleted are skipped (an old attempt going away)."""
+    found: list[tuple[str, str]] = []
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        name, status = pod["metadata"]["name"], pod.get("status") or {}
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                found.append(
+                    (cond.get("reason") or "Unschedulable", f"pod {name}: {cond.get('message', '')}".rstrip(": "))
+                )
+        for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in IMAGE_PROBLEMS | START_PROBLEMS:
+                message = (
+                    f"pod {name}: container {container['name']}: {waiting['reason']}: {waiting.get('message', '')}"
+                )
+                found.append((waiting["reason"], message.rstrip(": ")))
+    return found
+
+
+def claim_problems(claim: Manifest | None, name: str, replicas: int) -> tuple[str, str] | None:
+    """Why the checkpoint claim cannot serve the job yet, as (reason, message); None when it can.
+
+    ClaimNotShared (a multi-node trainer on a claim that does not request ReadWriteMany) blocks the
+    job: its pods would hang on the attach. ClaimNotBound is reported but not blocking: claims of
+    WaitForFirstConsumer classes bind only once a pod uses them.
+    """
+    if claim is None:
+        return None
+    modes = (claim.get("status") or {}).get("accessModes") or (claim.get("spec") or {}).get("accessModes") or []
+    phase = (claim.get("status") or {}).get("phase") or "Pending"
+    if replicas > 1 and "ReadWriteMany" not in modes:
+        return (
+            "ClaimNotShared",
+            f"PersistentVolumeClaim {name!r} has access modes {modes or 'none'} (phase {phase}); trainer.replicas "
+            f"{replicas} pods on different nodes need ReadWriteMany: use a claim of an RWX class (see "
+            "spec.checkpoint.storageClassName)",
+        )
+    if phase != "Bound":
+        return (
+            "ClaimNotBound",
+            f"PersistentVolumeClaim {name!r} is {phase}, not Bound (access modes {modes or 'none'}): check its "
+            "storageClassName and `kubectl describe pvc`",
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything a status is derived from, besides the previous status and the clock."""
+
+    progress: Progress
+    spec: G2RPOJobSpec
+    checkpoint_dir: str
+    generation: int | None
+    spec_errors: list[str]
+    refused: list[str]
+    missing: list[str]
+    conflicts: list[str]
+    storage: tuple[str, str] | None
+    problems: list[tuple[str, str]]
+    waiting_for: list[str]
+    """Deployments the trainer waits for (gating), empty once it may start."""
+    trainer_ready: str
+    """'ready/replicas' of the current trainer Job, '' when there is none."""
+    report: ControllerReport | None
+    kueue: Admission | None = None
+    """The Workload's state under Kueue; None without it."""
+
+
+Verdict = tuple[bool | None, str, str]
+"""A condition's (status: None is Unknown, reason, message)."""
+
+
+def _spec_applied(facts: Facts) -> Verdict:
+    if facts.spec_errors:
+        return False, "InvalidSpec", "the edit is invalid; still running the accepted spec"
+    if facts.refused:
+        fields = ", ".join(f"spec.{path}" for path in facts.refused)
+        mutable = ", ".join(f"spec.{path}" for path in sorted(MUTABLE_FIELDS))
+        return (
+            False,
+            "ImmutableFieldChanged",
+            f"{fields} cannot change after creation (only {mutable} can); revert the edit or create a new "
+            "job; still running the accepted spec",
+        )
+    return True, "Applied", "the spec is applied"
+
+
+def _ready(facts: Facts) -> Verdict:
+    """Why the job is not (yet) running, most actionable reason first."""
+    p = facts.progress
+    if p.phase in ("Succeeded", "Failed", "Suspended"):
+        return False, p.reason, p.message
+    if p.phase == "Running":
+        return True, "Running", "the controller, the rollout server and every trainer pod are ready"
+    if facts.missing:
+        return False, "MissingReference", "; ".join(facts.missing)
+    if facts.conflicts:
+        owned = "; ".join(f"{c} exists and is not owned by this job (delete or rename it)" for c in facts.conflicts)
+        return False, "ChildConflict", owned
+    if facts.storage:
+        return False, *facts.storage
+    if facts.kueue and facts.kueue.evicted is not None:
+        return (
+            False,
+            "Evicted",
+            f"Kueue evicted the gang ({facts.kueue.evicted}): stopping the rollout and the trainer, then the "
+            "Workload is queued again and the gang resumes from the newest checkpoint once admitted",
+        )
+    if facts.kueue and not facts.kueue.admitted:
+        return False, "Queued", facts.kueue.waiting
+    if facts.problems:
+        return False, facts.problems[0][0], "; ".join(message for _, message in facts.problems)
+    if p.reason == "Restarting":
+        return False, p.reason, p.message
+    if facts.waiting_for:
+        return (
+            False,
+            "WaitingForRollout",
+            "the trainer Job is created once these are Available: "
+            + ", ".join(facts.waiting_for)
+            + " (vLLM may take up to spec.rollout.startupTimeoutSeconds to load the model)",
+        )
+    if facts.trainer_ready:
+        return False, "Waiting", f"waiting for the trainer pods to become ready ({facts.trainer_ready} ready)"
+    return False, "Waiting", "waiting for the trainer Job"
+
+
+def _in_phase(p: Progress, phase: str, otherwise: str) -> Verdict:
+    return (True, p.reason, p.message) if p.phase == phase else (False, otherwise, "")
+
+
+def _storage(facts: Facts) -> Verdict:
+    claim = facts.spec.checkpoint.volume_claim
+    if any("spec.checkpoint.volumeClaim" in m for m in facts.missing):
+        return False, "MissingReference", f"PersistentVolumeClaim {claim!r} not found"
+    if facts.storage:
+        return False, *facts.storage
+    return True, "Bound", f"PersistentVolumeClaim {claim!r} is Bound"
+
+
+def _sandbox(facts: Facts, previous: list[dict]) -> Verdict | None:
+    """How strong the code reward's sandbox is on the trainer's node; None (no condition) without a code reward."""
+    if not any(reward.name == "code" for reward in facts.spec.rewards):
+        return None
+    layers = facts.report.sandbox_layers if facts.report else None
+    if layers is None:  # no step reported yet, or the controller did not answer: keep what was known
+        before = next((c for c in previous if c.get("type") == SANDBOX_ISOLATED), None)
+        if before is not None:
+            return {"True": True, "False": False}.get(before["status"]), before["reason"], before["message"]
+        return None, "NotReported", "the trainer reports the code sandbox's layers with its first step"
+    missing = sorted(layer for layer, held in layers.items() if not held)
+    if missing:
+        return (
+            False,
+            "LayersMissing",
+            f"model-written programs run without the sandbox's {', '.join(missing)} layer(s) on the trainer's "
+            "node: the trainer's log says why; docs/sandbox.md lists what each layer needs from the image and "
+            "the pod's securityContext",
+        )
+    return True, "AllLayersHold", "every layer of the code sandbox holds: " + ", ".join(sorted(layers))
+
+
+def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
+    p = facts.progress
+    errors, missing = "; ".join(facts.spec_errors), "; ".join(facts.missing)
+    verdicts: dict[str, Verdict] = {
+        SPEC_VALID: (False, "InvalidSpec", errors) if errors else (True, "Valid", "the spec is valid"),
+        SPEC_APPLIED: _spec_applied(facts),
+        REFERENCES_RESOLVED: (False, "MissingReference", missing) if missing else (True, "Resolved", "all exist"),
+        STORAGE_READY: _storage(facts),
+        READY: _ready(facts),
+        SUSPENDED: _in_phase(p, "Suspended", "NotSuspended"),
+        COMPLETE: _in_phase(p, "Succeeded", "NotComplete"),
+        FAILED: _in_phase(p, "Failed", "NotFailed"),
+    }
+    old = prev.get("conditions") or []
+    sandbox = _sandbox(facts, old)
+    if sandbox is not None:
+        verdicts[SANDBOX_ISOLATED] = sandbox
+    conditions = [condition(t, *verdicts[t], old, now, facts.generation) for t in CONDITION_TYPES if t in verdicts]
+    report = facts.report
+    step = report.step if report else prev.get("step")
+    every = facts.spec.checkpoint.every_steps
+    reached = (step // every) * every if step else 0
+    return JobStatus(
+        phase=p.phase,
+        conditions=conditions,
+        observed_generation=facts.generation,
+        step=step,
+        accuracy_reward=report.reward if report and report.reward is not None else prev.get("accuracyReward"),
+        guidance_length=report.length if report else prev.get("guidanceLength"),
+        last_checkpoint=f"{facts.checkpoint_dir}/checkpoint-{reached}" if reached else prev.get("lastCheckpoint"),
+        start_time=p.start_time,
+        completion_time=p.completion_time,
+        restarts=p.restarts,
+        disruptions=p.disruptions,
+        last_failed_trainer=p.last_failed_trainer,
+    )
+
+
+def invalid_status(errors: list[str], prev: Manifest, now: datetime, generation: int | None) -> JobStatus:
+    """A job whose spec was never accepted: Failed with InvalidSpec, and nothing created."""
+    old = prev.get("conditions") or []
+    message = "; ".join(errors)
+    return JobStatus(
+        phase="Failed",
+        conditions=[
+            condition(SPEC_VALID, False, "InvalidSpec", message, old, now, generation),
+            condition(READY, False, "InvalidSpec", "nothing is created until the spec is fixed", old, now, generation),
+        ],
+        observed_generation=generation,
+    )
+
+
+def status_patch(status: JobStatus, prev: Manifest) -> Manifest | None:
+    """The status to write, or None when it would change nothing (no write, no watch event)."""
+    new = status.model_dump(by_alias=True, mode="json")
+    if all(prev.get(key) == value for key, value in new.items()):
+        return None
+    return new

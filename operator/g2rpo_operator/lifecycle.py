@@ -1,0 +1,276 @@
+"""The job's life cycle: from the previous status, the trainer Job, its pods and the clock to the phase,
+and what the gang must do about it (run, wait, stop, restart).
+
+Rules worth knowing:
+- A failed trainer Job is first counted (status.restarts, status.lastFailedTrainer = its uid), and
+  deleted on the next pass; so a crash between the two can neither skip nor double-count a restart.
+  Counting raises the gang epoch (restarts + disruptions), an annotation of the rollout's pod
+  template: the Deployment replaces the vLLM pod, which drops its NCCL weight-sync group with the
+  dead rank 0, and the next trainer Job waits until the new rollout is Available. Within
+  runPolicy.backoffLimit the trainer resumes from the newest checkpoint (checkpoint.resume auto);
+  past it the job fails with the pods' exit reasons.
+- A trainer pod disrupted by the cluster (condition DisruptionTarget: preemption, drain, eviction)
+  restarts the gang the same way but counts in status.disruptions, not against backoffLimit; a pod
+  that exits with EXIT_INVALID_SPEC fails the job at once (InvalidConfiguration).
+- Phase Running means every trainer pod is ready (Job status.ready), not merely created: until then
+  the phase is Pending and Ready says why (claim not Bound, Unschedulable with the scheduler's
+  message, image pull errors, waiting for the rollout). status.startTime is the first time every
+  rank was ready; runPolicy.activeDeadlineSeconds counts from it (the Job's own deadline would count
+  queueing and image pulls, so the operator enforces it and leaves the Job's unset).
+- Suspend deletes the trainer Job and scales the Deployments to zero; resume recreates them. A
+  finished job (status.completionTime set) is never restarted; its GPUs are released.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from g2rpo.api.spec import EXIT_INVALID_SPEC, G2RPOJobSpec
+from g2rpo.api.status import COMPLETE, FAILED, Phase, parse_timestamp, timestamp
+
+from g2rpo_operator.builders.common import GANG_EPOCH_ANNOTATION, Manifest
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the run stands, and what the children must do about it."""
+
+    phase: Phase
+    reason: str
+    message: str
+    active: bool
+    """Workloads should run (not suspended, not finished)."""
+    delete_trainer: bool
+    restarts: int
+    disruptions: int
+    last_failed_trainer: str | None
+    start_time: str | None
+    completion_time: str | None
+
+    @property
+    def gang_epoch(self) -> int:
+        """Gang restarts so far, of either kind: the rollout pod is replaced each time it rises."""
+        return self.restarts + self.disruptions
+
+
+def _true_condition(obj: Manifest | None, type_: str) -> dict | None:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def trainer_outcome(job: Manifest | None) -> str | None:
+    """'complete' or 'failed' once the Job controller has decided (pods gone), else None."""
+    if _true_condition(job, "Complete"):
+        return "complete"
+    if _true_condition(job, "Failed"):
+        return "failed"
+    return None
+
+
+def _terminations(pod: Manifest) -> list[tuple[str, dict]]:
+    status = pod.get("status") or {}
+    return [
+        (container["name"], ended)
+        for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+        if (ended := (container.get("state") or {}).get("terminated"))
+    ]
+
+
+def failure_detail(job: Manifest, pods: list[Manifest]) -> str:
+    """Why a trainer Job failed: its condition, then each failed pod's exit code and reason."""
+    cond = _true_condition(job, "Failed") or {}
+    parts = [f"{cond.get('reason', 'Failed')}: {cond.get('message', 'the trainer Job failed')}"]
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Failed":
+            continue
+        status = pod.get("status") or {}
+        name = pod["metadata"]["name"]
+        if status.get("reason"):
+            parts.append(f"pod {name}: {status['reason']}: {status.get('message', '')}".rstrip(": "))
+        for container, ended in _terminations(pod):
+            if ended.get("exitCode"):
+                why = f" ({ended['reason']})" if ended.get("reason") else ""
+                parts.append(f"pod {name}: container {container} exited with code {ended['exitCode']}{why}")
+    return "; ".join(parts)
+
+
+def disrupted(pods: list[Manifest]) -> list[str]:
+    """Trainer pods the cluster took away (DisruptionTarget: preemption, drain, eviction), with the reason.
+    The Job's podFailurePolicy ignores them; the gang restarts without spending the retry budget."""
+    found = []
+    for pod in pods:
+        cond = _true_condition(pod, "DisruptionTarget")
+        if cond:
+            why = f"{cond.get('reason', 'DisruptionTarget')}: {cond.get('message', '')}".rstrip(": ")
+            found.append(f"pod {pod['metadata']['name']}: {why}")
+    return found
+
+
+def invalid_configuration(pods: list[Manifest]) -> bool:
+    """A trainer container said its job cannot run (EXIT_INVALID_SPEC): retrying would fail the same way."""
+    return any(ended.get("exitCode") == EXIT_INVALID_SPEC for pod in pods for _, ended in _terminations(pod))
+
+
+def ready_count(job: Manifest | None) -> int:
+    """Trainer pods that are ready (Job status.ready); `active` would also count Pending pods."""
+    return int(((job or {}).get("status") or {}).get("ready") or 0)
+
+
+def progress(
+    spec: G2RPOJobSpec,
+    prev: Manifest,
+    job: Manifest | None,
+    pods: list[Manifest],
+    now: datetime,
+    evicted: str | None = None,
+) -> Progress:
+    """The phase and the trainer's fate, from the previous status, the trainer Job, its pods and the clock
+    (and `evicted`, Kueue's message while it evicts the job's Workload).
+
+    Precedence: a finished job stays finished; then the trainer's success; then suspend (which
+    wins over a failure, so a suspended job is never restarted); then a configuration error, a
+    disruption (a pod's, or Kueue's eviction), a failure; then the deadline. Running needs every
+    trainer pod ready.
+    """
+    base = Progress(
+        phase="Pending",
+        reason="Starting",
+        message="waiting for the trainer pods to become ready",
+        active=True,
+        delete_trainer=False,
+        restarts=int(prev.get("restarts") or 0),
+        disruptions=int(prev.get("disruptions") or 0),
+        last_failed_trainer=prev.get("lastFailedTrainer"),
+        start_time=prev.get("startTime"),
+        completion_time=prev.get("completionTime"),
+    )
+    outcome = trainer_outcome(job)
+    unfinished = job is not None and outcome is None
+    stamp = timestamp(now)
+    if base.completion_time and prev.get("phase") in ("Succeeded", "Failed"):
+        reason, message = _previous(prev, FAILED if prev["phase"] == "Failed" else COMPLETE)
+        return replace(
+            base, phase=prev["phase"], reason=reason, message=message, active=False, delete_trainer=unfinished
+        )
+    if outcome == "complete":
+        return replace(
+            base,
+            phase="Succeeded",
+            reason="TrainerSucceeded",
+            message="the trainer finished",
+            active=False,
+            completion_time=stamp,
+        )
+    if spec.suspend:
+        return replace(
+            base,
+            phase="Suspended",
+            reason="Suspended",
+            message="spec.suspend is true: scaled to zero",
+            active=False,
+            delete_trainer=job is not None,
+            start_time=None,
+        )
+    if job is not None and invalid_configuration(pods):
+        return replace(
+            base,
+            phase="Failed",
+            reason="InvalidConfiguration",
+            message=f"the trainer cannot run this job (exit code {EXIT_INVALID_SPEC}, not retried): "
+            + failure_detail(job, pods),
+            active=False,
+            delete_trainer=unfinished,
+            last_failed_trainer=job["metadata"]["uid"],
+            completion_time=stamp,
+        )
+    disruptions = disrupted(pods) if job is not None else []
+    if job is not None and evicted is not None:
+        disruptions.append(f"Kueue evicted the gang's Workload: {evicted}")
+    if disruptions:
+        assert job is not None
+        return _gang_restart(base, job["metadata"]["uid"], "; ".join(disruptions), disruption=True, limit=0)
+    if outcome == "failed":
+        assert job is not None
+        detail = failure_detail(job, pods)
+        if job["metadata"]["uid"] != base.last_failed_trainer and base.restarts >= spec.run_policy.backoff_limit:
+            return replace(
+                base,
+                phase="Failed",
+                reason="TrainerFailed",
+                message=f"the trainer failed {base.restarts + 1} times (runPolicy.backoffLimit "
+                f"{spec.run_policy.backoff_limit}); last: {detail}",
+                active=False,
+                last_failed_trainer=job["metadata"]["uid"],
+                completion_time=stamp,
+            )
+        return _gang_restart(
+            base, job["metadata"]["uid"], detail, disruption=False, limit=spec.run_policy.backoff_limit
+        )
+    deadline = spec.run_policy.active_deadline_seconds
+    if deadline and base.start_time and now - parse_timestamp(base.start_time) > timedelta(seconds=deadline):
+        return replace(
+            base,
+            phase="Failed",
+            reason="DeadlineExceeded",
+            message=f"running longer than runPolicy.activeDeadlineSeconds ({deadline} s, counted from "
+            f"status.startTime {base.start_time})",
+            active=False,
+            delete_trainer=unfinished,
+            completion_time=stamp,
+        )
+    if job is not None and not job["metadata"].get("deletionTimestamp") and ready_count(job) >= spec.trainer.replicas:
+        started = base.start_time or stamp
+        return replace(
+            base, phase="Running", reason="TrainerRunning", message="every trainer pod is ready", start_time=started
+        )
+    if base.last_failed_trainer and job is not None and job["metadata"]["uid"] == base.last_failed_trainer:
+        return replace(base, reason="Restarting", message="the failed trainer is being removed", delete_trainer=True)
+    return base
+
+
+def _gang_restart(base: Progress, uid: str, detail: str, disruption: bool, limit: int) -> Progress:
+    """Count the trainer Job `uid`'s end once (a restart, or a disruption that is free), then delete it."""
+    if uid == base.last_failed_trainer:  # counted on an earlier pass: now remove it, the next pass recreates it
+        what = f"disruption {base.disruptions} (not counted)" if disruption else f"restart {base.restarts} of {limit}"
+        return replace(base, reason="Restarting", message=f"{what}: {detail}", delete_trainer=True)
+    if disruption:
+        return replace(
+            base,
+            reason="Restarting",
+            message=f"disruption {base.disruptions + 1} (not counted against runPolicy.backoffLimit): {detail}",
+            disruptions=base.disruptions + 1,
+            last_failed_trainer=uid,
+        )
+    return replace(
+        base,
+        reason="Restarting",
+        message=f"restart {base.restarts + 1} of {limit}: {detail}",
+        restarts=base.restarts + 1,
+        last_failed_trainer=uid,
+    )
+
+
+def _previous(prev: Manifest, type_: str) -> tuple[str, str]:
+    for cond in prev.get("conditions") or []:
+        if cond.get("type") == type_:
+            return cond.get("reason", type_), cond.get("message", "")
+    return type_, ""
+
+
+def deployment_available(obj: Manifest | None, gang_epoch: int | None = None) -> bool:
+    """The Deployment's controller has rolled out the current template (and, for the rollout, the current
+    gang epoch) and its pod is available: not a pod of an earlier epoch still answering."""
+    if obj is None:
+        return False
+    meta, status = obj["metadata"], obj.get("status") or {}
+    if gang_epoch is not None:
+        annotations = obj["spec"]["template"]["metadata"].get("annotations") or {}
+        if annotations.get(GANG_EPOCH_ANNOTATION, "0") != str(gang_epoch):
+            return False
+    observed = status.get("observedGeneration")
+    if observed is None or int(observed) < int(meta.get("generation") or 0):
+        return False
+    return int(status.get("updatedReplicas") or 0) >= 1 and int(status.get("availableReplicas") or 0) >= 1
