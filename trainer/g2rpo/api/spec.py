@@ -1,6 +1,6 @@
 """The `G2RPOJob` job spec: the one model that the local run, the trainer and the operator read.
 
-Field names are the YAML contract (camelCase, see design.md §3a); Python code uses the snake_case
+Field names are the YAML contract (camelCase); Python code uses the snake_case
 attribute names. Every field carries a description: it becomes the CRD's documentation
 (`kubectl explain g2rpojob.spec.guidance.ratio`) and `g2rpo validate`'s vocabulary.
 
