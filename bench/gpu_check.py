@@ -84,10 +84,27 @@ def train(job_file: Path, run_dir: Path, controller: str, token_file: Path, log:
     config_file = job_file.with_suffix(".accelerate.yaml")
     config_file.write_text(yaml.safe_dump(accelerate_config(job_file)))
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-        "--num_processes", "1", "--num_machines", "1", "--machine_rank", "0",
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-        "-m", "g2rpo.train", "--job", str(job_file), "--run-dir", str(run_dir),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--machine_rank",
+        "0",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "g2rpo.train",
+        "--job",
+        str(job_file),
+        "--run-dir",
+        str(run_dir),
     ]
     env = {**os.environ, "G2RPO_CONTROLLER_URL": controller, "G2RPO_CONTROLLER_TOKEN_FILE": str(token_file)}
     started = time.monotonic()
@@ -158,9 +175,23 @@ def main() -> int:
         job_file.write_text(job_yaml(name, model_dir, checkpoint_dir, max_steps=6, zero=zero))
         port = free_port()
         controller = subprocess.Popen(
-            [sys.executable, "-m", "g2rpo.controller", "--schedule-from", str(job_file), "--host", "127.0.0.1",
-             "--port", str(port), "--state-dir", str(work / name / "controller"), "--token-file", str(token_file)],
-            stdout=open(args.out / f"controller-zero{zero}.log", "wb"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "g2rpo.controller",
+                "--schedule-from",
+                str(job_file),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--state-dir",
+                str(work / name / "controller"),
+                "--token-file",
+                str(token_file),
+            ],
+            stdout=open(args.out / f"controller-zero{zero}.log", "wb"),
+            stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -183,7 +214,9 @@ def main() -> int:
 
     bench = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "step_time.py"), "--cuda", "--steps", "12", "--repeats", "2"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     report["step_time"] = bench.stdout[-2000:] if bench.returncode == 0 else f"failed: {bench.stderr[-2000:]}"
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))

@@ -40,9 +40,9 @@ import torch
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import INITIAL_GUIDANCE_LENGTH, MAX_COMPLETION_LENGTH, build  # noqa: E402
+from step_time import INITIAL_GUIDANCE_LENGTH, MAX_COMPLETION_LENGTH, build
 
-from g2rpo.models.tiny import build_tiny_model  # noqa: E402
+from g2rpo.models.tiny import build_tiny_model
 
 VARIANTS = {  # name -> (trainer, guided roll-outs per group of 4)
     "trl GRPOTrainer": ("trl", 0),
@@ -190,7 +190,11 @@ def main() -> None:
 
     baseline = statistics.median(times["trl GRPOTrainer"])
     cpu_baseline = statistics.median(cpu_times["trl GRPOTrainer"])
-    where = f"bf16 on {torch.cuda.get_device_name(0)}" if args.cuda else f"float32 on CPU ({torch.get_num_threads()} threads)"
+    where = (
+        f"bf16 on {torch.cuda.get_device_name(0)}"
+        if args.cuda
+        else f"float32 on CPU ({torch.get_num_threads()} threads)"
+    )
     results = {
         "setup": {
             "model": f"random Qwen3, hidden {args.hidden}, character tokenizer",

@@ -66,8 +66,10 @@ def main() -> None:
     print(f"bare python -c:  median {bare_ms:7.1f} ms over {args.repetitions} runs")
     print(f"sandboxed:       median {sandboxed_ms:7.1f} ms over {args.repetitions} runs")
     print(f"ratio sandboxed / bare: {sandboxed_ms / bare_ms:.2f}")
-    print("setup inside the child (median ms):",
-          ", ".join(f"{step} {statistics.median(setup[step] for setup in setups):.2f}" for step in setups[0]))
+    print(
+        "setup inside the child (median ms):",
+        ", ".join(f"{step} {statistics.median(setup[step] for setup in setups):.2f}" for step in setups[0]),
+    )
 
 
 if __name__ == "__main__":

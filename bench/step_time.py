@@ -32,7 +32,7 @@ INITIAL_GUIDANCE_LENGTH = 16
 
 
 def accuracy(completions, answer, **kwargs):
-    return [float(a in c) for c, a in zip(completions, answer)]
+    return [float(a in c) for c, a in zip(completions, answer, strict=False)]
 
 
 class StepTimer(TrainerCallback):
@@ -51,7 +51,9 @@ class StepTimer(TrainerCallback):
         self.cpu_times.append(time.process_time() - self._cpu_start)
 
 
-def run(kind: str, model_dir: Path, steps: int, out: Path, guided_per_group: int = 0, cuda: bool = False) -> list[float]:
+def run(
+    kind: str, model_dir: Path, steps: int, out: Path, guided_per_group: int = 0, cuda: bool = False
+) -> list[float]:
     trainer, timer = build(kind, model_dir, steps, out, guided_per_group, cuda)
     trainer.train()
     return timer.times[2:]  # the first steps warm up allocators and caches
@@ -63,24 +65,49 @@ def build(kind: str, model_dir: Path, steps: int, out: Path, guided_per_group: i
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
     data = Dataset.from_list(
         [
-            {"prompt": [{"role": "user", "content": f"{i}+{i}=?"}], "answer": str(2 * i), "guidance": f"{i}+{i} is {2 * i}. " * 4}
+            {
+                "prompt": [{"role": "user", "content": f"{i}+{i}=?"}],
+                "answer": str(2 * i),
+                "guidance": f"{i}+{i} is {2 * i}. " * 4,
+            }
             for i in range(64)
         ]
     )
     config = GRPOConfig(
-        output_dir=str(out), use_cpu=not cuda, bf16=cuda, per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=MAX_COMPLETION_LENGTH, max_steps=steps, learning_rate=1e-4, logging_steps=1, save_strategy="no",
-        report_to=[], disable_tqdm=True, seed=0, shuffle_dataset=False,
+        output_dir=str(out),
+        use_cpu=not cuda,
+        bf16=cuda,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=MAX_COMPLETION_LENGTH,
+        max_steps=steps,
+        learning_rate=1e-4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        shuffle_dataset=False,
     )
     timer = StepTimer()
-    common = dict(model=model, reward_funcs=[accuracy], args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
+    common = {
+        "model": model,
+        "reward_funcs": [accuracy],
+        "args": config,
+        "train_dataset": data,
+        "processing_class": tokenizer,
+        "callbacks": [timer],
+    }
     if kind == "trl":
         trainer = GRPOTrainer(**common)
     else:
         params = ScheduleParams("adaptive", initial_length=INITIAL_GUIDANCE_LENGTH, min_length=1, max_length=64)
         trainer = G2RPOTrainer(
-            **common, guidance_client=InProcessGuidanceClient(GuidanceController(params)),
-            guided_per_group=guided_per_group, guidance_loss="include", driving_reward="accuracy",
+            **common,
+            guidance_client=InProcessGuidanceClient(GuidanceController(params)),
+            guided_per_group=guided_per_group,
+            guidance_loss="include",
+            driving_reward="accuracy",
         )
     trainer.remove_callback(PrinterCallback)
     return trainer, timer
@@ -99,10 +126,14 @@ def main() -> None:
         samples: dict[str, list[float]] = {name: [] for name in variants}
         for repeat in range(args.repeats):
             for name, (kind, guided) in variants.items():
-                samples[name] += run(kind, model_dir, args.steps, Path(tmp) / f"{kind}{guided}-{repeat}", guided, args.cuda)
+                samples[name] += run(
+                    kind, model_dir, args.steps, Path(tmp) / f"{kind}{guided}-{repeat}", guided, args.cuda
+                )
     baseline = statistics.median(samples["trl GRPOTrainer"])
     where = "bf16 on " + torch.cuda.get_device_name(0) if args.cuda else "float32 on CPU"
-    print(f"{'variant':<18} {'median step (ms)':>17} {'ratio vs TRL':>13}  (Qwen3 hidden {args.hidden}, G=4, 8 roll-outs x 32 tokens, {where})")
+    print(
+        f"{'variant':<18} {'median step (ms)':>17} {'ratio vs TRL':>13}  (Qwen3 hidden {args.hidden}, G=4, 8 roll-outs x 32 tokens, {where})"
+    )
     for name, times in samples.items():
         median = statistics.median(times)
         print(f"{name:<18} {median * 1000:>17.1f} {median / baseline:>13.3f}")

@@ -250,7 +250,9 @@ def package_metadata(name: str, version: str) -> dict:
     file = _pick_file(name, version, _index_files(name))
     headers = HeaderParser().parsestr(_core_metadata(file))
     if canonicalize_name(headers["Name"]) != name or headers["Version"] != version:
-        raise SystemExit(f"{file['filename']} declares {headers['Name']} {headers['Version']}, expected {name} {version}")
+        raise SystemExit(
+            f"{file['filename']} declares {headers['Name']} {headers['Version']}, expected {name} {version}"
+        )
     return {
         "version": headers["Version"],
         "file": file["filename"],
@@ -268,7 +270,7 @@ def main() -> None:
         compile_lock(uv, OPERATOR_LOCK, LOCKS[OPERATOR_LOCK], [TRAINER_LOCK], Path(scratch))
     pins = read_pins(TRAINER_LOCK) | read_pins(OPERATOR_LOCK)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        records = dict(zip(pins, pool.map(package_metadata, pins, pins.values())))
+        records = dict(zip(pins, pool.map(package_metadata, pins, pins.values()), strict=False))
     document = {
         "python_version": PYTHON_VERSION,
         "platform": UV_PLATFORM,
@@ -277,7 +279,9 @@ def main() -> None:
         "packages": dict(sorted(records.items())),
     }
     METADATA.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
-    print(f"{len(read_pins(TRAINER_LOCK))} trainer pins, {len(read_pins(OPERATOR_LOCK))} operator pins, metadata for {len(records)}")
+    print(
+        f"{len(read_pins(TRAINER_LOCK))} trainer pins, {len(read_pins(OPERATOR_LOCK))} operator pins, metadata for {len(records)}"
+    )
 
 
 if __name__ == "__main__":

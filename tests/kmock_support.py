@@ -74,9 +74,12 @@ class Emulator(kmock.KubernetesEmulator):
             raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from None
         finally:
             # Only a deletion (or the patch that releases the last finalizer) can orphan anything.
-            if request.action in (enums.action.DELETE, enums.action.UPDATE) and request.name is not None:
-                if self.stored(request.resource, request.namespace, request.name) is None:
-                    await self._collect_garbage()
+            if (
+                request.action in (enums.action.DELETE, enums.action.UPDATE)
+                and request.name is not None
+                and self.stored(request.resource, request.namespace, request.name) is None
+            ):
+                await self._collect_garbage()
             if not self.record_requests:
                 self._requests[:] = [r for r in self._requests if r is not request]
 

@@ -1,7 +1,6 @@
 """Fixtures for the operator's tests: a KMock API server on loopback and the real operator (kopf)
-running in-process against it. Import the fixtures into a test module:
-
-    from operator_fixtures import cluster, start_operator  # noqa: F401  (pytest fixtures)
+running in-process against it. conftest.py registers the fixtures (`cluster`, `start_operator`) for
+every test module.
 """
 
 from __future__ import annotations
@@ -15,9 +14,11 @@ from typing import Any
 
 import kopf
 import pytest_asyncio
+
 from g2rpo_operator.handlers import Operator, build, kopf_settings, register_client_login
 from g2rpo_operator.kube import KubeApi
 from g2rpo_operator.settings import OperatorSettings
+
 from kmock_support import JOBS, PVCS, Emulator, free_port, new_emulator, serving
 
 NAMESPACE = "default"

@@ -74,20 +74,27 @@ def _run_attack(sandbox, base: str, name: str, code: str, listeners: dict, signa
     prepared = set(os.listdir(folder))
     base_before = set(os.listdir(base))
     token = f"g2rpo-attack-{name}-{secrets.token_hex(4)}"
-    prelude = (f"OUT = {folder!r}\nKEEP = {keep!r}\nSECRET = {secret!r}\nUNIX_SOCKET = {unix_path!r}\n"
-               f"PORT = {listeners['tcp'].getsockname()[1]}\nTOKEN = {token!r}\n")
+    prelude = (
+        f"OUT = {folder!r}\nKEEP = {keep!r}\nSECRET = {secret!r}\nUNIX_SOCKET = {unix_path!r}\n"
+        f"PORT = {listeners['tcp'].getsockname()[1]}\nTOKEN = {token!r}\n"
+    )
     signals.clear()
     result = sandbox.run_python(prelude + code, timeout_s=10.0, memory_mb=512)
     time.sleep(0.05)  # a process that escaped would have had time to act
     keep_text = open(keep).read() if os.path.exists(keep) else None
     outcome = {
-        "ok": result.ok, "reason": result.reason, "stdout": result.stdout[-3000:], "stderr": result.stderr[-3000:],
+        "ok": result.ok,
+        "reason": result.reason,
+        "stdout": result.stdout[-3000:],
+        "stderr": result.stderr[-3000:],
         "new_files": sorted(set(os.listdir(folder)) - prepared),
         "new_in_base": sorted(set(os.listdir(base)) - base_before - {name}),
         "keep": [keep_text, oct(os.stat(keep).st_mode & 0o7777) if keep_text is not None else None],
-        "tcp_connections": _accepted(listeners["tcp"]), "udp_datagrams": _received(listeners["udp"]),
+        "tcp_connections": _accepted(listeners["tcp"]),
+        "udp_datagrams": _received(listeners["udp"]),
         "unix_connections": _accepted(unix),
-        "signals": len(signals), "processes": _processes_with(token),
+        "signals": len(signals),
+        "processes": _processes_with(token),
     }
     unix.close()
     return outcome
@@ -110,10 +117,20 @@ def main() -> None:
     udp.bind(("127.0.0.1", tcp.getsockname()[1]))  # PORT reaches both
     udp.setblocking(False)
     listeners = {"tcp": tcp, "udp": udp}
-    outcomes = {name: _run_attack(sandbox, config["base"], name, code, listeners, signals)
-                for name, code in config["attacks"].items()}
-    print(json.dumps({"layers": sandbox.sandbox_layers(), "gaps": sandbox.sandbox_layer_gaps(),
-                      "uid": os.getuid(), "outcomes": outcomes}))
+    outcomes = {
+        name: _run_attack(sandbox, config["base"], name, code, listeners, signals)
+        for name, code in config["attacks"].items()
+    }
+    print(
+        json.dumps(
+            {
+                "layers": sandbox.sandbox_layers(),
+                "gaps": sandbox.sandbox_layer_gaps(),
+                "uid": os.getuid(),
+                "outcomes": outcomes,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

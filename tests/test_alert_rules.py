@@ -33,7 +33,7 @@ def exposition() -> str:
     """A controller's /metrics text with every series present (all metrics reported, one request)."""
     metrics = ControllerMetrics("lint")
     controller = GuidanceController(ScheduleParams("adaptive", initial_length=100, min_length=1, max_length=200))
-    controller.report(0, 0.5, {name: 0.5 for name in REPORT_METRICS})
+    controller.report(0, 0.5, dict.fromkeys(REPORT_METRICS, 0.5))
     metrics.observe_state(controller)
     metrics.observe_step(controller.history[-1], new=True)
     metrics.count_report("accepted")

@@ -30,9 +30,11 @@ from typing import Any
 import celpy
 import pytest
 import yaml
+
 from g2rpo.api.crd import CROSS_FIELD_RULES, render_crd
 from g2rpo.api.spec import MUTABLE_FIELDS, parse_job
 from g2rpo_operator.admission import validate
+
 from operator_fixtures import deep_merge, job_manifest
 
 CEL = celpy.Environment()
@@ -118,7 +120,7 @@ def admit(new: dict, old: dict | None = None) -> list[str]:
                 continue
             if transition:
                 assert "[]" not in steps, "transition rules inside lists need list-type map correlation"
-                pairs = list(zip(values_at(new, steps), values_at(old, steps)))
+                pairs = list(zip(values_at(new, steps), values_at(old, steps), strict=False))
             else:
                 pairs = [(value, None) for value in values_at(new, steps)]
             if not all(run(entry["rule"], value, previous) for value, previous in pairs):
@@ -165,7 +167,9 @@ def test_every_rule_compiles_and_names_its_field():
         program(entry["rule"])  # raises on a rule cel-python cannot parse
         assert entry["message"].startswith(("spec.", "metadata.")), entry
         assert entry["reason"] in {
-            "FieldValueInvalid", "FieldValueForbidden", "FieldValueRequired",
+            "FieldValueInvalid",
+            "FieldValueForbidden",
+            "FieldValueRequired",
             "FieldValueDuplicate",
         }
         assert entry.get("fieldPath", ".").startswith("."), entry
@@ -280,8 +284,10 @@ def test_an_immutable_field_edit_is_refused(edit, field):
     old = job_manifest()
     new = job_manifest(**edit)
     refused = admit(new, old)
-    assert refused == [f"{field} is immutable: only {', '.join(f'spec.{p}' for p in sorted(MUTABLE_FIELDS))} "
-                       "can change after creation; create a new job to change it"], refused
+    assert refused == [
+        f"{field} is immutable: only {', '.join(f'spec.{p}' for p in sorted(MUTABLE_FIELDS))} "
+        "can change after creation; create a new job to change it"
+    ], refused
     assert admit(new) == []  # the same object is fine as a new job
 
 

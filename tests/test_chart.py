@@ -20,6 +20,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+
 from g2rpo.api.crd import render_crd, render_crd_yaml
 from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
 
@@ -28,10 +29,14 @@ CHART = ROOT / "charts" / "g2rpo"
 KUBE_VERSION = "1.30"
 HELM = shutil.which("helm", path=f"{ROOT / '.tools' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
 MONITORING_ON = [
-    "--set", "monitoring.serviceMonitor.enabled=true",
-    "--set", "monitoring.prometheusRule.enabled=true",
-    "--set", "monitoring.grafanaDashboard.enabled=true",
-    "--set", "monitoring.labels.release=kube-prometheus-stack",
+    "--set",
+    "monitoring.serviceMonitor.enabled=true",
+    "--set",
+    "monitoring.prometheusRule.enabled=true",
+    "--set",
+    "monitoring.grafanaDashboard.enabled=true",
+    "--set",
+    "monitoring.labels.release=kube-prometheus-stack",
 ]
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 NODE_CHECKS = ROOT / "tools" / "node"
@@ -70,7 +75,9 @@ def operator_env(documents: list[dict]) -> dict[str, str]:
 
 
 def rule_triples(role: dict) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return {
+        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    }
 
 
 def test_lint_strict():
@@ -90,8 +97,21 @@ def test_lint_strict():
             ["--set", "watchNamespaces={team-a}", "--set", "monitoring.podMonitor.enabled=true", *MONITORING_ON[2:]],
             id="namespaced+podmonitor",
         ),
-        pytest.param(["--set", "replicaCount=1", "--set", "crds.install=false", "--set", "rbac.create=false",
-                      "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=mine"], id="minimal"),
+        pytest.param(
+            [
+                "--set",
+                "replicaCount=1",
+                "--set",
+                "crds.install=false",
+                "--set",
+                "rbac.create=false",
+                "--set",
+                "serviceAccount.create=false",
+                "--set",
+                "serviceAccount.name=mine",
+            ],
+            id="minimal",
+        ),
     ],
 )
 def test_rendered_documents_are_schema_valid(values):
@@ -107,21 +127,35 @@ def test_rendered_documents_are_schema_valid(values):
 def test_defaults_install_the_crds_the_operator_and_cluster_wide_rbac():
     documents = template()
     kinds = [d["kind"] for d in documents]
-    assert {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
-            "Service", "PodDisruptionBudget", "NetworkPolicy"} == set(kinds)
+    assert {
+        "CustomResourceDefinition",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    } == set(kinds)
     assert not PROMETHEUS_OPERATOR_KINDS & set(kinds) and "ConfigMap" not in kinds
     deployment = by_kind(documents, "Deployment")[0]
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert deployment["spec"]["replicas"] == 2
     assert container["image"] == "ghcr.io/g2rpo/g2rpo-operator:0.1.0"
-    assert {probe: container[probe]["httpGet"]["port"] for probe in ("livenessProbe", "readinessProbe", "startupProbe")} == {
-        "livenessProbe": "health", "readinessProbe": "health", "startupProbe": "health"}
+    assert {
+        probe: container[probe]["httpGet"]["port"] for probe in ("livenessProbe", "readinessProbe", "startupProbe")
+    } == {"livenessProbe": "health", "readinessProbe": "health", "startupProbe": "health"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 9090, "health": 8081}
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert (
+        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
     assert container["securityContext"] == {
-        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
     selector = deployment["spec"]["selector"]["matchLabels"]
     anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
     assert anti["labelSelector"]["matchLabels"] == selector and anti["topologyKey"] == "kubernetes.io/hostname"
@@ -130,14 +164,19 @@ def test_defaults_install_the_crds_the_operator_and_cluster_wide_rbac():
     env = operator_env(documents)
     assert "G2RPO_NAMESPACES" not in env  # cluster-wide
     # Unset job defaults leave the operator's built-in ones in force.
-    assert not {"G2RPO_GPU_NODE_SELECTOR", "G2RPO_GPU_TOLERATIONS", "G2RPO_STORAGE_CLASS_NAME", "G2RPO_KUEUE_QUEUE"} & env.keys()
+    assert (
+        not {"G2RPO_GPU_NODE_SELECTOR", "G2RPO_GPU_TOLERATIONS", "G2RPO_STORAGE_CLASS_NAME", "G2RPO_KUEUE_QUEUE"}
+        & env.keys()
+    )
     settings = OperatorSettings.from_env(env)  # the operator reads every value the chart sets
     assert settings.trainer_image == settings.rollout_image == "ghcr.io/g2rpo/g2rpo-trainer:0.1.0"
     assert (settings.metrics_port, settings.health_port, settings.namespaces) == (9090, 8081, ())
     role = by_kind(documents, "ClusterRole")[0]
     assert ("kopf.dev", "clusterkopfpeerings", "create") in rule_triples(role)
     binding = by_kind(documents, "ClusterRoleBinding")[0]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "g2rpo-system"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "g2rpo-system"}
+    ]
     crds = {d["metadata"]["name"]: d for d in by_kind(documents, "CustomResourceDefinition")}
     assert set(crds) == {"g2rpojobs.g2rpo.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
     assert all(c["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"} for c in crds.values())
@@ -160,9 +199,14 @@ def test_watch_namespaces_gives_a_role_per_namespace_with_namespaced_peering():
         assert peering <= granted
         assert not any(r == "clusterkopfpeerings" for _, r, _ in granted)
         # The same job permissions as cluster-wide, confined to the namespace.
-        assert {t for t in granted if t[0] != "kopf.dev"} == {t for t in rule_triples(cluster_role) if t[0] != "kopf.dev"}
-        assert bindings[namespace]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                                  "name": role["metadata"]["name"]}
+        assert {t for t in granted if t[0] != "kopf.dev"} == {
+            t for t in rule_triples(cluster_role) if t[0] != "kopf.dev"
+        }
+        assert bindings[namespace]["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": role["metadata"]["name"],
+        }
         assert bindings[namespace]["subjects"][0]["namespace"] == "g2rpo-system"
     env = operator_env(documents)
     assert env["G2RPO_NAMESPACES"] == "team-a,team-b"
@@ -171,12 +215,24 @@ def test_watch_namespaces_gives_a_role_per_namespace_with_namespaced_peering():
 
 def test_job_defaults_and_images_reach_the_operator_settings():
     documents = template(
-        "--set", "image.repository=registry.example/g2rpo-operator", "--set", "image.tag=1.2.3",
-        "--set", "image.pullPolicy=Always",
-        "--set", "trainerImage.repository=registry.example/g2rpo-trainer", "--set", "trainerImage.tag=1.2.3-cu13",
-        "--set-json", 'jobDefaults.gpuNodeSelector={"nvidia.com/gpu.product":"NVIDIA-H100-80GB-HBM3"}',
-        "--set-json", 'jobDefaults.gpuTolerations=[{"key":"gpu","operator":"Exists","effect":"NoSchedule"}]',
-        "--set", "jobDefaults.storageClassName=filestore-rwx", "--set", "jobDefaults.kueueQueue=gpu-queue",
+        "--set",
+        "image.repository=registry.example/g2rpo-operator",
+        "--set",
+        "image.tag=1.2.3",
+        "--set",
+        "image.pullPolicy=Always",
+        "--set",
+        "trainerImage.repository=registry.example/g2rpo-trainer",
+        "--set",
+        "trainerImage.tag=1.2.3-cu13",
+        "--set-json",
+        'jobDefaults.gpuNodeSelector={"nvidia.com/gpu.product":"NVIDIA-H100-80GB-HBM3"}',
+        "--set-json",
+        'jobDefaults.gpuTolerations=[{"key":"gpu","operator":"Exists","effect":"NoSchedule"}]',
+        "--set",
+        "jobDefaults.storageClassName=filestore-rwx",
+        "--set",
+        "jobDefaults.kueueQueue=gpu-queue",
     )
     env = operator_env(documents)
     settings = OperatorSettings.from_env(env)
@@ -236,10 +292,16 @@ def test_monitoring_objects_select_the_controllers_and_the_operator():
     assert set(monitors) == {"g2rpo-operator", "g2rpo-operator-controllers"}
     controllers = monitors["g2rpo-operator-controllers"]["spec"]
     assert controllers["namespaceSelector"] == {"any": True}
-    assert controllers["selector"]["matchLabels"] == {"app.kubernetes.io/name": "g2rpo", "app.kubernetes.io/component": "controller"}
+    assert controllers["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "g2rpo",
+        "app.kubernetes.io/component": "controller",
+    }
     assert controllers["endpoints"][0]["port"] == "metrics"
     operator_service = by_kind(documents, "Service")[0]
-    assert monitors["g2rpo-operator"]["spec"]["selector"]["matchLabels"].items() <= operator_service["metadata"]["labels"].items()
+    assert (
+        monitors["g2rpo-operator"]["spec"]["selector"]["matchLabels"].items()
+        <= operator_service["metadata"]["labels"].items()
+    )
     assert {p["name"] for p in operator_service["spec"]["ports"]} == {"metrics"}
     for document in [*monitors.values(), *by_kind(documents, "PrometheusRule"), *by_kind(documents, "ConfigMap")]:
         assert document["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -254,16 +316,26 @@ def test_monitoring_objects_select_the_controllers_and_the_operator():
     assert not by_kind(namespaced, "ServiceMonitor")
 
 
-@pytest.mark.skipif(not (NODE_CHECKS / "node_modules" / "@kubernetes-models").exists(), reason="`make tools` installs it")
+@pytest.mark.skipif(
+    not (NODE_CHECKS / "node_modules" / "@kubernetes-models").exists(), reason="`make tools` installs it"
+)
 def test_monitoring_objects_are_valid_for_the_prometheus_operator(tmp_path):
-    documents = [d for d in template(*MONITORING_ON) + template("--set", "watchNamespaces={team-a}",
-                 "--set", "monitoring.podMonitor.enabled=true") if d["kind"] in PROMETHEUS_OPERATOR_KINDS]
+    documents = [
+        d
+        for d in template(*MONITORING_ON)
+        + template("--set", "watchNamespaces={team-a}", "--set", "monitoring.podMonitor.enabled=true")
+        if d["kind"] in PROMETHEUS_OPERATOR_KINDS
+    ]
     assert {d["kind"] for d in documents} == PROMETHEUS_OPERATOR_KINDS
 
     def validate(objects: list[dict]) -> subprocess.CompletedProcess:
         (tmp_path / "objects.json").write_text(json.dumps(objects))
-        return subprocess.run(["node", str(NODE_CHECKS / "validate-monitoring.mjs"), str(tmp_path / "objects.json")],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            ["node", str(NODE_CHECKS / "validate-monitoring.mjs"), str(tmp_path / "objects.json")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     done = validate(documents)
     assert done.returncode == 0 and done.stdout.count("ok ") == len(documents), done.stdout + done.stderr
@@ -295,8 +367,10 @@ def test_the_controller_labels_the_monitors_select_are_the_builders_labels():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--set", "monitoring.serviceMonitor.enabled=true", "--set", "monitoring.podMonitor.enabled=true"],
-         "serviceMonitor.enabled and podMonitor.enabled are mutually exclusive"),
+        (
+            ["--set", "monitoring.serviceMonitor.enabled=true", "--set", "monitoring.podMonitor.enabled=true"],
+            "serviceMonitor.enabled and podMonitor.enabled are mutually exclusive",
+        ),
         (["--set", "replicaCount=two"], "at '/replicaCount': got string, want integer"),
         (["--set", "replicaCount=0"], "at '/replicaCount': minimum"),
         (["--set", "image.tga=x"], "at '/image': additional properties 'tga' not allowed"),
@@ -305,8 +379,10 @@ def test_the_controller_labels_the_monitors_select_are_the_builders_labels():
         (["--set", "watchNamespaces={Team_A}"], "at '/watchNamespaces/0'"),
         (["--set", "crds.keep=maybe"], "at '/crds/keep': got string, want boolean"),
         (["--set", "image.pullPolicy=Sometimes"], "at '/image/pullPolicy'"),
-        (["--set-json", 'jobDefaults.gpuTolerations=[{"key":"a","operater":"Exists"}]'],
-         "at '/jobDefaults/gpuTolerations/0': additional properties 'operater' not allowed"),
+        (
+            ["--set-json", 'jobDefaults.gpuTolerations=[{"key":"a","operater":"Exists"}]'],
+            "at '/jobDefaults/gpuTolerations/0': additional properties 'operater' not allowed",
+        ),
         (["--set-json", 'jobDefaults.gpuNodeSelector={"zone":1}'], "at '/jobDefaults/gpuNodeSelector/zone'"),
         (["--set", "monitoring.serviceMonitor.interval=soon"], "at '/monitoring/serviceMonitor/interval'"),
         (["--set", "resources.limits.memory=lots"], "at '/resources/limits/memory'"),
@@ -324,7 +400,9 @@ def test_every_value_is_commented_and_in_the_schema():
 
     def walk(node: dict, props: dict, path: str) -> None:
         assert props.get("additionalProperties") is False, f"{path or 'values'}: the schema must refuse unknown keys"
-        assert set(node) <= set(props["properties"]), f"{path}: {set(node) - set(props['properties'])} not in the schema"
+        assert set(node) <= set(props["properties"]), (
+            f"{path}: {set(node) - set(props['properties'])} not in the schema"
+        )
         for key, value in node.items():
             child = props["properties"][key]
             if isinstance(value, dict) and child.get("additionalProperties") is False:
@@ -336,7 +414,9 @@ def test_every_value_is_commented_and_in_the_schema():
         if re.match(r"^\s*[A-Za-z]\w*:", line):
             above = lines[number - 1].strip()
             parent_of_commented = line.rstrip().endswith(":") and lines[number + 1].strip().startswith("# --")
-            assert above.startswith("#") or parent_of_commented, f"values.yaml:{number + 1} `{line.strip()}` has no comment"
+            assert above.startswith("#") or parent_of_commented, (
+                f"values.yaml:{number + 1} `{line.strip()}` has no comment"
+            )
 
 
 def test_chart_crd_is_exactly_g2rpo_crd_and_rendered_unchanged():
@@ -351,10 +431,18 @@ def test_chart_crd_is_exactly_g2rpo_crd_and_rendered_unchanged():
 
 
 def test_manifests_are_the_charts_rendering():
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "render_manifests.py"), "--check"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "render_manifests.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     kustomization = yaml.safe_load((ROOT / "manifests" / "kustomization.yaml").read_text())
-    generated = {str(p.relative_to(ROOT / "manifests")) for p in (ROOT / "manifests").rglob("*.yaml")
-                 if p.read_text().startswith("# Generated by tools/render_manifests.py")}
+    generated = {
+        str(p.relative_to(ROOT / "manifests"))
+        for p in (ROOT / "manifests").rglob("*.yaml")
+        if p.read_text().startswith("# Generated by tools/render_manifests.py")
+    }
     assert generated <= set(kustomization["resources"])

@@ -39,7 +39,9 @@ def test_every_positional_argument_has_a_help_text(verb):
     assert all(a.help for a in positionals), [a.dest for a in positionals if not a.help]
 
 
-@pytest.mark.parametrize("args", [("crd",), ("render", "manifests/examples/g2rpojob.yaml"), ("validate", "examples/smollm2-arithmetic.yaml")])
+@pytest.mark.parametrize(
+    "args", [("crd",), ("render", "manifests/examples/g2rpojob.yaml"), ("validate", "examples/smollm2-arithmetic.yaml")]
+)
 def test_a_closed_pipe_ends_the_output_quietly(args):
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `| head` after its lines

@@ -13,10 +13,12 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from pydantic import BaseModel
+
 from g2rpo.api.crd import SchemaError, render_crd, render_crd_yaml, structural
 from g2rpo.api.spec import parse_spec
+
 from operator_fixtures import crd_json_schema, job_manifest
-from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "manifests" / "crd" / "g2rpojob.yaml"

@@ -56,8 +56,13 @@ HEADER = (
 )
 TSCONFIG = {
     "compilerOptions": {
-        "strict": True, "noEmit": True, "module": "nodenext", "moduleResolution": "nodenext",
-        "target": "es2022", "skipLibCheck": True, "types": [],
+        "strict": True,
+        "noEmit": True,
+        "module": "nodenext",
+        "moduleResolution": "nodenext",
+        "target": "es2022",
+        "skipLibCheck": True,
+        "types": [],
     },
     "files": ["dashboard.ts"],
 }
@@ -123,7 +128,9 @@ def test_dashboard_type_checks_against_grafana_schema(scratch):
     broken["panels"][2]["gridPos"]["h"] = "8"
     done = typecheck(broken, scratch)
     assert done.returncode != 0
-    assert "'\"unti\"' does not exist" in done.stdout and "Type 'string' is not assignable to type 'number'" in done.stdout
+    assert (
+        "'\"unti\"' does not exist" in done.stdout and "Type 'string' is not assignable to type 'number'" in done.stdout
+    )
 
 
 def test_job_variable_and_every_query_filtered_by_it():
@@ -143,9 +150,18 @@ def test_panels_cover_the_training_signals_with_units_and_axis_labels():
     graphs = [p for p in board["panels"] if p["type"] == "timeseries"]
     titles = {p["title"] for p in board["panels"]}
     assert {
-        "Accuracy reward", "Guidance length l_k", "Reward mean and std", "Advantage std", "Zero-variance groups",
-        "Step rate", "Tokens decoded per second", "Completion length", "Controller request latency",
-        "Controller errors", "Reconciles by result", "Reconcile errors by kind",
+        "Accuracy reward",
+        "Guidance length l_k",
+        "Reward mean and std",
+        "Advantage std",
+        "Zero-variance groups",
+        "Step rate",
+        "Tokens decoded per second",
+        "Completion length",
+        "Controller request latency",
+        "Controller errors",
+        "Reconciles by result",
+        "Reconcile errors by kind",
     } <= titles
     for panel in graphs:
         defaults = panel["fieldConfig"]["defaults"]
@@ -155,7 +171,10 @@ def test_panels_cover_the_training_signals_with_units_and_axis_labels():
     assert accuracy["targets"][0]["legendFormat"] == "{{rollouts}}"  # all / guided / unguided
     length = next(p for p in graphs if p["title"] == "Guidance length l_k")
     assert [re.match(r"\w+", t["expr"]).group() for t in length["targets"]] == [
-        "g2rpo_guidance_length_tokens", "g2rpo_guidance_min_length_tokens", "g2rpo_guidance_max_length_tokens"]
+        "g2rpo_guidance_length_tokens",
+        "g2rpo_guidance_min_length_tokens",
+        "g2rpo_guidance_max_length_tokens",
+    ]
     # No two panels overlap on Grafana's 24-column grid.
     cells = set()
     for panel in board["panels"]:

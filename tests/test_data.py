@@ -286,7 +286,9 @@ def test_a_broken_json_document_is_reported_by_file_and_line(tmp_path):
     path.write_text('[\n  {"problem": "a", "answer": "1", "solution": "s"},\n  {"problem": "b",}\n]\n')
     with pytest.raises(SpecError) as caught:
         load_training_dataset(job({"name": str(path)}))
-    assert caught.value.lines() == [f"spec.dataset.name: {path}:3:19: Expecting property name enclosed in double quotes"]
+    assert caught.value.lines() == [
+        f"spec.dataset.name: {path}:3:19: Expecting property name enclosed in double quotes"
+    ]
 
 
 def test_a_json_document_and_json_lines_in_a_json_file_both_load(tmp_path):
@@ -306,7 +308,10 @@ def test_relative_dataset_names_are_read_from_the_job_files_folder(tmp_path):
     resolve_relative_name(spec.dataset, tmp_path)
     assert spec.dataset.name == str(tmp_path / "data" / "t.jsonl")
     missing = job({"name": "data/missing.jsonl"})
-    with pytest.raises(SpecError, match=r"no such file or folder: .*data/missing\.jsonl \(a relative dataset\.name is read from the job file's folder"):
+    with pytest.raises(
+        SpecError,
+        match=r"no such file or folder: .*data/missing\.jsonl \(a relative dataset\.name is read from the job file's folder",
+    ):
         resolve_relative_name(missing.dataset, tmp_path)
     hub = job({"name": "open-r1/OpenR1-Math-220k"})
     resolve_relative_name(hub.dataset, tmp_path)
@@ -385,7 +390,10 @@ def test_every_missing_column_is_named_by_its_field_with_the_available_columns(t
         ("{tmp}/missing.jsonl", r"spec\.dataset\.name: no such file or folder"),
         ("{tmp}/rows.txt", r"spec\.dataset\.name: unsupported file type '\.txt'"),
         ("{tmp}/empty.csv", r"spec\.dataset\.name: cannot read .*empty\.csv as csv: .*no data"),
-        ("{tmp}/broken.jsonl", r"spec\.dataset\.name: 1 broken JSON line\(s\): .*broken\.jsonl:1:13: Unterminated string"),
+        (
+            "{tmp}/broken.jsonl",
+            r"spec\.dataset\.name: 1 broken JSON line\(s\): .*broken\.jsonl:1:13: Unterminated string",
+        ),
         ("{tmp}/empty.parquet", r"spec\.dataset\.name: cannot read .*empty\.parquet as parquet"),
         ("{tmp}/blank.jsonl", r"spec\.dataset\.promptColumn: 1 of 1 rows have no 'problem' value \(rows 1\)"),
     ],
@@ -412,7 +420,9 @@ def test_unknown_curriculum_tier_with_error_policy_names_the_order(tmp_path):
         {"name": write_jsonl(tmp_path / "t.jsonl", [{"problem": "p", "answer": "1", "solution": "s", "src": "x"}])},
         curriculum={"column": "src", "order": ["a"], "unknown": "error"},
     )
-    with pytest.raises(SpecError, match=r"spec\.curriculum\.order: 1 rows have a 'src' value not listed in \['a'\] \(row 1: 'x'\)"):
+    with pytest.raises(
+        SpecError, match=r"spec\.curriculum\.order: 1 rows have a 'src' value not listed in \['a'\] \(row 1: 'x'\)"
+    ):
         load_training_dataset(spec)
 
 
@@ -439,7 +449,9 @@ def validate(tmp_path, capsys, *extra, name="rows.jsonl", prompt="problem"):
 
 @pytest.fixture
 def rows_file(tmp_path):
-    rows = [{"problem": f"p{i}", "answer": str(i), "solution": "s", "src": tier} for i, tier in enumerate(["easy", "hard"])]
+    rows = [
+        {"problem": f"p{i}", "answer": str(i), "solution": "s", "src": tier} for i, tier in enumerate(["easy", "hard"])
+    ]
     return write_jsonl(tmp_path / "rows.jsonl", rows)
 
 
@@ -453,7 +465,10 @@ def test_validate_reads_the_data_relative_to_the_job_file(tmp_path, capsys, rows
 def test_validate_refuses_a_missing_data_file_naming_where_it_looked(tmp_path, capsys):
     code, out = validate(tmp_path, capsys, name="missing.jsonl")
     assert code == 1
-    assert f"spec.dataset.name: no such file or folder: {tmp_path / 'missing.jsonl'} (a relative dataset.name is read from the job file's folder, {tmp_path})" in out.err
+    assert (
+        f"spec.dataset.name: no such file or folder: {tmp_path / 'missing.jsonl'} (a relative dataset.name is read from the job file's folder, {tmp_path})"
+        in out.err
+    )
     assert validate(tmp_path, capsys, "--no-data", name="missing.jsonl")[0] == 0
 
 
@@ -464,4 +479,6 @@ def test_validate_names_an_unknown_column_and_a_curriculum_value_outside_the_ord
     write_jsonl(tmp_path / "rows.jsonl", [{"problem": "p", "answer": "1", "solution": "s", "src": "medium"}])
     code, out = validate(tmp_path, capsys)
     assert code == 1
-    assert "spec.curriculum.order: 1 rows have a 'src' value not listed in ['easy', 'hard'] (row 1: 'medium')" in out.err
+    assert (
+        "spec.curriculum.order: 1 rows have a 'src' value not listed in ['easy', 'hard'] (row 1: 'medium')" in out.err
+    )

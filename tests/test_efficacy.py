@@ -49,9 +49,14 @@ def test_readme_results_table_holds_the_numbers_of_the_committed_json():
     assert tiers == sorted(tiers, key=int), "tiers in increasing difficulty"
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Results", 1)[1].split("\n## ", 1)[0]
-    rows = {cells[0]: cells[1:] for cells in (
-        [c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines() if line.startswith("| ")
-    )}
+    rows = {
+        cells[0]: cells[1:]
+        for cells in (
+            [c.strip() for c in line.strip().strip("|").split("|")]
+            for line in section.splitlines()
+            if line.startswith("| ")
+        )
+    }
     for arm in ARMS:
         data = results["arms"][arm]
         assert len(data["seeds"]) >= 3

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
@@ -87,7 +86,9 @@ def test_humaneval_correct_and_wrong_programs(humaneval):
         data = raw[problem.id]
         correct = f"<think>use the reference</think>\n```python\n{data['prompt']}{data['canonical_solution']}```"
         wrong = f"```python\ndef {problem.entry_point}(*args, **kwargs):\n    return None\n```"
-        missing_import = "```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    return True\n```"
+        missing_import = (
+            "```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    return True\n```"
+        )
         completions.append([correct, wrong, missing_import])
     scores = score_completions(chosen, completions, task="code")
     assert scores == [[1.0, 0.0, 0.0]] * 3
@@ -105,7 +106,9 @@ def test_heldout_never_overlaps_training_and_is_balanced():
         return rows
 
     problems = load_math_problems("builtin:arithmetic", n=60, seed=3, train=TRAIN, generator=recording_generate)
-    assert [p.prompt for p in problems] == [p.prompt for p in load_math_problems("builtin:arithmetic", n=60, seed=3, train=TRAIN)]
+    assert [p.prompt for p in problems] == [
+        p.prompt for p in load_math_problems("builtin:arithmetic", n=60, seed=3, train=TRAIN)
+    ]
     assert [p.tier for p in problems] == ["1"] * 20 + ["2"] * 20 + ["3"] * 20
     assert len({p.id for p in problems}) == 60
     training_chains = {arithmetic_chain(row) for row in generate(TRAIN)}
@@ -189,8 +192,17 @@ def taught_model(tiny_model_dir):
 def test_known_answer_set_scores_exactly(taught_model, temperature):
     model, tokenizer = taught_model
     problems = [EvalProblem(str(i), q, answer=a, tier=t) for i, (q, _, a, t) in enumerate(KNOWN)]
-    report = evaluate(model, tokenizer, problems, task="math", samples=3, temperature=temperature,
-                      max_new_tokens=40, batch_size=5, progress=False)
+    report = evaluate(
+        model,
+        tokenizer,
+        problems,
+        task="math",
+        samples=3,
+        temperature=temperature,
+        max_new_tokens=40,
+        batch_size=5,
+        progress=False,
+    )
     assert [p.correct for p in report.per_problem] == [[1.0] * report.samples] * 2 + [[0.0] * report.samples] * 2
     assert report.samples == (1 if temperature == 0 else 3)
     assert report.pass_at_1 == 0.5 and report.per_tier == {"1": 1.0, "2": 0.0}
@@ -209,8 +221,20 @@ def test_evaluate_shapes_and_seeding(tiny_model_dir):
     problems = load_math_problems("builtin:arithmetic", n=3, train=TRAIN)
 
     def run(seed):
-        return evaluate(model, tokenizer, problems, task="math", samples=2, temperature=1.0, top_k=0,
-                        max_new_tokens=12, batch_size=4, seed=seed, progress=False, system_prompt="Solve.")
+        return evaluate(
+            model,
+            tokenizer,
+            problems,
+            task="math",
+            samples=2,
+            temperature=1.0,
+            top_k=0,
+            max_new_tokens=12,
+            batch_size=4,
+            seed=seed,
+            progress=False,
+            system_prompt="Solve.",
+        )
 
     import torch
 
@@ -238,8 +262,11 @@ def test_cli_on_a_jobs_final_model(tiny_model_dir, tmp_path, capsys):
         "metadata": {"name": "tiny"},
         "spec": {
             "model": {"name": str(tiny_model_dir)},
-            "dataset": {"name": "builtin:arithmetic", "systemPrompt": "Be brief.",
-                        "arithmetic": {"numProblems": 16, "minSteps": 1, "maxSteps": 2}},
+            "dataset": {
+                "name": "builtin:arithmetic",
+                "systemPrompt": "Be brief.",
+                "arithmetic": {"numProblems": 16, "minSteps": 1, "maxSteps": 2},
+            },
         },
     }
     job_file = tmp_path / "job.yaml"
@@ -250,8 +277,25 @@ def test_cli_on_a_jobs_final_model(tiny_model_dir, tmp_path, capsys):
 
     shutil.copytree(tiny_model_dir, run_dir / "final")
     output = tmp_path / "results.json"
-    code = main(["eval", str(job_file), "--task", "math", "--run-dir", str(run_dir), "--limit", "4", "--samples", "2",
-                 "--max-new-tokens", "6", "--no-progress", "--output", str(output)])
+    code = main(
+        [
+            "eval",
+            str(job_file),
+            "--task",
+            "math",
+            "--run-dir",
+            str(run_dir),
+            "--limit",
+            "4",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--no-progress",
+            "--output",
+            str(output),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "tier 2" in printed and "pass@1" in printed

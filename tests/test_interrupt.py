@@ -60,7 +60,9 @@ class PausedRun:
         self.stderr_file = hook_dir / "stderr.txt"
         with self.stderr_file.open("w") as stderr:
             self.process = subprocess.Popen(
-                _command(job_file, out), stdout=subprocess.DEVNULL, stderr=stderr,
+                _command(job_file, out),
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
                 env=_env(G2RPO_TEST_PAUSE_IN_CHECKPOINT=f"{step}:{hook_dir}"),
             )
         self._wait(lambda: (hook_dir / "paused").exists(), "the run never reached the checkpoint save")
@@ -136,7 +138,9 @@ def test_sigkill_in_the_middle_of_a_checkpoint_resumes_from_the_previous_one(job
 
 
 @pytest.mark.slow
-def test_sigint_in_the_middle_of_a_checkpoint_finishes_it_stops_and_says_how_to_resume(job_file, uninterrupted, tmp_path):
+def test_sigint_in_the_middle_of_a_checkpoint_finishes_it_stops_and_says_how_to_resume(
+    job_file, uninterrupted, tmp_path
+):
     out = tmp_path / "run"
     run = PausedRun(job_file, out, 2, tmp_path / "hook")
     run.signal(signal.SIGINT)
@@ -181,5 +185,9 @@ def test_sigterm_saves_and_exits_143(job_file, tmp_path):
     code, stderr = run.finish()
     assert code == 143, stderr[-3000:]
     assert "Traceback" not in stderr
-    assert stderr.rstrip().splitlines()[-1].startswith(f"stopped by SIGTERM; last checkpoint: {out / 'checkpoints' / 'checkpoint-2'}")
+    assert (
+        stderr.rstrip()
+        .splitlines()[-1]
+        .startswith(f"stopped by SIGTERM; last checkpoint: {out / 'checkpoints' / 'checkpoint-2'}")
+    )
     assert is_complete(out / "checkpoints" / "checkpoint-2")

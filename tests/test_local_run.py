@@ -31,7 +31,10 @@ spec:
 def run(job_file, out):
     return subprocess.run(
         [sys.executable, "-m", "g2rpo.cli", "run", str(job_file), "--output", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
 
 
@@ -73,10 +76,16 @@ def test_local_run_writes_metrics_plot_checkpoints_and_resumes(tiny_model_dir, t
 
 def test_local_run_refuses_a_batch_that_splits_groups(tiny_model_dir, tmp_path):
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(JOB.format(model=tiny_model_dir, schedule="fixed", steps=1).replace("perDeviceBatchSize: 8", "perDeviceBatchSize: 6"))
+    job_file.write_text(
+        JOB.format(model=tiny_model_dir, schedule="fixed", steps=1).replace(
+            "perDeviceBatchSize: 8", "perDeviceBatchSize: 6"
+        )
+    )
     result = run(job_file, tmp_path / "run")
     assert result.returncode == 1
-    assert "spec.training.perDeviceBatchSize" in result.stderr and "not a multiple of numGenerations (4)" in result.stderr
+    assert (
+        "spec.training.perDeviceBatchSize" in result.stderr and "not a multiple of numGenerations (4)" in result.stderr
+    )
 
 
 def test_the_summary_and_the_progress_bar_name_the_reward_that_drives_the_schedule():
@@ -87,9 +96,7 @@ def test_the_summary_and_the_progress_bar_name_the_reward_that_drives_the_schedu
         {"step": 1, "g2rpo/accuracy": 0.25, "g2rpo/accuracy_guided": 0.5, "g2rpo/guidance_length": 8},
         {"step": 2, "g2rpo/accuracy": 0.75, "g2rpo/accuracy_guided": 1.0, "g2rpo/guidance_length": 6},
     ]
-    assert summarise(records, "code") == {
-        "code_reward": 0.5, "code_reward_guided": 0.75, "final_guidance_length": 6
-    }
+    assert summarise(records, "code") == {"code_reward": 0.5, "code_reward_guided": 0.75, "final_guidance_length": 6}
     assert set(summarise(records, "accuracy")) == {"accuracy", "accuracy_guided", "final_guidance_length"}
     assert ProgressCallback("code").reward_label == "code"
     assert ProgressCallback("accuracy").reward_label == "acc"
@@ -99,8 +106,13 @@ def test_the_plot_keeps_the_legend_off_the_lines_and_draws_l_k_from_zero_tokens(
     from g2rpo.local.plot import figure
 
     records = [
-        {"step": k, "g2rpo/accuracy": r, "g2rpo/accuracy_guided": r, "g2rpo/accuracy_unguided": 0.0,
-         "g2rpo/guidance_length": length}
+        {
+            "step": k,
+            "g2rpo/accuracy": r,
+            "g2rpo/accuracy_guided": r,
+            "g2rpo/accuracy_unguided": 0.0,
+            "g2rpo/guidance_length": length,
+        }
         for k, (r, length) in enumerate([(0.0, 48), (0.5, 40), (1.0, 12)], start=1)
     ]
     fig = figure(records, "t", "code")
@@ -113,7 +125,7 @@ def test_the_plot_keeps_the_legend_off_the_lines_and_draws_l_k_from_zero_tokens(
     assert abs(zero_reward - zero_tokens) < 0.5, "0 tokens and reward 0 share a height"
     assert length_axis.transData.transform((0, 12))[1] > zero_reward + 20, "the lowest l_k is not drawn at reward 0"
     assert "tokens" in length_axis.get_ylabel() and reward_axis.get_ylabel() == "code reward"
-    assert [t.get_text() for t in fig.legends[0].get_texts()][0] == "code (all)"
+    assert next(t.get_text() for t in fig.legends[0].get_texts()) == "code (all)"
 
 
 def test_the_demo_keeps_one_checkpoint_and_its_card_names_the_base_model_and_the_job():

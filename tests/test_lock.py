@@ -81,8 +81,12 @@ def lock_problems(pins: dict[str, str], metadata: dict, extras: tuple[str, ...])
         if record is None:
             problems.append(f"{name}=={version} is pinned but has no recorded metadata (run `make lock`)")
         elif record["version"] != version:
-            problems.append(f"{name}=={version} is pinned but the metadata is for {record['version']} (run `make lock`)")
-        elif record["requires_python"] and not SpecifierSet(record["requires_python"]).contains(python, prereleases=True):
+            problems.append(
+                f"{name}=={version} is pinned but the metadata is for {record['version']} (run `make lock`)"
+            )
+        elif record["requires_python"] and not SpecifierSet(record["requires_python"]).contains(
+            python, prereleases=True
+        ):
             problems.append(f"{name}=={version} requires Python {record['requires_python']}, the image runs {python}")
 
     expanded: set[tuple[str, str]] = set()
@@ -157,7 +161,9 @@ def test_a_lock_with_transformers_bumped_past_what_vllm_accepts_fails(tmp_path):
     metadata = json.loads(json.dumps(METADATA))
     metadata["packages"]["transformers"]["version"] = "5.24.0"
     problems = lock_problems(pins, metadata, LOCK_EXTRAS["trainer-cuda.txt"])
-    assert any(p.startswith("vllm==0.31.0 requires transformers") and p.endswith("transformers==5.24.0") for p in problems), problems
+    assert any(
+        p.startswith("vllm==0.31.0 requires transformers") and p.endswith("transformers==5.24.0") for p in problems
+    ), problems
     assert "g2rpo requires transformers==5.17.0, the lock pins transformers==5.24.0" in problems
 
 
@@ -171,13 +177,18 @@ def test_a_lock_missing_a_dependency_fails(tmp_path):
     pins = lock_images.read_pins(CONSTRAINTS / "trainer-cuda.txt")
     del pins["tokenizers"]
     problems = lock_problems(pins, METADATA, LOCK_EXTRAS["trainer-cuda.txt"])
-    assert any(p.startswith("transformers==") and "requires tokenizers" in p and p.endswith("which the lock does not pin") for p in problems)
+    assert any(
+        p.startswith("transformers==") and "requires tokenizers" in p and p.endswith("which the lock does not pin")
+        for p in problems
+    )
 
 
 def test_both_images_share_one_version_per_package():
     trainer = lock_images.read_pins(CONSTRAINTS / "trainer-cuda.txt")
     operator = lock_images.read_pins(CONSTRAINTS / "operator.txt")
-    assert {n: operator[n] for n in operator.keys() & trainer.keys()} == {n: trainer[n] for n in operator.keys() & trainer.keys()}
+    assert {n: operator[n] for n in operator.keys() & trainer.keys()} == {
+        n: trainer[n] for n in operator.keys() & trainer.keys()
+    }
 
 
 def test_pyproject_exact_pins_equal_the_locks():

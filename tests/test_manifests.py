@@ -11,11 +11,13 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
 from g2rpo.api.spec import parse_job
-from g2rpo_operator.builders import JobContext
 from g2rpo_operator.admission import validate
+from g2rpo_operator.builders import JobContext
 from g2rpo_operator.reconcile import checkpoint_claim
 from g2rpo_operator.settings import OperatorSettings
+
 from operator_fixtures import crd_json_schema
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import kubernetes_validate
 import pytest
 import yaml
+
 from g2rpo.api.spec import EXIT_INVALID_SPEC, MUTABLE_FIELDS, parse_job, parse_spec
 from g2rpo.api.status import timestamp
 from g2rpo_operator.admission import spec_changes, validate
@@ -32,6 +33,7 @@ from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, plac
 from g2rpo_operator.lifecycle import deployment_available, progress
 from g2rpo_operator.reconcile import checkpoint_claim
 from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
+
 from operator_fixtures import CLAIM, job_manifest
 
 KUBE_VERSION = "1.30"  # the oldest Kubernetes the manifests target
@@ -85,7 +87,7 @@ def test_every_child_is_schema_valid_labelled_and_namespaced(active):
         else:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         assert obj["metadata"]["namespace"] == "ml"
-        assert RECOMMENDED <= obj["metadata"]["labels"].keys(), obj["metadata"]["name"]
+        assert obj["metadata"]["labels"].keys() >= RECOMMENDED, obj["metadata"]["name"]
         assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == "qwen"
     kinds = [(o["kind"], o["metadata"]["name"]) for o in objs]
     assert kinds[:2] == [("ConfigMap", "qwen-config"), ("Secret", "qwen-token")]  # mounted things first
@@ -404,9 +406,10 @@ def test_kueue_admits_the_rollout_and_the_trainer_as_one_workload():
     kinds = [o["kind"] for o in children(kueue, "t", True)]
     assert kinds.index("Workload") < kinds.index("Deployment")
     by_default = ctx(OperatorSettings(kueue_queue="shared"), runPolicy={"gangScheduler": "kueue"})
-    assert gang.kueue_workload(by_default, rollout.deployment(by_default), trainer.job(by_default))["spec"][
-        "queueName"
-    ] == "shared"
+    assert (
+        gang.kueue_workload(by_default, rollout.deployment(by_default), trainer.job(by_default))["spec"]["queueName"]
+        == "shared"
+    )
 
 
 def test_kueue_placement_reaches_the_pod_templates_only_once_admitted():
@@ -445,7 +448,10 @@ def test_kueue_workload_states_and_the_quota_handed_back():
     }
     queued = admission_of(workload(("QuotaReserved", "False", "insufficient quota for nvidia.com/gpu")), "team-a")
     assert not queued.admitted and queued.evicted is None
-    assert queued.waiting == "Kueue Workload qwen-gang is queued in LocalQueue 'team-a': insufficient quota for nvidia.com/gpu"
+    assert (
+        queued.waiting
+        == "Kueue Workload qwen-gang is queued in LocalQueue 'team-a': insufficient quota for nvidia.com/gpu"
+    )
     checking = admission_of(workload(("QuotaReserved", "True", ""), admission=assignment), "team-a")
     assert not checking.admitted and "waiting for its admission checks" in checking.waiting
     admitted_wl = workload(("QuotaReserved", "True", ""), ("Admitted", "True", ""), admission=assignment)
@@ -460,7 +466,9 @@ def test_kueue_workload_states_and_the_quota_handed_back():
         {"key": "spot", "operator": "Exists"}
     ]
     evicted_wl = workload(
-        ("QuotaReserved", "True", ""), ("Admitted", "True", ""), ("Evicted", "True", "Preempted by a higher priority"),
+        ("QuotaReserved", "True", ""),
+        ("Admitted", "True", ""),
+        ("Evicted", "True", "Preempted by a higher priority"),
         admission=assignment,
     )
     evicted = admission_of(evicted_wl, "team-a")
@@ -468,14 +476,22 @@ def test_kueue_workload_states_and_the_quota_handed_back():
     released = release_quota(evicted_wl, "evicted", NOW)["status"]
     assert released["admission"] is None
     states = {c["type"]: (c["status"], c.get("reason")) for c in released["conditions"]}
-    assert states == {"QuotaReserved": ("False", "Pending"), "Admitted": ("False", "NoReservation"), "Evicted": ("True", None)}
+    assert states == {
+        "QuotaReserved": ("False", "Pending"),
+        "Admitted": ("False", "NoReservation"),
+        "Evicted": ("True", None),
+    }
     # PodsReady follows the gang (Kueue's waitForPodsReady); no write when it already says so.
     starting = pods_ready(admitted_wl, False, NOW)["status"]["conditions"]
     assert [c["status"] for c in starting if c["type"] == "PodsReady"] == ["False"] and len(starting) == 3
     ready_wl = {**admitted_wl, "status": {**admitted_wl["status"], "conditions": starting}}
     assert pods_ready(ready_wl, False, NOW) is None
     running = pods_ready(ready_wl, True, NOW)["status"]["conditions"]
-    assert {c["type"]: c["status"] for c in running} == {"QuotaReserved": "True", "Admitted": "True", "PodsReady": "True"}
+    assert {c["type"]: c["status"] for c in running} == {
+        "QuotaReserved": "True",
+        "Admitted": "True",
+        "PodsReady": "True",
+    }
 
 
 def test_gang_scheduling_with_volcano():
@@ -494,7 +510,9 @@ def test_gang_scheduling_with_volcano():
 
 def test_kueue_needs_a_queue_and_the_operators_integration():
     raw = job_manifest(runPolicy={"gangScheduler": "kueue"})["spec"]
-    assert any(e.startswith("spec.runPolicy.queue:") for e in validate("ok", raw, OperatorSettings(kueue_enabled=True))[1])
+    assert any(
+        e.startswith("spec.runPolicy.queue:") for e in validate("ok", raw, OperatorSettings(kueue_enabled=True))[1]
+    )
     assert validate("ok", raw, OperatorSettings(kueue_queue="shared", kueue_enabled=True))[1] == []
     (refused,) = validate("ok", raw, OperatorSettings(kueue_queue="shared"))[1]
     assert refused.startswith("spec.runPolicy.gangScheduler: kueue needs the operator's Kueue integration")

@@ -24,8 +24,10 @@ from typing import Any
 
 import pytest
 import yaml
+
 from g2rpo_operator.kube import KubeApi
 from g2rpo_operator.settings import OperatorSettings
+
 from operator_fixtures import CLAIM, RunningOperator, job_manifest, launch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,14 +16,16 @@ import aiohttp
 import kmock
 import pytest
 import yaml
+
 from g2rpo.api.spec import parse_spec
-from g2rpo.controller.metrics import SANDBOX_LAYERS
 from g2rpo.controller.http_client import HttpGuidanceClient
+from g2rpo.controller.metrics import SANDBOX_LAYERS
 from g2rpo.controller.service import GuidanceService, ServiceConfig, start_server
 from g2rpo.guidance.schedule import ScheduleParams
 from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.kube import KubeApi
 from g2rpo_operator.reconcile import Reconciler
+
 from kmock_support import (
     BATCH_JOBS,
     CHILD_RESOURCES,
@@ -36,13 +38,12 @@ from kmock_support import (
     PODGROUPS,
     PODS,
     PVCS,
-    RESOURCE_FLAVORS,
     SECRETS,
     WORKLOADS,
     free_port,
     wait_for,
 )
-from operator_fixtures import NAMESPACE, Cluster, cluster, job_manifest, start_operator  # noqa: F401 (fixtures)
+from operator_fixtures import NAMESPACE, Cluster, job_manifest
 
 pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,7 +245,9 @@ async def test_sandbox_condition_follows_the_trainers_layer_report(cluster, star
     port = free_port()
     await cluster.create_claim()
     await start_operator(controller_url_template=f"http://127.0.0.1:{port}")
-    manifest = job_manifest(rewards=[{"name": "code"}], dataset={"name": "openai/openai_humaneval", "testsColumn": "test"})
+    manifest = job_manifest(
+        rewards=[{"name": "code"}], dataset={"name": "openai/openai_humaneval", "testsColumn": "test"}
+    )
     await cluster.apply(manifest)
     await all_children(cluster)
     await wait_for(lambda: condition(cluster, "SandboxIsolated").get("reason") == "NotReported", what="Unknown")
@@ -578,9 +581,10 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     rollout_pod = cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")["spec"]["template"]["spec"]
     assert rollout_pod["nodeSelector"]["cloud.example.com/pool"] == "a100-spot"
     assert {"key": "spot", "operator": "Exists", "effect": "NoSchedule"} in rollout_pod["tolerations"]
-    assert "kueue.x-k8s.io/queue-name" not in cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")[
-        "metadata"
-    ]["labels"]
+    assert (
+        "kueue.x-k8s.io/queue-name"
+        not in cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")["metadata"]["labels"]
+    )
     await make_available(cluster, "demo-rollout")  # the rollout still gates the trainer
     first = await wait_for(lambda: trainer_uid(cluster), what="the trainer Job")
     trainer = cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer")
@@ -590,7 +594,9 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     await wait_for(phase_is(cluster, "Running"), what="phase Running")
     # Kueue's waitForPodsReady reads this; without it such a cluster would evict the job at its timeout.
     await wait_for(
-        lambda: any(c["type"] == "PodsReady" and c["status"] == "True" for c in _workload(cluster)["status"]["conditions"]),
+        lambda: any(
+            c["type"] == "PodsReady" and c["status"] == "True" for c in _workload(cluster)["status"]["conditions"]
+        ),
         what="the Workload's PodsReady condition",
     )
 
@@ -738,9 +744,10 @@ async def test_immutable_edits_are_refused_whole_and_mutable_ones_applied(cluste
     await start_operator()
     await cluster.apply(job_manifest())
     await all_children(cluster)
-    accepted = lambda: yaml.safe_load(
-        cluster.emulator.stored(CONFIGMAPS, NAMESPACE, "demo-config")["data"]["job.yaml"]
-    )["spec"]  # noqa: E731
+
+    def accepted():
+        return yaml.safe_load(cluster.emulator.stored(CONFIGMAPS, NAMESPACE, "demo-config")["data"]["job.yaml"])["spec"]
+
     edit = {"spec": {"model": {"name": "Qwen/Qwen3-8B"}, "runPolicy": {"backoffLimit": 7}}}
     await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", edit)
     await wait_for(lambda: condition(cluster, "SpecApplied").get("reason") == "ImmutableFieldChanged", what="refused")
@@ -780,7 +787,7 @@ async def test_operator_killed_mid_reconcile_converges_without_duplicates_or_orp
         for request in cluster.emulator[lambda request: request.method == "POST" and request.resource != JOBS]
     )
     assert creates.pop(("persistentvolumeclaims", "g2rpo-checkpoints")) == 1
-    assert creates == {child: 1 for child in EXPECTED}  # the lost create was recognised, never repeated
+    assert creates == dict.fromkeys(EXPECTED, 1)  # the lost create was recognised, never repeated
 
 
 def _verb(request) -> str:
@@ -872,9 +879,14 @@ async def test_two_replicas_do_not_fight(cluster, start_operator):
     await all_children(cluster)
     await wait_for(phase_is(cluster, "Pending"), what="status")
     await asyncio.sleep(0.5)
-    count = lambda op: sum(
-        sample.value for sample in op.operator.metrics.reconciles.collect()[0].samples if sample.name.endswith("_total")
-    )  # noqa: E731
+
+    def count(op):
+        return sum(
+            sample.value
+            for sample in op.operator.metrics.reconciles.collect()[0].samples
+            if sample.name.endswith("_total")
+        )
+
     assert count(leader) > 0 and count(follower) == 0
 
 

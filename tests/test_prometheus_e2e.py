@@ -97,7 +97,9 @@ def _kmock_api():
 def _start_operator(api_url: str, controller_port: int, tmp_path: Path) -> tuple[subprocess.Popen, int]:
     """`python -m g2rpo_operator` against the API at `api_url` (a kubeconfig, as outside a cluster)."""
     kubeconfig = {
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "kmock",
         "clusters": [{"name": "kmock", "cluster": {"server": api_url}}],
         "users": [{"name": "kmock", "user": {}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
@@ -105,13 +107,21 @@ def _start_operator(api_url: str, controller_port: int, tmp_path: Path) -> tuple
     (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
     metrics_port = _free_port()
     env = {
-        **os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig"), "G2RPO_STANDALONE": "true",
-        "G2RPO_METRICS_PORT": str(metrics_port), "G2RPO_HEALTH_PORT": str(_free_port()), "G2RPO_RESYNC_SECONDS": "1",
+        **os.environ,
+        "KUBECONFIG": str(tmp_path / "kubeconfig"),
+        "G2RPO_STANDALONE": "true",
+        "G2RPO_METRICS_PORT": str(metrics_port),
+        "G2RPO_HEALTH_PORT": str(_free_port()),
+        "G2RPO_RESYNC_SECONDS": "1",
         # the job's controller is the real one this test runs
         "G2RPO_CONTROLLER_URL_TEMPLATE": f"http://127.0.0.1:{controller_port}",
     }
-    process = subprocess.Popen([sys.executable, "-m", "g2rpo_operator"], env=env,
-                               stdout=open(tmp_path / "operator.log", "wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "g2rpo_operator"],
+        env=env,
+        stdout=open(tmp_path / "operator.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     return process, metrics_port
 
 
@@ -212,7 +222,11 @@ def _draw_panels(prometheus: str, start: float, end: float, folder: Path) -> lis
             for series in _query_range(prometheus, expr, start, end):
                 times = [float(t) - start for t, _ in series["values"]]
                 values = [float(v) for _, v in series["values"]]
-                legend = re.sub(r"\{\{(\w+)\}\}", lambda m: series["metric"].get(m.group(1), ""), target.get("legendFormat", ""))
+                legend = re.sub(
+                    r"\{\{(\w+)\}\}",
+                    lambda m: series["metric"].get(m.group(1), ""),  # noqa: B023 (called at once, by re.sub)
+                    target.get("legendFormat", ""),
+                )
                 style = "--" if legend in ("minLength", "maxLength") else "-"
                 axes.plot(times, values, style, label=legend or expr[:40], linewidth=1.8)
                 drawn += 1
@@ -250,10 +264,23 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
     try:
         processes.append(
             subprocess.Popen(
-                [sys.executable, "-m", "g2rpo.controller", "--schedule-from", str(job_file), "--host", "127.0.0.1",
-                 "--port", str(controller_port), "--state-dir", str(tmp_path / "state"),
-                 "--token-file", str(tmp_path / "token")],
-                stdout=open(tmp_path / "controller.log", "wb"), stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "g2rpo.controller",
+                    "--schedule-from",
+                    str(job_file),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(controller_port),
+                    "--state-dir",
+                    str(tmp_path / "state"),
+                    "--token-file",
+                    str(tmp_path / "token"),
+                ],
+                stdout=open(tmp_path / "controller.log", "wb"),
+                stderr=subprocess.STDOUT,
             )
         )
         _wait_for(lambda: _get(f"{controller}/readyz"), 30, "the controller")
@@ -264,11 +291,23 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
         emulator, api_url, on_api = api
         # Injected faults (see the docstring): the API server fails the operator's first create of
         # each of three kinds of children, so reconciles fail, back off, and succeed.
-        for path in ("api/v1/namespaces/{ns}/configmaps", "api/v1/namespaces/{ns}/services",
-                     "apis/apps/v1/namespaces/{ns}/deployments"):
-            emulator[f"post /{path.format(ns=NAMESPACE)}"][:1] << 500 << {
-                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError",
-                "message": "injected by tests/test_prometheus_e2e.py", "code": 500}
+        for path in (
+            "api/v1/namespaces/{ns}/configmaps",
+            "api/v1/namespaces/{ns}/services",
+            "apis/apps/v1/namespaces/{ns}/deployments",
+        ):
+            (
+                emulator[f"post /{path.format(ns=NAMESPACE)}"][:1]
+                << 500
+                << {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "reason": "InternalError",
+                    "message": "injected by tests/test_prometheus_e2e.py",
+                    "code": 500,
+                }
+            )
         operator, operator_port = _start_operator(api_url, controller_port, tmp_path)
         processes.append(operator)
         # Prometheus scrapes through the whole run, so rates and the PNGs show the run as it went.
@@ -277,15 +316,22 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "g2rpo-controller", "static_configs": [target]},
-                               {"job_name": "g2rpo-operator", "static_configs": [operator_target]}],
+            "scrape_configs": [
+                {"job_name": "g2rpo-controller", "static_configs": [target]},
+                {"job_name": "g2rpo-operator", "static_configs": [operator_target]},
+            ],
         }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         processes.append(
             subprocess.Popen(
-                ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prometheus_port}"],
-                stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT,
+                [
+                    "prometheus",
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                ],
+                stdout=open(tmp_path / "prometheus.log", "wb"),
+                stderr=subprocess.STDOUT,
             )
         )
         _wait_for(lambda: _get(f"{prometheus}/-/ready"), 60, "Prometheus to start")
@@ -293,23 +339,57 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
         _wait_for(lambda: _query(prometheus, "g2rpo_operator_jobs"), 60, "the operator's first scrape")
         started = time.time()
         # The job is submitted once Prometheus watches, so that the dashboard sees the operator react.
-        on_api(emulator.create_object(PVCS, NAMESPACE, {
-            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "g2rpo-checkpoints"},
-            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}))
+        on_api(
+            emulator.create_object(
+                PVCS,
+                NAMESPACE,
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": "g2rpo-checkpoints"},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+                },
+            )
+        )
         # The controller token the operator would create: this controller's, so the operator can read it.
-        on_api(emulator.create_object(SECRETS, NAMESPACE, {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{JOB}-token"},
-            "data": {"token": base64.b64encode(TOKEN.encode()).decode()}}))
-        on_api(emulator.create_object(JOBS, NAMESPACE, {
-            "apiVersion": "g2rpo.dev/v1alpha1", "kind": "G2RPOJob", "metadata": {"name": JOB, "namespace": NAMESPACE},
-            "spec": yaml.safe_load(job_file.read_text())["spec"] | {"checkpoint": {"volumeClaim": "g2rpo-checkpoints"}}}))
+        on_api(
+            emulator.create_object(
+                SECRETS,
+                NAMESPACE,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": f"{JOB}-token"},
+                    "data": {"token": base64.b64encode(TOKEN.encode()).decode()},
+                },
+            )
+        )
+        on_api(
+            emulator.create_object(
+                JOBS,
+                NAMESPACE,
+                {
+                    "apiVersion": "g2rpo.dev/v1alpha1",
+                    "kind": "G2RPOJob",
+                    "metadata": {"name": JOB, "namespace": NAMESPACE},
+                    "spec": yaml.safe_load(job_file.read_text())["spec"]
+                    | {"checkpoint": {"volumeClaim": "g2rpo-checkpoints"}},
+                },
+            )
+        )
 
         def train() -> None:
             trainer = subprocess.run(
                 [sys.executable, "-m", "g2rpo.train", "--job", str(job_file), "--run-dir", str(tmp_path / "run")],
-                env={**os.environ, "G2RPO_CONTROLLER_URL": controller,
-                     "G2RPO_CONTROLLER_TOKEN_FILE": str(tmp_path / "token"), "CUDA_VISIBLE_DEVICES": ""},
-                capture_output=True, text=True, timeout=600,
+                env={
+                    **os.environ,
+                    "G2RPO_CONTROLLER_URL": controller,
+                    "G2RPO_CONTROLLER_TOKEN_FILE": str(tmp_path / "token"),
+                    "CUDA_VISIBLE_DEVICES": "",
+                },
+                capture_output=True,
+                text=True,
+                timeout=600,
             )
             assert trainer.returncode == 0, trainer.stderr[-4000:]
 
@@ -331,8 +411,11 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
         assert _get(f"{controller}/v1/state") is None
 
         _wait_for(lambda: _query(prometheus, f'g2rpo_step{{g2rpo_job="{JOB}"}} == {STEPS}'), 60, "a scrape")
-        _wait_for(lambda: _query(prometheus, f'g2rpo_http_requests_total{{g2rpo_job="{JOB}",status="401"}} == 2'), 30,
-                  "the 401s to be scraped")
+        _wait_for(
+            lambda: _query(prometheus, f'g2rpo_http_requests_total{{g2rpo_job="{JOB}",status="401"}} == 2'),
+            30,
+            "the 401s to be scraped",
+        )
         time.sleep(2)  # two more scrapes: every rate has its last sample
         finished = time.time()
 
@@ -370,7 +453,9 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
         assert status.get("phase") == "Pending", status  # written by the operator (KMock runs no pods)
         accuracy = _query(prometheus, f'g2rpo_accuracy_reward{{g2rpo_job="{JOB}", namespace="{NAMESPACE}"}}')
         assert {s["metric"]["rollouts"] for s in accuracy} == {"all", "guided", "unguided"}
-        written = _draw_panels(prometheus, started, finished, DOCS if os.environ.get("G2RPO_WRITE_DOCS") else tmp_path / "png")
+        written = _draw_panels(
+            prometheus, started, finished, DOCS if os.environ.get("G2RPO_WRITE_DOCS") else tmp_path / "png"
+        )
         assert len(written) == sum(1 for p in json.loads(DASHBOARD.read_text())["panels"] if p.get("targets"))
 
         def evaluated_rules():

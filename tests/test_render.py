@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from g2rpo.api.spec import load_job
 from g2rpo.cli import main
 from g2rpo_operator.builders import JobContext, children
 from g2rpo_operator.render import RENDERED_TOKEN
 from g2rpo_operator.settings import OperatorSettings
+
 from operator_fixtures import job_manifest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,6 +32,7 @@ Adaptations, only where this machine cannot run the pods as rendered:
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -47,6 +48,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from g2rpo.api.spec import parse_job
 from g2rpo_operator.render import render_children
 
@@ -56,6 +58,7 @@ CLAIM = "ckpt"
 MAX_STEPS = 10
 EVERY = 2
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -207,30 +210,34 @@ class Pod:
     def start(self, log_name: str) -> subprocess.Popen:
         env = self.env()
         base = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "LANG") if k in os.environ}
-        adapted = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                   "TOKENIZERS_PARALLELISM": "false"}
+        adapted = {
+            "CUDA_VISIBLE_DEVICES": "",
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         log = open(self.cluster.root / log_name, "wb")
         return subprocess.Popen(
-            self.argv(env), env={**base, **env, **adapted}, stdout=log, stderr=subprocess.STDOUT,
-            cwd=self.dir, start_new_session=True,  # its own process group: killed as a container is
+            self.argv(env),
+            env={**base, **env, **adapted},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.dir,
+            start_new_session=True,  # its own process group: killed as a container is
         )
 
 
 def kill(process: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def stop(process: subprocess.Popen, grace: float = 5.0) -> None:
     """What the kubelet does to a pod the Job controller deletes: SIGTERM, then SIGKILL."""
     if process.poll() is None:
         kill(process, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
     kill(process, signal.SIGKILL)  # the whole group, stragglers included
     process.wait()
 

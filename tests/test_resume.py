@@ -10,10 +10,11 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from g2rpo.guidance.schedule import ScheduleParams, lengths_for
 from g2rpo.train.trainer import GUIDANCE_STATE_FILE
+
 from trainer_support import ScriptedReward, make_trainer
 
 REWARDS = [0.5, 0.25, 0.75, 0.5]
-SCHEDULE = dict(schedule="adaptive", initial_length=8, min_length=1, max_length=40)
+SCHEDULE = {"schedule": "adaptive", "initial_length": 8, "min_length": 1, "max_length": 40}
 
 
 def test_resume_restores_guidance_length_and_reward_history(tiny_model_dir, tmp_path, caplog):
@@ -46,7 +47,10 @@ def test_resume_from_an_incomplete_checkpoint_fails_clearly(tiny_model_dir, tmp_
     trainer, _, _ = make_trainer(tiny_model_dir, tmp_path, max_steps=1)
     (tmp_path / "checkpoint-1").mkdir()
     (tmp_path / "checkpoint-1" / "model.safetensors").write_bytes(b"cut")
-    with pytest.raises(ValueError, match=r"checkpoint-1: no g2rpo_checkpoint_complete.json \(the save was interrupted\); it holds: model.safetensors"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint-1: no g2rpo_checkpoint_complete.json \(the save was interrupted\); it holds: model.safetensors",
+    ):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
 
 

@@ -101,8 +101,17 @@ def test_accuracy_works_outside_the_main_thread():
 
 
 def test_rewards_never_raise_on_odd_completions():
-    odd = [None, "", "∑∫√ 🤖 \\boxed{", "<think>" * 1000, "x" * 1_000_000 + r"\boxed{1}", 12, [{"content": None}],
-           [{"role": "assistant", "content": [{"type": "text", "text": r"\boxed{1}"}]}], {"role": "assistant"}]
+    odd = [
+        None,
+        "",
+        "∑∫√ 🤖 \\boxed{",
+        "<think>" * 1000,
+        "x" * 1_000_000 + r"\boxed{1}",
+        12,
+        [{"content": None}],
+        [{"role": "assistant", "content": [{"type": "text", "text": r"\boxed{1}"}]}],
+        {"role": "assistant"},
+    ]
     references = [None, "1", "1", "1", "1", "1", 1, 1, "1"]
     tests = ["assert True"] * len(odd)
     assert call(accuracy_reward, odd, answer=references) == [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
@@ -168,8 +177,10 @@ def test_code_on_conversational_completions_and_plain_programs():
 
 def test_code_exiting_before_the_tests_run_scores_zero():
     """`sys.exit(0)` at the end of the program would make `program + tests` exit 0 untested."""
-    completions = [fenced(f"import sys\ndef add(a, b):\n    return 0\n{exit_call}") for exit_call in
-                   ("sys.exit(0)", "quit()", "import os; os._exit(0)")]
+    completions = [
+        fenced(f"import sys\ndef add(a, b):\n    return 0\n{exit_call}")
+        for exit_call in ("sys.exit(0)", "quit()", "import os; os._exit(0)")
+    ]
     code = make_code_reward(timeout_s=5, memory_mb=256)
     assert call(code, completions, tests=[ADD_TESTS] * 3) == [0.0, 0.0, 0.0]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import socket
 import struct
@@ -106,7 +105,9 @@ def test_unbounded_allocation_fails_inside_the_sandbox():
 
 
 def test_endless_output_is_truncated():
-    result = run("import sys\nfor _ in range(200):\n    sys.stdout.write('x' * 10000)\nprint('END')", max_output_bytes=4096)
+    result = run(
+        "import sys\nfor _ in range(200):\n    sys.stdout.write('x' * 10000)\nprint('END')", max_output_bytes=4096
+    )
     assert result.ok
     assert len(result.stdout) < 4096 + 100
     assert "bytes omitted" in result.stdout
@@ -459,7 +460,7 @@ ATTACKS = {
         "ctypes, c = libc()\nif c.system(f'touch {OUT}/libc-system; sleep 30 # {TOKEN}'.encode()) == 0: escaped('system')"
     ),
     "ctypes_fork": "ctypes, c = libc()\npid = c.fork()\nif pid == 0:\n    open(OUT + '/libc-fork', 'w'); os._exit(0)\n"
-                   "if pid > 0: escaped('fork')",
+    "if pid > 0: escaped('fork')",
     "raw_clone_syscall": (
         "import platform\nctypes, c = libc()\nnumber = {'x86_64': 56, 'aarch64': 220}[platform.machine()]\n"
         "pid = c.syscall(number, 17, 0, 0, 0, 0)  # SIGCHLD, no CLONE_THREAD: a fork\n"
@@ -493,8 +494,9 @@ IDENTITY = (
     "                  **{key: status[key].strip() for key in ('CapEff', 'CapPrm', 'NoNewPrivs', 'Seccomp')}}))"
 )
 RUNNER = Path(__file__).with_name("sandbox_attack_runner.py")
-SANDBOX_SOURCES = [Path(__file__).parents[1] / "trainer" / "g2rpo" / "rewards" / name
-                   for name in ("sandbox.py", "sandbox_child.py")]
+SANDBOX_SOURCES = [
+    Path(__file__).parents[1] / "trainer" / "g2rpo" / "rewards" / name for name in ("sandbox.py", "sandbox_child.py")
+]
 UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
 
@@ -503,8 +505,9 @@ def attack_program(name: str) -> str:
 
 
 def _python_runs_as(prefix: list[str], python: str) -> bool:
-    probe = subprocess.run([*prefix, python, "-I", "-c", "import sys; assert sys.version_info >= (3, 11)"],
-                           capture_output=True, timeout=60)
+    probe = subprocess.run(
+        [*prefix, python, "-I", "-c", "import sys; assert sys.version_info >= (3, 11)"], capture_output=True, timeout=60
+    )
     return probe.returncode == 0
 
 
@@ -555,13 +558,21 @@ def suite(request):
         attacks = {name: attack_program(name) for name in ATTACKS} | {"identity": IDENTITY}
         config.write_text(json.dumps({"sandbox_dir": str(code), "base": str(base), "attacks": attacks}))
         config.chmod(0o644)
-        completed = subprocess.run([*command, "-I", str(code / RUNNER.name), str(config)],
-                                   capture_output=True, text=True, timeout=600, start_new_session=True)
+        completed = subprocess.run(
+            [*command, "-I", str(code / RUNNER.name), str(config)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            start_new_session=True,
+        )
         assert completed.returncode == 0, completed.stderr[-5000:]
         report = json.loads(completed.stdout)
         report["suite"] = request.param
-        report["files_left_in_base"] = sorted(str(path.relative_to(base)) for path in base.rglob("*")
-                                              if path.name not in ("keep.txt", "secret.txt", "listener.sock"))
+        report["files_left_in_base"] = sorted(
+            str(path.relative_to(base))
+            for path in base.rglob("*")
+            if path.name not in ("keep.txt", "secret.txt", "listener.sock")
+        )
         yield report
 
 
@@ -663,7 +674,7 @@ def test_seccomp_program_is_well_formed(arch):
 
 
 def test_seccomp_kills_a_foreign_architecture_and_x32(arch):
-    machine, audit_arch, numbers, _, program = arch
+    machine, audit_arch, _numbers, _, program = arch
     assert run_bpf(program, READ_SYSCALL[machine], audit_arch ^ 0x1) == SECCOMP_KILL
     if machine == "x86_64":
         assert run_bpf(program, 0x40000000 | 59, audit_arch) == SECCOMP_EPERM  # x32 execve
@@ -729,8 +740,9 @@ def test_a_run_whose_expected_layer_fails_is_a_sandbox_error_not_a_weaker_run(tm
     from g2rpo.rewards import sandbox
 
     marker = tmp_path / "ran"
-    result = sandbox._run_child(f"open({str(marker)!r}, 'w')", {"expect": ["uid_drop"]},
-                                timeout_s=10.0, memory_mb=512, max_output_bytes=4096)
+    result = sandbox._run_child(
+        f"open({str(marker)!r}, 'w')", {"expect": ["uid_drop"]}, timeout_s=10.0, memory_mb=512, max_output_bytes=4096
+    )
     assert not result.ok
     assert "sandbox: a layer that the probe found working failed here: uid_drop" in result.stderr, result.stderr
     assert not marker.exists()

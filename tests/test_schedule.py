@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
+import operator
 
 import pytest
 
@@ -13,7 +16,7 @@ from g2rpo.guidance.schedule import ScheduleParams, ScheduleState, advance, init
 
 
 def params(schedule="adaptive", **kw):
-    base = dict(schedule=schedule, initial_length=100, min_length=1, max_length=400, window=2)
+    base = {"schedule": schedule, "initial_length": 100, "min_length": 1, "max_length": 400, "window": 2}
     base.update(kw)
     return ScheduleParams(**base)
 
@@ -25,7 +28,7 @@ def test_adaptive_direction_reward_up_shrinks_reward_down_grows():
 
 def test_adaptive_uses_a_window_of_T_past_rewards():
     # T = 2: step 3 compares 0.3 with mean(0.2, 0.4) = 0.3 -> unchanged, not with r_0.
-    wide = dict(max_length=10_000)
+    wide = {"max_length": 10_000}
     ls = lengths_for(params(window=2, **wide), [0.9, 0.2, 0.4, 0.3])
     assert ls == [100, 100, 450, 619, 619]
     # T = 3 also sees r_0 = 0.9: 618.75 * mean(0.9, 0.2, 0.4) / 0.3 = 1031.25
@@ -130,7 +133,7 @@ def test_guided_rows_do_not_depend_on_the_rank_layout(g, n):
     single = guided_rows(g * groups, 0, g, n)
     for ranks in (2, 3):
         per_rank = g * groups // ranks
-        split = sum((guided_rows(per_rank, r * per_rank, g, n) for r in range(ranks)), [])
+        split = functools.reduce(operator.iadd, (guided_rows(per_rank, r * per_rank, g, n) for r in range(ranks)), [])
         assert split == single
     assert single[:g] == [True] * n + [False] * (g - n)
 
@@ -164,7 +167,7 @@ def test_change_factor_cap_bounds_every_step(seed, factor, ema):
     """With bounds that never bind, l_{k+1}/l_k lies in [1/c, c] at every step, whatever the rewards."""
     p = params(min_length=0, max_length=10**9, reward_ema=ema, max_change_factor=factor)
     state = initial_state(p)
-    for r in _noisy_rewards(seed) + [0.0, 0.0, 1.0, 0.0, 1.0]:
+    for r in [*_noisy_rewards(seed), 0.0, 0.0, 1.0, 0.0, 1.0]:
         before = state.length
         state = advance(p, state, r)
         assert before / factor * (1 - 1e-12) <= state.length <= before * factor * (1 + 1e-12)
@@ -192,7 +195,7 @@ def test_reward_ema_is_read_in_place_of_r_k():
 
 def test_smoothing_stops_the_cycle_of_noisy_rewards():
     """The issue's cycle: with the paper's rule, noisy small-batch rewards swing l between the bounds."""
-    bounds = dict(initial_length=24, min_length=4, max_length=80)
+    bounds = {"initial_length": 24, "min_length": 4, "max_length": 80}
     rewards = [0.0, 0.25, 0.0, 0.0, 0.25, 0.0, 0.125, 0.0, 0.0, 0.25, 0.0, 0.0] * 3
     paper = lengths_for(params(**bounds), rewards)
     smooth = lengths_for(params(**bounds, reward_ema=0.8, max_change_factor=1.5), rewards)
@@ -201,7 +204,7 @@ def test_smoothing_stops_the_cycle_of_noisy_rewards():
     states = [initial_state(p)]
     for r in rewards:
         states.append(advance(p, states[-1], r))
-    assert all(1 / 1.5 - 1e-9 <= b.length / a.length <= 1.5 + 1e-9 for a, b in zip(states, states[1:]))
+    assert all(1 / 1.5 - 1e-9 <= b.length / a.length <= 1.5 + 1e-9 for a, b in itertools.pairwise(states))
     assert min(smooth) >= 8 and max(smooth[12:]) / min(smooth[12:]) < 3 < max(paper[12:]) / min(paper[12:])
 
 

@@ -83,7 +83,12 @@ def test_good_spec_parses_with_defaults():
         ([("spec.rewards", [{"name": "magic"}])], "spec.rewards.0.name", "'magic'"),
         ([("spec.rewards", [{"name": "code"}])], "spec.dataset.testsColumn", "needs a column of test code"),
         (
-            [("spec.rewards", [{"name": "accuracy", "drivesGuidance": True}, {"name": "format", "drivesGuidance": True}])],
+            [
+                (
+                    "spec.rewards",
+                    [{"name": "accuracy", "drivesGuidance": True}, {"name": "format", "drivesGuidance": True}],
+                )
+            ],
             "spec.rewards.1.drivesGuidance",
             "only one reward",
         ),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from g2rpo.guidance.schedule import ScheduleParams, lengths_for
+
 from trainer_support import ScriptedReward, make_trainer
 
 
@@ -37,7 +38,7 @@ def test_guided_rows_start_with_exactly_the_first_l_k_guidance_ids(
     assert len(reward.calls) == 2
     for call in reward.calls:
         assert len(call["completion_ids"]) == num_generations * groups_per_step
-        for row, (ids, guidance) in enumerate(zip(call["completion_ids"], call["guidance"])):
+        for row, (ids, guidance) in enumerate(zip(call["completion_ids"], call["guidance"], strict=False)):
             expected = _guidance_ids(tokenizer, guidance, length)
             if row % num_generations < guided_per_group:
                 assert ids[:length] == expected, f"row {row} should start with the guidance ids"
@@ -53,7 +54,7 @@ def test_a_whole_trajectory_as_guidance_ends_the_roll_out_with_eos(tiny_model_di
     call = reward.calls[0]
     full = tokenizer(call["guidance"][0], add_special_tokens=False)["input_ids"]
     assert len(full) < 64
-    assert call["completion_ids"][0] == full + [tokenizer.eos_token_id]
+    assert call["completion_ids"][0] == [*full, tokenizer.eos_token_id]
     assert call["completion_ids"][1][: len(full)] != full  # the unguided rows of the group generate
 
 
@@ -92,7 +93,10 @@ def test_code_sandbox_layers_go_with_every_step_report(tiny_model_dir, tmp_path)
     )
     trainer.train()
     reported = controller.history[-1].metrics
-    assert {name: reported[f"sandbox_{name}"] for name in layers} == {**{k: float(v) for k, v in layers.items()}, "seccomp": 0.0}
+    assert {name: reported[f"sandbox_{name}"] for name in layers} == {
+        **{k: float(v) for k, v in layers.items()},
+        "seccomp": 0.0,
+    }
     assert all(REPORT_METRICS[name].low <= value <= REPORT_METRICS[name].high for name, value in reported.items())
 
 
@@ -101,7 +105,7 @@ class RecordingTrainer:
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
-        self.recorded = getattr(self, "recorded", []) + [output]
+        self.recorded = [*getattr(self, "recorded", []), output]
         return output
 
 
@@ -109,9 +113,15 @@ def _recording(loss_mode, tiny_model_dir, tmp_path):
     from g2rpo.train.trainer import G2RPOTrainer
 
     cls = type("Recording", (RecordingTrainer, G2RPOTrainer), {})
-    trainer, reward, tokenizer = make_trainer(
-        tiny_model_dir, tmp_path / loss_mode, guided_per_group=2, initial_length=5, guidance_loss=loss_mode,
-        max_steps=1, trainer_class=cls, reward=ScriptedReward([1.0]),
+    trainer, _reward, _tokenizer = make_trainer(
+        tiny_model_dir,
+        tmp_path / loss_mode,
+        guided_per_group=2,
+        initial_length=5,
+        guidance_loss=loss_mode,
+        max_steps=1,
+        trainer_class=cls,
+        reward=ScriptedReward([1.0]),
     )
     trainer.train()
     return trainer
@@ -144,8 +154,14 @@ def test_masked_guidance_changes_the_loss(tiny_model_dir, tmp_path):
 def test_adaptive_schedule_follows_the_reward_sequence(tiny_model_dir, tmp_path):
     rewards = [0.5, 0.25, 0.5, 0.0, 1.0, 0.5]
     trainer, reward, _ = make_trainer(
-        tiny_model_dir, tmp_path, schedule="adaptive", initial_length=8, min_length=1, max_length=40,
-        reward=ScriptedReward(rewards), max_steps=len(rewards),
+        tiny_model_dir,
+        tmp_path,
+        schedule="adaptive",
+        initial_length=8,
+        min_length=1,
+        max_length=40,
+        reward=ScriptedReward(rewards),
+        max_steps=len(rewards),
     )
     trainer.train()
     params = ScheduleParams(schedule="adaptive", initial_length=8, min_length=1, max_length=40, window=2)

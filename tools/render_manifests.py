@@ -68,7 +68,9 @@ def rendered() -> dict[Path, str]:
     """Every generated file and its expected text."""
     out = subprocess.run(
         [helm(), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", "crds.keep=false"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     files: dict[str, list[str]] = {}
     for chunk in ("\n" + out).split("\n---\n"):

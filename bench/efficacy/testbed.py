@@ -93,8 +93,15 @@ class Testbed:
     @classmethod
     def quick(cls) -> Testbed:
         return cls(
-            seeds=(0,), warm_problems=300, warm_steps=30, rl_problems=64, rl_steps=2, prompts_per_step=2,
-            num_generations=4, eval_problems_per_tier=4, eval_samples=2,
+            seeds=(0,),
+            warm_problems=300,
+            warm_steps=30,
+            rl_problems=64,
+            rl_steps=2,
+            prompts_per_step=2,
+            num_generations=4,
+            eval_problems_per_tier=4,
+            eval_samples=2,
         )
 
 
@@ -103,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one seed, a few steps")
     parser.add_argument("--workers", type=int, default=2, help="arm-seed runs at a time (one torch thread each)")
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "efficacy", help="models, jobs, logs")
-    parser.add_argument("--output", type=Path, default=None, help="results folder (default bench/results; --quick: the run dir)")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="results folder (default bench/results; --quick: the run dir)"
+    )
     parser.add_argument("--steps", type=int, help="override the RL steps per run")
     parser.add_argument("--seeds", type=int, help="override the number of seeds (0..N-1)")
     parser.add_argument("--learning-rate", type=float, help="override the RL learning rate")
@@ -121,37 +130,54 @@ def main(argv: list[str] | None = None) -> int:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     _single_thread()
 
+    from bench.efficacy.warmstart import WarmStartConfig, warm_start
     from g2rpo.api.spec import ArithmeticDatasetSpec
     from g2rpo.data.arithmetic import generate_compact
     from g2rpo.eval import load_math_problems
 
-    from bench.efficacy.warmstart import WarmStartConfig, warm_start
-
     warm_data = ArithmeticDatasetSpec(
-        num_problems=bed.warm_problems, min_steps=bed.warm_tiers[0], max_steps=bed.warm_tiers[1],
-        max_operand=bed.max_operand, seed=1000,
+        num_problems=bed.warm_problems,
+        min_steps=bed.warm_tiers[0],
+        max_steps=bed.warm_tiers[1],
+        max_operand=bed.max_operand,
+        seed=1000,
     )
     rl_data = ArithmeticDatasetSpec(
-        num_problems=bed.rl_problems, min_steps=bed.rl_tiers[0], max_steps=bed.rl_tiers[1],
-        max_operand=bed.max_operand, seed=2000,
+        num_problems=bed.rl_problems,
+        min_steps=bed.rl_tiers[0],
+        max_steps=bed.rl_tiers[1],
+        max_operand=bed.max_operand,
+        seed=2000,
     )
     rl_file = args.run_dir / "rl_problems.jsonl"
     rl_file.write_text("".join(json.dumps(row) + "\n" for row in generate_compact(rl_data)))
     heldout = load_math_problems(
-        "builtin:arithmetic", split="heldout", n=bed.eval_problems_per_tier * len(bed.eval_tiers),
-        tiers=list(bed.eval_tiers), seed=0, train=[warm_data, rl_data], generator=generate_compact,
+        "builtin:arithmetic",
+        split="heldout",
+        n=bed.eval_problems_per_tier * len(bed.eval_tiers),
+        tiers=list(bed.eval_tiers),
+        seed=0,
+        train=[warm_data, rl_data],
+        generator=generate_compact,
     )
     heldout_file = args.run_dir / "heldout.jsonl"
     heldout_file.write_text("".join(json.dumps(asdict(p)) + "\n" for p in heldout))
 
     warm_dir = args.run_dir / "warm"
-    print(f"warm start: {bed.warm_steps} supervised steps on tiers {bed.warm_tiers} ({bed.warm_problems} problems)", flush=True)
+    print(
+        f"warm start: {bed.warm_steps} supervised steps on tiers {bed.warm_tiers} ({bed.warm_problems} problems)",
+        flush=True,
+    )
     warm = warm_start(
         warm_dir,
         generate_compact(warm_data),
         WarmStartConfig(
-            hidden_size=bed.hidden_size, layers=bed.layers, steps=bed.warm_steps, batch_size=bed.warm_batch_size,
-            learning_rate=bed.warm_learning_rate, seed=0,
+            hidden_size=bed.hidden_size,
+            layers=bed.layers,
+            steps=bed.warm_steps,
+            batch_size=bed.warm_batch_size,
+            learning_rate=bed.warm_learning_rate,
+            seed=0,
         ),
     )
     print(f"warm start done in {warm['seconds']:.0f} s, loss {warm['final_loss']:.4f}", flush=True)
@@ -167,15 +193,20 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
         futures = [
-            pool.submit(run_one, arm, seed, str(source), str(run_dir) if run_dir else None, str(heldout_file), asdict(bed))
+            pool.submit(
+                run_one, arm, seed, str(source), str(run_dir) if run_dir else None, str(heldout_file), asdict(bed)
+            )
             for arm, seed, source, run_dir in tasks
         ]
         for future in as_completed(futures):
             result = future.result()
             results.append(result)
             tiers = " ".join(f"t{t}={a:.3f}" for t, a in result["accuracy"].items())
-            print(f"[{time.monotonic() - started:6.0f} s] {result['arm']} seed {result['seed']}: {tiers} "
-                  f"(train {result.get('train_seconds', 0):.0f} s, eval {result['eval_seconds']:.0f} s)", flush=True)
+            print(
+                f"[{time.monotonic() - started:6.0f} s] {result['arm']} seed {result['seed']}: {tiers} "
+                f"(train {result.get('train_seconds', 0):.0f} s, eval {result['eval_seconds']:.0f} s)",
+                flush=True,
+            )
             # Rewritten after every run: an interrupted bench still leaves the seeds it finished.
             report = build_report(bed, results, warm, time.monotonic() - started, complete=len(results) == len(tasks))
             if report is not None:
@@ -266,8 +297,18 @@ def run_one(arm: str, seed: int | None, source: str, run_dir: str | None, heldou
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     report = evaluate(
-        model, tokenizer, problems, task="math", samples=bed["eval_samples"], temperature=0.6, top_p=0.95, top_k=20,
-        max_new_tokens=bed["max_completion_length"], batch_size=64, seed=0, progress=False,
+        model,
+        tokenizer,
+        problems,
+        task="math",
+        samples=bed["eval_samples"],
+        temperature=0.6,
+        top_p=0.95,
+        top_k=20,
+        max_new_tokens=bed["max_completion_length"],
+        batch_size=64,
+        seed=0,
+        progress=False,
     )
     result["eval_seconds"] = time.monotonic() - started
     result["accuracy"] = {tier: report.per_tier[tier] for tier in map(str, bed["eval_tiers"])}
@@ -322,7 +363,11 @@ def table(report: dict) -> str:
     lines = ["| arm | " + " | ".join(f"tier {t}" for t in tiers) + " | all tiers | adv. std | zero-var groups |"]
     lines.append("|---|" + "---|" * (len(tiers) + 3))
     warm = report["warm_start"]
-    lines.append("| warm start (before RL) | " + " | ".join(f"{warm['accuracy'][t]:.3f}" for t in tiers) + f" | {warm['pass_at_1']:.3f} | | |")
+    lines.append(
+        "| warm start (before RL) | "
+        + " | ".join(f"{warm['accuracy'][t]:.3f}" for t in tiers)
+        + f" | {warm['pass_at_1']:.3f} | | |"
+    )
     for arm, data in report["arms"].items():
         cells = [f"{data['mean'][t]:.3f} ± {data['std'][t]:.3f}" for t in tiers]
         cells.append(f"{data['pass_at_1_mean']:.3f} ± {data['pass_at_1_std']:.3f}")
@@ -346,15 +391,21 @@ def plot(report: dict, path: Path) -> None:
     for i, (arm, data) in enumerate(arms.items()):
         xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(tiers))]
         ax.bar(xs, [data["mean"][t] for t in tiers], width, yerr=[data["std"][t] for t in tiers], capsize=3, label=arm)
-    ax.plot(range(len(tiers)), [report["warm_start"]["accuracy"][t] for t in tiers], "k_", markersize=30, label="warm start")
+    ax.plot(
+        range(len(tiers)), [report["warm_start"]["accuracy"][t] for t in tiers], "k_", markersize=30, label="warm start"
+    )
     ax.set_xticks(range(len(tiers)), [f"tier {t} ({t} steps)" for t in tiers])
     ax.set_ylabel("held-out pass@1 (unguided)")
     ax.set_title(f"held-out accuracy, mean ± std over {len(report['config']['seeds'])} seeds", fontsize=10)
     ax.legend(fontsize=8)
     for ax, (name, label) in zip(
         (axes[0][1], axes[1][0], axes[1][1]),
-        (("advantage_std", "advantage std (Fig. 5b)"), ("zero_std_groups", "zero-variance group fraction"),
-         ("guidance_length", "guidance length l_k (tokens)")),
+        (
+            ("advantage_std", "advantage std (Fig. 5b)"),
+            ("zero_std_groups", "zero-variance group fraction"),
+            ("guidance_length", "guidance length l_k (tokens)"),
+        ),
+        strict=False,
     ):
         for arm, data in arms.items():
             curve = data["curves"][name]
@@ -369,14 +420,27 @@ def plot(report: dict, path: Path) -> None:
 
 
 def machine() -> dict:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-        platform.processor(),
-    ) if Path("/proc/cpuinfo").exists() else platform.processor()
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     import torch
 
-    return {"cpu": model, "cores": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "load_average_at_end": os.getloadavg()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "load_average_at_end": os.getloadavg(),
+    }
 
 
 def _single_thread() -> None:

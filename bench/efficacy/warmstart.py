@@ -29,7 +29,9 @@ class WarmStartConfig:
 
 
 def chat_prompt(tokenizer, problem: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": problem}], add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": problem}], add_generation_prompt=True, tokenize=False
+    )
 
 
 def warm_start(folder: Path, rows: list[dict], config: WarmStartConfig, log=print) -> dict:
@@ -64,7 +66,9 @@ def warm_start(folder: Path, rows: list[dict], config: WarmStartConfig, log=prin
     for step in range(config.steps):
         batch = rng.sample(examples, min(config.batch_size, len(examples)))
         input_ids, labels = _collate(batch, tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        loss = model(
+            input_ids=input_ids, attention_mask=(input_ids != tokenizer.pad_token_id).long(), labels=labels
+        ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -23,7 +23,6 @@ from g2rpo.api.spec import (
     check_batch_layout,
     parse_spec,
 )
-
 from g2rpo_operator.builders import config
 from g2rpo_operator.settings import OperatorSettings
 

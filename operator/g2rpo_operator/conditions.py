@@ -26,12 +26,10 @@ from g2rpo.api.status import (
     JobStatus,
     condition,
 )
-
 from g2rpo_operator.builders.common import Manifest
 from g2rpo_operator.controller_client import ControllerReport
 from g2rpo_operator.kueue import Admission
 from g2rpo_operator.lifecycle import Progress
-
 
 IMAGE_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 START_PROBLEMS = frozenset(

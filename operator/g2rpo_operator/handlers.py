@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
+
 from g2rpo.api.crd import PLURAL
 from g2rpo.api.spec import API_GROUP, API_VERSION
 from g2rpo.api.status import REFERENCES_RESOLVED
-
 from g2rpo_operator.builders.common import MANAGED_BY
 from g2rpo_operator.cache import WATCHED, ObjectCache
 from g2rpo_operator.kube import PVCS, WORKLOADS, KubeApi, KubeError, Manifest, Resource

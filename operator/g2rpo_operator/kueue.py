@@ -24,7 +24,6 @@ from datetime import datetime
 from typing import Any
 
 from g2rpo.api.status import timestamp
-
 from g2rpo_operator.builders.common import Manifest
 
 QUOTA_RESERVED = "QuotaReserved"
@@ -131,10 +130,20 @@ def pods_ready(workload: Manifest, ready: bool, now: datetime) -> Manifest | Non
     current = _condition(workload, PODS_READY)
     if current is not None and current.get("status") == status:
         return None
-    reason, message = ("PodsReady", "the rollout and every trainer pod are ready") if ready else (
-        "WaitingForPods",
-        "waiting for the rollout and the trainer pods to become ready",
+    reason, message = (
+        ("PodsReady", "the rollout and every trainer pod are ready")
+        if ready
+        else (
+            "WaitingForPods",
+            "waiting for the rollout and the trainer pods to become ready",
+        )
     )
-    new = {"type": PODS_READY, "status": status, "reason": reason, "message": message, "lastTransitionTime": timestamp(now)}
+    new = {
+        "type": PODS_READY,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": timestamp(now),
+    }
     others = [c for c in (workload.get("status") or {}).get("conditions") or [] if c.get("type") != PODS_READY]
     return {"status": {"conditions": [*others, new]}}

@@ -28,7 +28,6 @@ from datetime import datetime, timedelta
 
 from g2rpo.api.spec import EXIT_INVALID_SPEC, G2RPOJobSpec
 from g2rpo.api.status import COMPLETE, FAILED, Phase, parse_timestamp, timestamp
-
 from g2rpo_operator.builders.common import GANG_EPOCH_ANNOTATION, Manifest
 
 

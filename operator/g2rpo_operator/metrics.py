@@ -11,8 +11,9 @@ from __future__ import annotations
 import threading
 from collections import Counter as Tally
 
-from g2rpo.api.status import Phase
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from g2rpo.api.status import Phase
 
 PHASES: tuple[Phase, ...] = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 

@@ -34,11 +34,11 @@ import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from g2rpo.api.names import TOKEN_KEY
-from g2rpo.api.spec import G2RPOJobSpec
 from kopf import append_owner_reference
 from pydantic import ValidationError
 
+from g2rpo.api.names import TOKEN_KEY
+from g2rpo.api.spec import G2RPOJobSpec
 from g2rpo_operator.admission import refused_edits, validate
 from g2rpo_operator.builders import JobContext, child_keys, children, config
 from g2rpo_operator.builders.common import APP_NAME, GANG_EPOCH_ANNOTATION, MANAGED_BY, child_name
@@ -46,15 +46,6 @@ from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
 from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.conditions import Facts, claim_problems, invalid_status, job_status, pod_problems, status_patch
 from g2rpo_operator.controller_client import ControllerReport, read_controller
-from g2rpo_operator.kueue import (
-    Admission,
-    Placement,
-    admission_of,
-    assigned_flavors,
-    placements,
-    pods_ready,
-    release_quota,
-)
 from g2rpo_operator.kube import (
     CONFIGMAPS,
     DEPLOYMENTS,
@@ -70,6 +61,15 @@ from g2rpo_operator.kube import (
     Resource,
     resource_of,
     resource_of_kind,
+)
+from g2rpo_operator.kueue import (
+    Admission,
+    Placement,
+    admission_of,
+    assigned_flavors,
+    placements,
+    pods_ready,
+    release_quota,
 )
 from g2rpo_operator.lifecycle import Progress, deployment_available, progress, ready_count
 from g2rpo_operator.settings import OperatorSettings
@@ -332,9 +332,7 @@ class Reconciler:
         """Create what is missing, update what may change, delete the trainer when due (and, under Kueue,
         the gang and the Workload when they may not run); returns conflicts."""
         uid = owner["metadata"]["uid"]
-        desired = children(
-            ctx, token, prog.active, prog.gang_epoch, with_trainer and not prog.delete_trainer, admitted
-        )
+        desired = children(ctx, token, prog.active, prog.gang_epoch, with_trainer and not prog.delete_trainer, admitted)
         retired = [(JOBS, ctx.child("trainer"))] if prog.delete_trainer else []
         if ctx.spec.run_policy.gang_scheduler == "kueue":
             wanted = {_key(resource_of(m), m["metadata"]["name"]) for m in desired}

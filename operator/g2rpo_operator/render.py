@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import yaml
+
 from g2rpo.api.spec import G2RPOJob, SpecError
 from g2rpo.cli import JOB_FILE_HELP
-
 from g2rpo_operator.admission import validate
 from g2rpo_operator.builders import JobContext, children
 from g2rpo_operator.settings import OperatorSettings

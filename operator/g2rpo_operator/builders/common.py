@@ -12,7 +12,6 @@ from typing import Any
 
 from g2rpo.api.names import CHECKPOINT_MOUNT, CONFIG_DIR, CONTROLLER_PORT, ROLLOUT_PORT, TOKEN_DIR
 from g2rpo.api.spec import G2RPOJobSpec, GpuPlacementSpec, PodPlacementSpec
-
 from g2rpo_operator.settings import OperatorSettings
 
 Manifest = dict[str, Any]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import base64
 
 import yaml
+
 from g2rpo.api.names import ACCELERATE_KEY, JOB_KEY, TOKEN_KEY
 from g2rpo.api.spec import API_GROUP, API_VERSION, KIND, G2RPOJobSpec
-
 from g2rpo_operator.builders.common import JobContext, Manifest, metadata
 
 # libyaml when PyYAML has it: every reconcile pass renders and reads job.yaml, and the pure-Python

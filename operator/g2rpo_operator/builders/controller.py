@@ -26,7 +26,6 @@ from g2rpo.api.names import (
     READY_PATH,
     TOKEN_FILE,
 )
-
 from g2rpo_operator.builders.common import (
     JobContext,
     Manifest,

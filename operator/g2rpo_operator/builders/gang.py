@@ -15,6 +15,7 @@ groups cannot join a Deployment's pod and a Job's pods: Kueue leaves pods whose 
 integrates to that integration.) Without a gang scheduler, and under Kueue, the operator creates the
 trainer Job only once the rollout is Available (see reconcile.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -84,7 +85,10 @@ def place(manifest: Manifest, placement: Placement | None) -> Manifest:
     if placement.labels:
         template["metadata"]["labels"] = {**template["metadata"].get("labels", {}), **placement.labels}
     if placement.annotations:
-        template["metadata"]["annotations"] = {**(template["metadata"].get("annotations") or {}), **placement.annotations}
+        template["metadata"]["annotations"] = {
+            **(template["metadata"].get("annotations") or {}),
+            **placement.annotations,
+        }
     return manifest
 
 

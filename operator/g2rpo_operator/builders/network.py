@@ -21,7 +21,6 @@ Kubelet probes come from the node and are not subject to these policies on commo
 from __future__ import annotations
 
 from g2rpo.api.names import CONTROLLER_PORT
-
 from g2rpo_operator.builders.common import APP_NAME, JobContext, Manifest, metadata, selector_labels
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"

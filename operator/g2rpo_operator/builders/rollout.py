@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from g2rpo.api.names import ROLLOUT_PORT
 from g2rpo.api.spec import max_model_len
-
 from g2rpo_operator.builders.common import (
     CACHE_MOUNT,
     GANG_EPOCH_ANNOTATION,

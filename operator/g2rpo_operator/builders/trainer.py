@@ -43,7 +43,6 @@ from g2rpo.api.names import (
     TRAINER_MODULE,
 )
 from g2rpo.api.spec import EXIT_INVALID_SPEC
-
 from g2rpo_operator.builders.common import (
     CACHE_MOUNT,
     JobContext,

@@ -240,7 +240,6 @@ def _text(path: str) -> str:
     return f"({_set(path, 'string')} && {path} != '')"
 
 
-
 CROSS_FIELD_RULES: tuple[Rule, ...] = (
     Rule(
         "",

@@ -74,7 +74,6 @@ Quantity = Annotated[
 ]
 
 
-
 # --- training part -------------------------------------------------------------------------------
 
 
@@ -286,9 +285,7 @@ class CurriculumSpec(SpecModel):
         description="Tiers from easiest to hardest (e.g. cn_contest, aops_forum, amc_aime, olympiads, "
         "olympiads_ref). Omitted: the column's values are sorted ascending (numbers numerically).",
     )
-    unknown: Literal["first", "last", "error"] = Field(
-        "last", description="Where rows whose key is not in `order` go."
-    )
+    unknown: Literal["first", "last", "error"] = Field("last", description="Where rows whose key is not in `order` go.")
 
     @model_validator(mode="after")
     def _unique_tiers(self) -> CurriculumSpec:
@@ -323,7 +320,9 @@ class TrainingSpec(SpecModel):
         "group", description="Divide advantages by the group's (or batch's) reward std, or not."
     )
     num_iterations: PositiveInt = Field(1, description="mu: optimisation passes over each generation batch.")
-    mask_truncated_completions: bool = Field(False, description="Drop completions that hit the length limit from the loss.")
+    mask_truncated_completions: bool = Field(
+        False, description="Drop completions that hit the length limit from the loss."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
     lr_scheduler_type: Literal["constant", "linear", "cosine", "constant_with_warmup"] = Field(
@@ -340,7 +339,7 @@ class CheckpointSpec(SpecModel):
     dir: str | None = Field(
         None,
         max_length=REFERENCE_MAX,
-        description="Checkpoint folder. Local default: <output>/checkpoints; in a cluster: the volume's mount."
+        description="Checkpoint folder. Local default: <output>/checkpoints; in a cluster: the volume's mount.",
     )
     volume_claim: str | None = Field(
         None,
@@ -372,6 +371,7 @@ class CheckpointSpec(SpecModel):
 #
 # None in a placement field means "the operator's default" (set per install, e.g. A100 nodes);
 # an explicit value, even an empty one ({} or []), replaces that default for this job.
+
 
 class Toleration(SpecModel):
     """A pod toleration (the Kubernetes core/v1 Toleration fields)."""
@@ -539,7 +539,7 @@ class RunPolicySpec(SpecModel):
     queue: str | None = Field(
         None,
         max_length=NAME_MAX,
-        description="Kueue LocalQueue or Volcano queue name. Default: the operator's G2RPO_KUEUE_QUEUE (kueue)."
+        description="Kueue LocalQueue or Volcano queue name. Default: the operator's G2RPO_KUEUE_QUEUE (kueue).",
     )
     priority_class_name: str | None = Field(
         None, max_length=NAME_MAX, description="PriorityClass of the trainer and rollout pods."
@@ -603,13 +603,18 @@ class G2RPOJobSpec(SpecModel):
                 errors.append((("rewards", i, "name"), f"reward {name!r} is listed twice"))
         flagged = [i for i, r in enumerate(self.rewards) if r.drives_guidance]
         if len(flagged) > 1:
-            errors.append((("rewards", flagged[1], "drivesGuidance"), "only one reward can drive the guidance schedule"))
+            errors.append(
+                (("rewards", flagged[1], "drivesGuidance"), "only one reward can drive the guidance schedule")
+            )
         if "code" in names and not self.dataset.tests_column:
             errors.append((("dataset", "testsColumn"), "the code reward needs a column of test code"))
         if self.guidance.ratio > 0:
             if not self.dataset.guidance_column:
                 errors.append(
-                    (("dataset", "guidanceColumn"), "required when guidance.ratio > 0 (guided roll-outs need a trajectory)")
+                    (
+                        ("dataset", "guidanceColumn"),
+                        "required when guidance.ratio > 0 (guided roll-outs need a trajectory)",
+                    )
                 )
             if self.guided_per_group == 0:
                 errors.append(
@@ -697,7 +702,7 @@ def _from_validation_error(
 
 
 def _did_you_mean(root: type[BaseModel], loc: tuple[str | int, ...], prefix: tuple[str | int, ...]) -> str:
-    """"; did you mean spec.training.numGenerations?" for a misspelt field, from its siblings' names."""
+    """ "; did you mean spec.training.numGenerations?" for a misspelt field, from its siblings' names."""
     model: type[BaseModel] | None = root
     for part in loc[:-1]:
         if isinstance(part, int):  # an item of a list

@@ -27,7 +27,15 @@ FAILED = "Failed"
 SANDBOX_ISOLATED = "SandboxIsolated"
 """Jobs with a code reward only: whether every layer of the code sandbox holds on the trainer's node."""
 CONDITION_TYPES = (
-    SPEC_VALID, SPEC_APPLIED, REFERENCES_RESOLVED, STORAGE_READY, READY, SUSPENDED, COMPLETE, FAILED, SANDBOX_ISOLATED
+    SPEC_VALID,
+    SPEC_APPLIED,
+    REFERENCES_RESOLVED,
+    STORAGE_READY,
+    READY,
+    SUSPENDED,
+    COMPLETE,
+    FAILED,
+    SANDBOX_ISOLATED,
 )
 
 

@@ -49,7 +49,10 @@ SANDBOX_LAYERS = ("landlock", "seccomp", "uid_drop", "netns", "rlimits", "audit_
 """The code reward's sandbox layers (g2rpo.rewards.sandbox.sandbox_layers); jobs with a code reward
 report each as `sandbox_<layer>`: 1 when it walls programs in on the trainer's node, 0 when missing."""
 REPORT_METRICS.update(
-    {f"sandbox_{layer}": ReportMetric(0.0, 1.0, f"1 when the code sandbox's {layer} layer holds") for layer in SANDBOX_LAYERS}
+    {
+        f"sandbox_{layer}": ReportMetric(0.0, 1.0, f"1 when the code sandbox's {layer} layer holds")
+        for layer in SANDBOX_LAYERS
+    }
 )
 
 
@@ -57,6 +60,7 @@ def sandbox_layers(metrics: dict[str, float]) -> dict[str, bool] | None:
     """Which of the sandbox's layers hold, from a step's report; None when it reported none."""
     layers = {layer: metrics[f"sandbox_{layer}"] >= 1 for layer in SANDBOX_LAYERS if f"sandbox_{layer}" in metrics}
     return layers or None
+
 
 #: Latency buckets around the service's target (p99 under 5 ms).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

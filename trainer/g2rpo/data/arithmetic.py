@@ -23,27 +23,63 @@ from dataclasses import dataclass
 from g2rpo.api.spec import ArithmeticDatasetSpec
 
 PEOPLE = [
-    ("Mia", "She"), ("Liam", "He"), ("Ava", "She"), ("Noah", "He"), ("Zoe", "She"), ("Omar", "He"),
-    ("Priya", "She"), ("Kenji", "He"), ("Lucia", "She"), ("Tom", "He"), ("Amara", "She"), ("Diego", "He"),
-    ("Hana", "She"), ("Felix", "He"), ("Nora", "She"), ("Ravi", "He"),
+    ("Mia", "She"),
+    ("Liam", "He"),
+    ("Ava", "She"),
+    ("Noah", "He"),
+    ("Zoe", "She"),
+    ("Omar", "He"),
+    ("Priya", "She"),
+    ("Kenji", "He"),
+    ("Lucia", "She"),
+    ("Tom", "He"),
+    ("Amara", "She"),
+    ("Diego", "He"),
+    ("Hana", "She"),
+    ("Felix", "He"),
+    ("Nora", "She"),
+    ("Ravi", "He"),
 ]
 OBJECTS = [
-    "apples", "marbles", "stickers", "cookies", "pencils", "coins", "books", "stamps", "shells",
-    "cards", "balloons", "toy cars", "beads", "crayons", "oranges", "buttons",
+    "apples",
+    "marbles",
+    "stickers",
+    "cookies",
+    "pencils",
+    "coins",
+    "books",
+    "stamps",
+    "shells",
+    "cards",
+    "balloons",
+    "toy cars",
+    "beads",
+    "crayons",
+    "oranges",
+    "buttons",
 ]
 FRIENDS = ["a friend", "a classmate", "a neighbour", "the teacher", "grandpa", "an uncle"]
 CONTAINERS = ["boxes", "bags", "jars", "baskets", "piles"]
 
 ADD_PHRASES = [
-    "buys {b} more", "finds {b} more", "gets {b} more from {friend}", "wins {b} more at a fair",
-    "receives {b} more as a gift", "collects {b} more",
+    "buys {b} more",
+    "finds {b} more",
+    "gets {b} more from {friend}",
+    "wins {b} more at a fair",
+    "receives {b} more as a gift",
+    "collects {b} more",
 ]
 SUBTRACT_PHRASES = [
-    "gives away {b}", "loses {b}", "sells {b}", "gives {b} to {friend}", "trades away {b}",
+    "gives away {b}",
+    "loses {b}",
+    "sells {b}",
+    "gives {b} to {friend}",
+    "trades away {b}",
     "donates {b} to a school",
 ]
 MULTIPLY_PHRASES = [
-    "ends up with {b} times as many as before", "makes the collection {b} times as big",
+    "ends up with {b} times as many as before",
+    "makes the collection {b} times as big",
     "gets enough to have {b} times as many",
 ]
 DIVIDE_PHRASES = [

@@ -68,7 +68,7 @@ def _is_number(key: Any) -> bool:
 
 
 def _unknown_keys_error(unknown_keys: list[Any], spec: CurriculumSpec, row_numbers: list[int]) -> SpecError:
-    examples = ", ".join(f"row {n}: {key!r}" for n, key in list(zip(row_numbers, unknown_keys))[:5])
+    examples = ", ".join(f"row {n}: {key!r}" for n, key in list(zip(row_numbers, unknown_keys, strict=False))[:5])
     if spec.order is not None:
         reason = (
             f"{len(unknown_keys)} rows have a {spec.column!r} value not listed in {spec.order} ({examples}); "

@@ -130,7 +130,10 @@ def _valid_rows(source: Dataset, columns: dict[str, SourceColumn], required: set
     for role, rows in missing.items():
         logger.warning(
             "skipping %d of %d rows with no %r value (rows %s; dataset.onInvalidRow: skip)",
-            len(rows), total, columns[role].name, _row_list(rows),
+            len(rows),
+            total,
+            columns[role].name,
+            _row_list(rows),
         )
     kept = [i for i in range(total) if i not in invalid]
     if not kept:
@@ -155,14 +158,17 @@ def _log_unlisted_tiers(keys: list[Any], spec: G2RPOJobSpec) -> None:
         examples = ", ".join(f"row {i + 1}: {key!r}" for i, key in unlisted[:5])
         logger.warning(
             "%d rows have a %r value not listed in curriculum.order (%s); they go %s (curriculum.unknown)",
-            len(unlisted), curriculum.column, examples, curriculum.unknown,
+            len(unlisted),
+            curriculum.column,
+            examples,
+            curriculum.unknown,
         )
 
 
 def prompt_messages(problem: str, system_prompt: str | None) -> list[dict[str, str]]:
     """The conversation a problem is posed as, in training and in `g2rpo eval` alike."""
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return system + [{"role": "user", "content": problem}]
+    return [*system, {"role": "user", "content": problem}]
 
 
 def _source_columns(spec: G2RPOJobSpec) -> dict[str, SourceColumn]:
@@ -196,7 +202,10 @@ def _check_columns_exist(columns: dict[str, SourceColumn], available: list[str])
         listing = ", ".join(available)
         raise SpecError(
             [
-                (path, f"no column {column!r} in the dataset{_did_you_mean(column, available)}; available columns: {listing}")
+                (
+                    path,
+                    f"no column {column!r} in the dataset{_did_you_mean(column, available)}; available columns: {listing}",
+                )
                 for path, column in missing.items()
             ]
         )
@@ -235,7 +244,12 @@ def resolve_relative_name(dataset: DatasetSpec, job_dir: Path) -> None:
         dataset.name = str(candidate)
     elif Path(name).suffix in FILE_FORMATS or name.startswith("."):
         raise SpecError(
-            [(NAME_PATH, f"no such file or folder: {candidate} (a relative dataset.name is read from the job file's folder, {job_dir.absolute()})")]
+            [
+                (
+                    NAME_PATH,
+                    f"no such file or folder: {candidate} (a relative dataset.name is read from the job file's folder, {job_dir.absolute()})",
+                )
+            ]
         )
 
 

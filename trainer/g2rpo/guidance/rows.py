@@ -16,9 +16,7 @@ def guided_rows(num_rows: int, global_offset: int, num_generations: int, guided_
     return [(global_offset + i) % num_generations < guided_per_group for i in range(num_rows)]
 
 
-def join_guidance(
-    prompt_ids: list[list[int]], guidance_ids: list[list[int]]
-) -> list[list[int]]:
+def join_guidance(prompt_ids: list[list[int]], guidance_ids: list[list[int]]) -> list[list[int]]:
     """Generation inputs: each prompt's token ids followed by its guidance token ids (never re-tokenised)."""
     return [list(p) + list(g) for p, g in zip(prompt_ids, guidance_ids, strict=True)]
 
@@ -38,6 +36,7 @@ def prepend_guidance(
     the row is that trajectory and nothing after it, so that a fully guided roll-out teaches the
     policy to stop where the reference stops rather than to ramble on to maxCompletionLength.
     """
+
     def complete(guidance: list[int]) -> bool:
         return eos_token_id is not None and bool(guidance) and guidance[-1] == eos_token_id
 

@@ -120,7 +120,7 @@ class ScheduleState:
     @property
     def tokens(self) -> int:
         """The guidance length in whole tokens for the next step."""
-        return int(round(self.length))
+        return round(self.length)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "length": self.length, "rewards": list(self.rewards), "lengths": list(self.lengths)}
@@ -145,15 +145,15 @@ def advance(params: ScheduleParams, state: ScheduleState, reward: float) -> Sche
         raise ValueError(f"reward must be a finite number, got {reward}")
     k = state.step
     if params.schedule == "adaptive":
-        smoothed = smoothed_rewards(params, state.rewards + (reward,))
+        smoothed = smoothed_rewards(params, (*state.rewards, reward))
         next_length = _adaptive_next(params, state.length, history=smoothed[:-1], reward=smoothed[-1])
     else:
         next_length = _timed_length(params, k + 1)
     return ScheduleState(
         step=k + 1,
         length=_clip(params, next_length),
-        rewards=state.rewards + (reward,),
-        lengths=state.lengths + (state.length,),
+        rewards=(*state.rewards, reward),
+        lengths=(*state.lengths, state.length),
     )
 
 

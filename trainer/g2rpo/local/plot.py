@@ -40,7 +40,7 @@ def figure(records: list[dict], title: str, reward: str):
     ):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
-            reward_axis.plot(*zip(*points), style, marker="o", markersize=3, label=label)
+            reward_axis.plot(*zip(*points, strict=False), style, marker="o", markersize=3, label=label)
     reward_axis.set_xlabel("optimizer step")
     reward_axis.set_ylabel(f"{reward} reward")
     reward_axis.set_ylim(*REWARD_LIMITS)
@@ -50,7 +50,10 @@ def figure(records: list[dict], title: str, reward: str):
     top = max(lengths, default=0) or 1
     length_axis.set_ylim(REWARD_LIMITS[0] * top, REWARD_LIMITS[1] * top)
     length_axis.set_ylabel("guidance length l_k (tokens)", color="tab:red")
-    handles, labels = (a + b for a, b in zip(reward_axis.get_legend_handles_labels(), length_axis.get_legend_handles_labels()))
+    handles, labels = (
+        a + b
+        for a, b in zip(reward_axis.get_legend_handles_labels(), length_axis.get_legend_handles_labels(), strict=False)
+    )
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8)
     reward_axis.set_title(title)
     return fig

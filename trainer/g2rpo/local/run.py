@@ -148,8 +148,15 @@ class HeldoutCheck:
         model.eval()
         try:
             report = evaluate(
-                model, trainer.processing_class, self.problems, task="math", samples=1,
-                max_new_tokens=self.max_new_tokens, batch_size=16, seed=0, progress=self.progress,
+                model,
+                trainer.processing_class,
+                self.problems,
+                task="math",
+                samples=1,
+                max_new_tokens=self.max_new_tokens,
+                batch_size=16,
+                seed=0,
+                progress=self.progress,
                 system_prompt=self.system_prompt,
             )
         finally:

@@ -66,7 +66,7 @@ def score_or_zero(score: Callable[..., float], *row: Any) -> float:
     """`score(*row)`, or 0.0 when it raises: an odd completion costs its reward, never the run."""
     try:
         return float(score(*row))
-    except Exception:  # noqa: BLE001
+    except Exception:
         logger.warning("%s raised on a completion; reward 0.0", score.__name__, exc_info=True)
         return 0.0
 

@@ -132,7 +132,11 @@ def as_fraction(answer: str) -> Fraction | None:
             return Fraction(int(slash.group(1)), int(slash.group(2)))
         latex = _LATEX_FRACTION.fullmatch(text)
         if latex:
-            sign, numerator, denominator = latex.group(1), latex.group(2) or latex.group(4), latex.group(3) or latex.group(5)
+            sign, numerator, denominator = (
+                latex.group(1),
+                latex.group(2) or latex.group(4),
+                latex.group(3) or latex.group(5),
+            )
             value = Fraction(int(numerator), int(denominator))
             return -value if sign == "-" else value
     except (ValueError, ZeroDivisionError):

@@ -39,6 +39,7 @@ allowed system paths (/usr, the Python install).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -187,10 +188,8 @@ def _run_in(folder: str, config: dict, *, timeout_s: float, max_output_bytes: in
         timed_out = not _exited_by(process.pid, deadline)
     finally:
         # The leader is not reaped yet, so its process group id cannot have been reused.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         returncode = process.wait()
         process.stdout.close()
         process.stderr.close()

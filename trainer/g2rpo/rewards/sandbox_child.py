@@ -33,6 +33,7 @@ expected layer fails exits 1 instead of running the program with a weaker wall.
 
 from __future__ import annotations
 
+import _posixsubprocess  # imported while the Python install is surely readable (before the uid drop)
 import ctypes
 import json
 import linecache
@@ -45,8 +46,6 @@ import sys
 import time
 import traceback
 import types
-
-import _posixsubprocess  # imported while the Python install is surely readable (before the uid drop)
 
 PROGRAM_FILE = "program.py"
 LAYERS = ("rlimits", "netns", "uid_drop", "landlock", "seccomp", "audit_hook")
@@ -65,8 +64,16 @@ SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
 
 READ = FS_READ_FILE | FS_READ_DIR
 SYSTEM_READ_ROOTS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sys/devices/system/cpu")
-SYSTEM_READ_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf", "/etc/passwd", "/etc/group",
-                     "/dev/urandom", "/dev/random", "/dev/zero")
+SYSTEM_READ_FILES = (
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/etc/nsswitch.conf",
+    "/etc/passwd",
+    "/etc/group",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/zero",
+)
 
 # --- seccomp (include/uapi/linux/seccomp.h, filter.h, audit.h) ---------------------------------
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
@@ -79,50 +86,213 @@ CLONE_THREAD, CLONE_NEWUSER, CLONE_NEWNET = 0x00010000, 0x10000000, 0x40000000
 AF_UNIX = 1
 
 _COMMON_NUMBERS = {  # syscalls numbered alike on every architecture (424 and later)
-    "pidfd_send_signal": 424, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
-    "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-    "pidfd_open": 434, "clone3": 435, "pidfd_getfd": 438, "process_madvise": 440, "fchmodat2": 452,
-    "setxattrat": 463, "removexattrat": 466,
+    "pidfd_send_signal": 424,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "fspick": 433,
+    "pidfd_open": 434,
+    "clone3": 435,
+    "pidfd_getfd": 438,
+    "process_madvise": 440,
+    "fchmodat2": 452,
+    "setxattrat": 463,
+    "removexattrat": 466,
 }
 SECCOMP_ARCHES = {  # platform.machine() -> (AUDIT_ARCH_*, syscall numbers)
-    "x86_64": (0xC000003E, {
-        "socket": 41, "connect": 42, "socketpair": 53, "clone": 56, "fork": 57, "vfork": 58, "execve": 59,
-        "kill": 62, "ptrace": 101, "rt_sigqueueinfo": 129, "pivot_root": 155, "chroot": 161, "acct": 163,
-        "mount": 165, "umount2": 166, "swapon": 167, "swapoff": 168, "reboot": 169, "init_module": 175,
-        "delete_module": 176, "tkill": 200, "tgkill": 234, "kexec_load": 246, "add_key": 248,
-        "request_key": 249, "keyctl": 250, "unshare": 272, "rt_tgsigqueueinfo": 297, "perf_event_open": 298,
-        "setns": 308, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "finit_module": 313,
-        "kexec_file_load": 320, "bpf": 321, "execveat": 322, "userfaultfd": 323, "chmod": 90, "fchmod": 91,
-        "chown": 92, "fchown": 93, "lchown": 94, "utime": 132, "mknod": 133, "setxattr": 188, "lsetxattr": 189,
-        "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "utimes": 235,
-        "mknodat": 259, "fchownat": 260, "futimesat": 261, "fchmodat": 268, "utimensat": 280,
-        **_COMMON_NUMBERS,
-    }),
-    "aarch64": (0xC00000B7, {  # asm-generic numbering: no fork or vfork (glibc uses clone)
-        "socket": 198, "connect": 203, "socketpair": 199, "clone": 220, "execve": 221, "kill": 129,
-        "ptrace": 117, "rt_sigqueueinfo": 138, "pivot_root": 41, "chroot": 51, "acct": 89, "mount": 40,
-        "umount2": 39, "swapon": 224, "swapoff": 225, "reboot": 142, "init_module": 105,
-        "delete_module": 106, "tkill": 130, "tgkill": 131, "kexec_load": 104, "add_key": 217,
-        "request_key": 218, "keyctl": 219, "unshare": 97, "rt_tgsigqueueinfo": 240, "perf_event_open": 241,
-        "setns": 268, "process_vm_readv": 270, "process_vm_writev": 271, "kcmp": 272, "finit_module": 273,
-        "kexec_file_load": 294, "bpf": 280, "execveat": 281, "userfaultfd": 282, "fchmod": 52, "fchmodat": 53,
-        "fchownat": 54, "fchown": 55, "mknodat": 33, "utimensat": 88, "setxattr": 5, "lsetxattr": 6,
-        "fsetxattr": 7, "removexattr": 14, "lremovexattr": 15, "fremovexattr": 16,
-        **_COMMON_NUMBERS,
-    }),
+    "x86_64": (
+        0xC000003E,
+        {
+            "socket": 41,
+            "connect": 42,
+            "socketpair": 53,
+            "clone": 56,
+            "fork": 57,
+            "vfork": 58,
+            "execve": 59,
+            "kill": 62,
+            "ptrace": 101,
+            "rt_sigqueueinfo": 129,
+            "pivot_root": 155,
+            "chroot": 161,
+            "acct": 163,
+            "mount": 165,
+            "umount2": 166,
+            "swapon": 167,
+            "swapoff": 168,
+            "reboot": 169,
+            "init_module": 175,
+            "delete_module": 176,
+            "tkill": 200,
+            "tgkill": 234,
+            "kexec_load": 246,
+            "add_key": 248,
+            "request_key": 249,
+            "keyctl": 250,
+            "unshare": 272,
+            "rt_tgsigqueueinfo": 297,
+            "perf_event_open": 298,
+            "setns": 308,
+            "process_vm_readv": 310,
+            "process_vm_writev": 311,
+            "kcmp": 312,
+            "finit_module": 313,
+            "kexec_file_load": 320,
+            "bpf": 321,
+            "execveat": 322,
+            "userfaultfd": 323,
+            "chmod": 90,
+            "fchmod": 91,
+            "chown": 92,
+            "fchown": 93,
+            "lchown": 94,
+            "utime": 132,
+            "mknod": 133,
+            "setxattr": 188,
+            "lsetxattr": 189,
+            "fsetxattr": 190,
+            "removexattr": 197,
+            "lremovexattr": 198,
+            "fremovexattr": 199,
+            "utimes": 235,
+            "mknodat": 259,
+            "fchownat": 260,
+            "futimesat": 261,
+            "fchmodat": 268,
+            "utimensat": 280,
+            **_COMMON_NUMBERS,
+        },
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {  # asm-generic numbering: no fork or vfork (glibc uses clone)
+            "socket": 198,
+            "connect": 203,
+            "socketpair": 199,
+            "clone": 220,
+            "execve": 221,
+            "kill": 129,
+            "ptrace": 117,
+            "rt_sigqueueinfo": 138,
+            "pivot_root": 41,
+            "chroot": 51,
+            "acct": 89,
+            "mount": 40,
+            "umount2": 39,
+            "swapon": 224,
+            "swapoff": 225,
+            "reboot": 142,
+            "init_module": 105,
+            "delete_module": 106,
+            "tkill": 130,
+            "tgkill": 131,
+            "kexec_load": 104,
+            "add_key": 217,
+            "request_key": 218,
+            "keyctl": 219,
+            "unshare": 97,
+            "rt_tgsigqueueinfo": 240,
+            "perf_event_open": 241,
+            "setns": 268,
+            "process_vm_readv": 270,
+            "process_vm_writev": 271,
+            "kcmp": 272,
+            "finit_module": 273,
+            "kexec_file_load": 294,
+            "bpf": 280,
+            "execveat": 281,
+            "userfaultfd": 282,
+            "fchmod": 52,
+            "fchmodat": 53,
+            "fchownat": 54,
+            "fchown": 55,
+            "mknodat": 33,
+            "utimensat": 88,
+            "setxattr": 5,
+            "lsetxattr": 6,
+            "fsetxattr": 7,
+            "removexattr": 14,
+            "lremovexattr": 15,
+            "fremovexattr": 16,
+            **_COMMON_NUMBERS,
+        },
+    ),
 }
 DENIED_SYSCALLS = (  # EPERM whatever the arguments
-    "fork", "vfork", "execve", "execveat", "socket", "connect", "ptrace", "process_vm_readv",
-    "process_vm_writev", "kcmp", "pidfd_open", "pidfd_send_signal", "pidfd_getfd", "process_madvise",
-    "tkill", "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount",
-    "fsopen", "fsconfig", "fsmount", "fspick", "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key", "init_module",
-    "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff", "acct",
+    "fork",
+    "vfork",
+    "execve",
+    "execveat",
+    "socket",
+    "connect",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "pidfd_open",
+    "pidfd_send_signal",
+    "pidfd_getfd",
+    "process_madvise",
+    "tkill",
+    "unshare",
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "open_tree",
+    "move_mount",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "acct",
     # Landlock does not govern metadata: without these the program could chmod, chown, stamp or
     # tag any file its uid owns (the trainer's checkpoints when both run as the pod's user).
-    "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat", "utime", "utimes",
-    "futimesat", "utimensat", "setxattr", "lsetxattr", "fsetxattr", "setxattrat", "removexattr",
-    "lremovexattr", "fremovexattr", "removexattrat", "mknod", "mknodat",
+    "chmod",
+    "fchmod",
+    "fchmodat",
+    "fchmodat2",
+    "chown",
+    "fchown",
+    "lchown",
+    "fchownat",
+    "utime",
+    "utimes",
+    "futimesat",
+    "utimensat",
+    "setxattr",
+    "lsetxattr",
+    "fsetxattr",
+    "setxattrat",
+    "removexattr",
+    "lremovexattr",
+    "fremovexattr",
+    "removexattrat",
+    "mknod",
+    "mknodat",
 )
 
 
@@ -154,17 +324,25 @@ def seccomp_program(machine: str, pid: int) -> list[tuple[int, int, int, int]]:
     # glibc's pthread_create and posix_spawn try clone3 first and fall back to clone on ENOSYS,
     # whose flags (in a register, unlike clone3's struct) the filter can read.
     program += [_jeq(numbers["clone3"], 0, 1), _ret(RET_ERRNO | ENOSYS)]
-    program += [_jeq(numbers["clone"], 0, 4), _ld(DATA_ARG0_LOW), (BPF_JSET_K, 0, 1, CLONE_THREAD),
-                _ret(RET_ALLOW), deny]
-    program += [_jeq(numbers["socketpair"], 0, 4), _ld(DATA_ARG0_LOW), _jeq(AF_UNIX, 0, 1),
-                _ret(RET_ALLOW), deny]
+    program += [
+        _jeq(numbers["clone"], 0, 4),
+        _ld(DATA_ARG0_LOW),
+        (BPF_JSET_K, 0, 1, CLONE_THREAD),
+        _ret(RET_ALLOW),
+        deny,
+    ]
+    program += [_jeq(numbers["socketpair"], 0, 4), _ld(DATA_ARG0_LOW), _jeq(AF_UNIX, 0, 1), _ret(RET_ALLOW), deny]
     own_group = (-pid) & 0xFFFFFFFF
-    for name, allowed in (("kill", (0, pid, own_group)), ("tgkill", (pid,)), ("rt_sigqueueinfo", (pid,)),
-                          ("rt_tgsigqueueinfo", (pid,))):
+    for name, allowed in (
+        ("kill", (0, pid, own_group)),
+        ("tgkill", (pid,)),
+        ("rt_sigqueueinfo", (pid,)),
+        ("rt_tgsigqueueinfo", (pid,)),
+    ):
         checks = [_jeq(value, len(allowed) - index, 0) for index, value in enumerate(allowed)]
         block = [_ld(DATA_ARG0_LOW), *checks, deny, _ret(RET_ALLOW)]
         program += [_jeq(numbers[name], 0, len(block)), *block]
-    return program + [_ret(RET_ALLOW)]
+    return [*program, _ret(RET_ALLOW)]
 
 
 class _SockFilter(ctypes.Structure):
@@ -217,8 +395,10 @@ def _limit_self(limits) -> None:
             with open("/proc/self/statm") as statm:
                 in_use = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
             if in_use >= soft:
-                sys.exit(f"sandbox: the memory limit of {soft >> 20} MiB is below the "
-                         f"{in_use >> 20} MiB the interpreter itself uses")
+                sys.exit(
+                    f"sandbox: the memory limit of {soft >> 20} MiB is below the "
+                    f"{in_use >> 20} MiB the interpreter itself uses"
+                )
         resource.setrlimit(which, (soft, hard))
 
 
@@ -249,35 +429,59 @@ def _python_paths() -> list[str]:
 
 def landlock_read_paths() -> list[str]:
     """What the program may read: the Python install, the libraries it mapped, a few system files."""
-    paths = [*SYSTEM_READ_ROOTS, *SYSTEM_READ_FILES, f"/proc/{os.getpid()}",
-             sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
-             os.path.dirname(os.path.realpath(sys.executable)), *sys.path]
+    paths = [
+        *SYSTEM_READ_ROOTS,
+        *SYSTEM_READ_FILES,
+        f"/proc/{os.getpid()}",
+        sys.prefix,
+        sys.exec_prefix,
+        sys.base_prefix,
+        sys.base_exec_prefix,
+        os.path.dirname(os.path.realpath(sys.executable)),
+        *sys.path,
+    ]
     with open("/proc/self/maps") as maps:  # ld.so, libc, libpython, extension modules loaded so far
-        paths += {os.path.dirname(line.split(None, 5)[5].strip()) for line in maps
-                  if len(line.split(None, 5)) == 6 and line.split(None, 5)[5].startswith("/")}
+        paths += {
+            os.path.dirname(line.split(None, 5)[5].strip())
+            for line in maps
+            if len(line.split(None, 5)) == 6 and line.split(None, 5)[5].startswith("/")
+        }
     return [path for path in dict.fromkeys(paths) if path and os.path.exists(path)]
 
 
 def _landlock(libc: _Libc, folder: str) -> int:
     """Restricts this process (and all it could start) with Landlock; returns the ABI version used."""
-    abi = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
-                       ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION), what="Landlock ABI")
+    abi = libc.syscall(
+        SYS_LANDLOCK_CREATE_RULESET,
+        None,
+        ctypes.c_size_t(0),
+        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION),
+        what="Landlock ABI",
+    )
     handled_fs = FS_ALL_V1 | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0)
     handled_fs |= FS_IOCTL_DEV if abi >= 5 else 0
     handled_net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
     attr_size = 8 if abi < 4 else 16 if abi < 6 else 24
     attr = ctypes.create_string_buffer(struct.pack("=QQQ", handled_fs, handled_net, scoped)[:attr_size], attr_size)
-    ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(attr_size), ctypes.c_uint32(0),
-                           what="landlock_create_ruleset")
+    ruleset = libc.syscall(
+        SYS_LANDLOCK_CREATE_RULESET,
+        attr,
+        ctypes.c_size_t(attr_size),
+        ctypes.c_uint32(0),
+        what="landlock_create_ruleset",
+    )
     try:
         rules = [(path, READ) for path in landlock_read_paths()]
-        rules += [("/dev/null", FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE | FS_IOCTL_DEV),
-                  (folder, handled_fs & ~(FS_EXECUTE | FS_MAKE_CHAR | FS_MAKE_BLOCK))]
+        rules += [
+            ("/dev/null", FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE | FS_IOCTL_DEV),
+            (folder, handled_fs & ~(FS_EXECUTE | FS_MAKE_CHAR | FS_MAKE_BLOCK)),
+        ]
         for path, access in rules:
             _landlock_allow(libc, ruleset, path, access & handled_fs)
-        libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0),
-                     what="landlock_restrict_self")
+        libc.syscall(
+            SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0), what="landlock_restrict_self"
+        )
     finally:
         os.close(ruleset)
     return abi
@@ -289,8 +493,14 @@ def _landlock_allow(libc: _Libc, ruleset: int, path: str, access: int) -> None:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             access &= FS_FILE_RIGHTS
         rule = ctypes.create_string_buffer(struct.pack("=Qi", access, fd), 12)  # packed path_beneath_attr
-        libc.syscall(SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
-                     rule, ctypes.c_uint32(0), what=f"landlock_add_rule {path}")
+        libc.syscall(
+            SYS_LANDLOCK_ADD_RULE,
+            ctypes.c_int(ruleset),
+            ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+            rule,
+            ctypes.c_uint32(0),
+            what=f"landlock_add_rule {path}",
+        )
     finally:
         os.close(fd)
 
@@ -341,8 +551,10 @@ def wall_in(config: dict, folder: str, lap=lambda step: None) -> tuple[dict, str
             _drop_user(*drop_to)
             unreadable = [path for path in python_paths if not os.access(path, os.R_OK | os.X_OK)]
             if unreadable:
-                layers["uid_drop"] = (f"uid {drop_to[0]} cannot read the Python install ({unreadable[0]}); "
-                                      "install Python world-readable (not under /root) to enable the drop")
+                layers["uid_drop"] = (
+                    f"uid {drop_to[0]} cannot read the Python install ({unreadable[0]}); "
+                    "install Python world-readable (not under /root) to enable the drop"
+                )
         except OSError as error:
             layers["uid_drop"] = f"could not drop to uid/gid {drop_to}: {error}"
     if os.geteuid() == 0:  # still root: at least without capabilities (raw I/O, mknod, clock, chown...)
@@ -352,8 +564,14 @@ def wall_in(config: dict, folder: str, lap=lambda step: None) -> tuple[dict, str
             layers["uid_drop"] = f"{layers['uid_drop']}; dropping root's capabilities failed: {error}"
     lap("uid_drop")
     try:
-        libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                   ctypes.c_ulong(0), what="no_new_privs")
+        libc.prctl(
+            PR_SET_NO_NEW_PRIVS,
+            ctypes.c_ulong(1),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+            what="no_new_privs",
+        )
     except OSError as error:
         layers["landlock"] = layers["seccomp"] = f"no_new_privs refused: {error}"
         return layers, source
@@ -371,9 +589,11 @@ def wall_in(config: dict, folder: str, lap=lambda step: None) -> tuple[dict, str
 
 
 def _why_no_landlock(error: OSError) -> str:
-    hint = {38: "the kernel has no Landlock (needs Linux 5.13+ built with CONFIG_SECURITY_LANDLOCK)",
-            95: "Landlock is built but not enabled: add landlock to the lsm= boot parameter",
-            1: "the container's seccomp profile refuses the landlock syscalls"}.get(error.errno, "")
+    hint = {
+        38: "the kernel has no Landlock (needs Linux 5.13+ built with CONFIG_SECURITY_LANDLOCK)",
+        95: "Landlock is built but not enabled: add landlock to the lsm= boot parameter",
+        1: "the container's seccomp profile refuses the landlock syscalls",
+    }.get(error.errno, "")
     return f"{error}{': ' + hint if hint else ''}"
 
 
@@ -386,18 +606,41 @@ def _forget_ctypes() -> None:
 # The audit hook. It binds everything it uses as default arguments, so rebinding module globals
 # does not change it; that is no defence against gc (see the module docstring) and is not meant
 # as one any more: the kernel layers above are the wall.
-FORBIDDEN_EVENTS = frozenset({
-    "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.fork", "os.forkpty",
-    "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex",
-    "socket.gethostbyaddr", "socket.getnameinfo", "cpython.PyInterpreterState_New",
-})
-FORBIDDEN_MODULES = frozenset({
-    "_posixsubprocess", "_ctypes", "_xxsubinterpreters", "_testcapi", "_testinternalcapi",
-})
+FORBIDDEN_EVENTS = frozenset(
+    {
+        "subprocess.Popen",
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.fork",
+        "os.forkpty",
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "socket.gethostbyname_ex",
+        "socket.gethostbyaddr",
+        "socket.getnameinfo",
+        "cpython.PyInterpreterState_New",
+    }
+)
+FORBIDDEN_MODULES = frozenset(
+    {
+        "_posixsubprocess",
+        "_ctypes",
+        "_xxsubinterpreters",
+        "_testcapi",
+        "_testinternalcapi",
+    }
+)
 MODIFY_ONE_PATH = {  # event -> (index of the path argument, index of its dir_fd argument or None)
-    "os.remove": (0, 1), "os.rmdir": (0, 1), "os.mkdir": (0, 2), "os.chmod": (0, 2),
-    "os.chown": (0, 3), "os.utime": (0, 3), "os.truncate": (0, None),
-    "os.setxattr": (0, None), "os.removexattr": (0, None),
+    "os.remove": (0, 1),
+    "os.rmdir": (0, 1),
+    "os.mkdir": (0, 2),
+    "os.chmod": (0, 2),
+    "os.chown": (0, 3),
+    "os.utime": (0, 3),
+    "os.truncate": (0, None),
+    "os.setxattr": (0, None),
+    "os.removexattr": (0, None),
 }
 MODIFY_TWO_PATHS = {"os.rename": (2, 3), "os.link": (2, 3)}  # event -> dir_fd indexes of src, dst
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
@@ -410,7 +653,6 @@ def _disarm_fork_exec() -> None:
     Disarmed, `import subprocess` (and asyncio) still work; the hook refuses a fresh import of
     the module, which would bring the original back.
     """
-    import _posixsubprocess
 
     def refuse_fork_exec(*args, **kwargs):
         raise PermissionError("sandbox: starting a process is not allowed")
@@ -418,13 +660,30 @@ def _disarm_fork_exec() -> None:
     _posixsubprocess.fork_exec = refuse_fork_exec
 
 
-def install_audit_hook(root, sep=os.sep, devnull=os.devnull, pid=os.getpid(), getpgrp=os.getpgrp(),
-                       realpath=os.path.realpath, join=os.path.join, isabs=os.path.isabs, fspath=os.fspath,
-                       fsdecode=os.fsdecode, readlink=os.readlink, stat_path=os.stat, isdir=os.path.isdir,
-                       is_device=lambda mode: stat.S_ISBLK(mode) or stat.S_ISCHR(mode), af_unix=AF_UNIX,
-                       forbidden_events=FORBIDDEN_EVENTS, forbidden_modules=FORBIDDEN_MODULES,
-                       modify_one=MODIFY_ONE_PATH, modify_two=MODIFY_TWO_PATHS, write_flags=WRITE_FLAGS,
-                       socket_address_events=SOCKET_ADDRESS_EVENTS, addaudithook=sys.addaudithook):
+def install_audit_hook(
+    root,
+    sep=os.sep,
+    devnull=os.devnull,
+    pid=os.getpid(),  # noqa: B008 (bound once, before the untrusted program runs)
+    getpgrp=os.getpgrp(),  # noqa: B008
+    realpath=os.path.realpath,
+    join=os.path.join,
+    isabs=os.path.isabs,
+    fspath=os.fspath,
+    fsdecode=os.fsdecode,
+    readlink=os.readlink,
+    stat_path=os.stat,
+    isdir=os.path.isdir,
+    is_device=lambda mode: stat.S_ISBLK(mode) or stat.S_ISCHR(mode),
+    af_unix=AF_UNIX,
+    forbidden_events=FORBIDDEN_EVENTS,
+    forbidden_modules=FORBIDDEN_MODULES,
+    modify_one=MODIFY_ONE_PATH,
+    modify_two=MODIFY_TWO_PATHS,
+    write_flags=WRITE_FLAGS,
+    socket_address_events=SOCKET_ADDRESS_EVENTS,
+    addaudithook=sys.addaudithook,
+):
     """Refuses, with PermissionError, what the program must not do, as far as Python can see it."""
 
     def deny(event, detail=""):
@@ -490,7 +749,7 @@ def install_audit_hook(root, sep=os.sep, devnull=os.devnull, pid=os.getpid(), ge
             if not inside(args[path_index], dir_fd):
                 deny(event, repr(args[path_index]))
         elif event in modify_two:
-            for path, dir_fd in zip(args[:2], (args[i] for i in modify_two[event])):
+            for path, dir_fd in zip(args[:2], (args[i] for i in modify_two[event]), strict=False):
                 if not inside(path, dir_fd):
                     deny(event, repr(path))
         elif event == "os.symlink":
@@ -505,9 +764,8 @@ def install_audit_hook(root, sep=os.sep, devnull=os.devnull, pid=os.getpid(), ge
         elif event == "os.kill":
             if args[0] not in (0, pid):
                 deny(event, str(args[0]))
-        elif event == "os.killpg":
-            if args[0] not in (0, getpgrp):
-                deny(event, str(args[0]))
+        elif event == "os.killpg" and args[0] not in (0, getpgrp):
+            deny(event, str(args[0]))
 
     addaudithook(hook)
 

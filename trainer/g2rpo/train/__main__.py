@@ -80,7 +80,10 @@ def _train(job, layout, signals) -> None:
         weight_sync_port=int(os.environ.get(ROLLOUT_GROUP_PORT_ENV, str(ROLLOUT_GROUP_PORT))),
     )
     trainer = build_trainer(
-        job, layout, guidance_client_factory=lambda params: HttpGuidanceClient.from_env(), generation=generation,
+        job,
+        layout,
+        guidance_client_factory=lambda params: HttpGuidanceClient.from_env(),
+        generation=generation,
         extra_callbacks=[StopAtStepBoundary(signals)],
     )
     trainer.train(resume_from_checkpoint=resolve_resume(job.spec, layout.checkpoint_dir))

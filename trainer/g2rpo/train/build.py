@@ -175,14 +175,23 @@ def _check_batch_layout(spec: G2RPOJobSpec, num_processes: int) -> None:
 def _fit_prompts(dataset, tokenizer, max_prompt_length: int):
     """Drop rows whose chat-formatted prompt is longer than maxPromptLength tokens (and say how many)."""
     lengths = [
-        len(tokenizer.apply_chat_template(row, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        len(
+            tokenizer.apply_chat_template(row, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        )
         for row in dataset["prompt"]
     ]
     keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
     if len(keep) < len(lengths):
-        log.warning("dropped %d of %d rows longer than maxPromptLength=%d tokens", len(lengths) - len(keep), len(lengths), max_prompt_length)
+        log.warning(
+            "dropped %d of %d rows longer than maxPromptLength=%d tokens",
+            len(lengths) - len(keep),
+            len(lengths),
+            max_prompt_length,
+        )
     if not keep:
-        raise SpecError([(("spec", "training", "maxPromptLength"), f"every prompt is longer than {max_prompt_length} tokens")])
+        raise SpecError(
+            [(("spec", "training", "maxPromptLength"), f"every prompt is longer than {max_prompt_length} tokens")]
+        )
     return dataset.select(keep) if len(keep) < len(lengths) else dataset
 
 

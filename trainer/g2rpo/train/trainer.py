@@ -51,7 +51,12 @@ PRIVATE_TRL_HOOKS: dict[str, tuple[str, ...]] = {
     "_generate_and_score_completions": ("self", "inputs"),
     "_generate": ("self", "prompts"),
     "_generate_single_turn": (
-        "self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images",
+        "self",
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "num_generations",
+        "has_tool_images",
     ),
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
     # Public, but with transformers' private `_internal_call`; the test-only pause hook lives here.
@@ -112,9 +117,7 @@ class G2RPOTrainer(GRPOTrainer):
         self._guidance_ids_cache: OrderedDict[str, list[int]] = OrderedDict()
         self._guidance_plan: _GuidancePlan | None = None
         self._last_rewards_per_func: torch.Tensor | None = None
-        self.guidance_step, self.guidance_length = self._from_rank_zero(
-            lambda: self.guidance_client.current()
-        )
+        self.guidance_step, self.guidance_length = self._from_rank_zero(lambda: self.guidance_client.current())
 
     # --- public ----------------------------------------------------------------------------------
 
@@ -200,10 +203,14 @@ class G2RPOTrainer(GRPOTrainer):
             raise RuntimeError("guidance.loss: mask cannot be combined with tool calling")
         return (prompt_ids, completion_ids, generated_token_mask(plan.lengths, completion_ids), *rest)
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):  # TRL private hook
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):  # TRL private hook
         plan = self._guidance_plan
         if plan is None or plan.length == 0 or self.guided_per_group == 0:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         # Rows of one group no longer share a prefix, so each is its own request: TRL's vLLM server
         # path would otherwise send one prompt per group (`prompts[::num_generations]`) with n=G.
         # The decision depends only on l_k and alpha, which are the same on every rank.
@@ -235,7 +242,9 @@ class G2RPOTrainer(GRPOTrainer):
         ids = self._guidance_ids_cache.get(text)
         if ids is None:
             eos = self._tokenizer.eos_token_id
-            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if text and eos is not None else [])
+            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"] + (
+                [eos] if text and eos is not None else []
+            )
             self._guidance_ids_cache[text] = ids
             if len(self._guidance_ids_cache) > 65536:
                 self._guidance_ids_cache.popitem(last=False)
