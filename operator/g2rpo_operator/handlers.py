@@ -96,6 +96,20 @@ def needs_poll(status: dict) -> bool:
     )
 
 
+def _namespace(body: kopf.Body) -> str:
+    """The namespace of a watched object: every kind watched here (G2RPOJob, its children, the claims)
+    is namespaced, so the API server always sets it; kopf types it optional for cluster-wide kinds."""
+    namespace = body.metadata.namespace
+    if namespace is None:
+        raise kopf.PermanentError(f"{body.get('kind')} {body.metadata.name!r} has no namespace (a namespaced kind)")
+    return namespace
+
+
+def _key(body: kopf.Body) -> tuple[str, str]:
+    """A job's key in `Operator.wakeups` and `Operator.latest`: (namespace, name)."""
+    return _namespace(body), body.metadata.name
+
+
 async def _sleep(wake: asyncio.Event, stopped: kopf.DaemonStopped, seconds: float) -> None:
     """Until woken, stopped, or `seconds` passed."""
     waits = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())}
@@ -115,7 +129,7 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) 
     @kopf.daemon(*resource, id="reconcile", cancellation_backoff=1.0, cancellation_timeout=10.0, registry=registry)
     async def reconcile_job(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any) -> None:
         """The job's passes: at once, then on every wake-up, poll and resync (see the module docstring)."""
-        key = (body.metadata.namespace, body.metadata.name)
+        key = _key(body)
         wake = operator.wakeups.setdefault(key, asyncio.Event())
         loop = asyncio.get_running_loop()
         next_resync, retry, trigger = 0.0, 0, "start"
@@ -156,7 +170,7 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) 
 
     @kopf.on.event(*resource, id="job-changed", registry=registry)
     async def job_changed(type: str, body: kopf.Body, **_: Any) -> None:
-        key = (body.metadata.namespace, body.metadata.name)
+        key = _key(body)
         if type == "DELETED":
             operator.latest.pop(key, None)
             return
@@ -170,7 +184,7 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) 
     async def claim_changed(type: str, body: kopf.Body, **_: Any) -> None:
         """Claims are the users' objects (no label of ours): a change wakes the jobs of its namespace."""
         _store(cache, PVCS, type, dict(body))
-        operator.wake(body.metadata.namespace)
+        operator.wake(_namespace(body))
 
     @kopf.on.delete(*resource, id="forget", optional=True, registry=registry)
     def forget(body: kopf.Body, **_: Any) -> None:
@@ -204,7 +218,7 @@ def _watch_child(registry: kopf.OperatorRegistry, operator: Operator, cache: Obj
         _store(cache, res, type, dict(body))
         job = body.metadata.labels.get("app.kubernetes.io/instance")
         if job:
-            operator.wake(body.metadata.namespace, job)
+            operator.wake(_namespace(body), job)
 
 
 def register_peering(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) -> None:

@@ -369,7 +369,7 @@ class Reconciler:
         Ownership is kopf.append_owner_reference, not kopf.adopt: adopt also copies the job's labels
         onto its children, and a Kueue queue label on a job would then make Kueue manage them all.
         """
-        append_owner_reference(manifest, owner=owner)
+        append_owner_reference(manifest, owner=owner)  # type: ignore[arg-type]  # kopf types a Body but reads only .get(): a dict works
         try:
             view.create(manifest)
             return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -79,7 +80,7 @@ def _plan(
         _Child("ConfigMap", ctx.config_name, lambda: config.configmap(ctx)),
         _Child("Secret", ctx.token_name, lambda: config.token_secret(ctx, token)),
         *(
-            _Child("NetworkPolicy", ctx.child(component), lambda component=component: network.policy(ctx, component))
+            _Child("NetworkPolicy", ctx.child(component), partial(network.policy, ctx, component))
             for component in network.GUARDED
         ),
     ]
