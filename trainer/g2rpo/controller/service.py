@@ -343,6 +343,7 @@ async def post_step(request: web.Request) -> web.Response:
     except ApiError:
         service.metrics.count_report("invalid")
         raise
+    assert step is not None and reward is not None  # check() raised on any field that did not read
 
     def accept(durable: DurableController) -> tuple[ReportAnswer, StepRecord]:
         try:
@@ -372,6 +373,7 @@ async def post_rewind(request: web.Request) -> web.Response:
     payload = Payload(await read_json(request), {"step"})
     step = payload.integer("step")
     payload.check()
+    assert step is not None  # check() raised if it did not read
     try:
         length = await service.mutate(lambda d: d.rewind(step))
     except ValueError as exc:
@@ -501,6 +503,7 @@ async def start_server(service: GuidanceService, host: str, port: int) -> Runnin
     except BaseException:
         await server.close()
         raise
+    assert service.durable is not None  # load() returned: the state is loaded
     log.info("job %s ready at step %d", service.config.job, service.durable.controller.step)
     return server
 
