@@ -26,8 +26,9 @@ import math
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -66,6 +67,8 @@ PRIVATE_TRL_HOOKS: dict[str, tuple[str, ...]] = {
 }
 # Private attributes of GRPOTrainer that the hooks read.
 PRIVATE_TRL_ATTRIBUTES = ("_metrics", "_tokenizer", "num_generations", "num_iterations", "use_vllm")
+
+T = TypeVar("T")
 
 
 class _GuidancePlan:
@@ -117,17 +120,17 @@ class G2RPOTrainer(GRPOTrainer):
         self._guidance_ids_cache: OrderedDict[str, list[int]] = OrderedDict()
         self._guidance_plan: _GuidancePlan | None = None
         self._last_rewards_per_func: torch.Tensor | None = None
-        self.guidance_step, self.guidance_length = self._from_rank_zero(lambda: self.guidance_client.current())
+        self.guidance_step, self.guidance_length = self._from_rank_zero(lambda: self._client().current())
 
     # --- public ----------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):  # type: ignore[override]  # trial and ignore_keys_for_eval pass through **kwargs
         """Train, restoring the guidance schedule's state when resuming from a (complete) checkpoint.
 
         `True` takes the newest complete checkpoint in output_dir (see g2rpo.train.checkpoints).
         """
         if resume_from_checkpoint is True:
-            point = newest_complete(Path(self.args.output_dir))
+            point = newest_complete(self._output_dir())
             if point.checkpoint is None:
                 raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
             resume_from_checkpoint = str(point.checkpoint)
@@ -169,7 +172,7 @@ class G2RPOTrainer(GRPOTrainer):
             )
         snapshot = json.loads(state_file.read_text())
         self.guidance_step, self.guidance_length = self._from_rank_zero(
-            lambda: (snapshot["state"]["step"], self.guidance_client.restore(snapshot))
+            lambda: (snapshot["state"]["step"], self._client().restore(snapshot))
         )
 
     def save_guidance(self, checkpoint: Path) -> None:
@@ -178,6 +181,22 @@ class G2RPOTrainer(GRPOTrainer):
             return
         checkpoint.mkdir(parents=True, exist_ok=True)
         atomic_write_text(checkpoint / GUIDANCE_STATE_FILE, json.dumps(self.guidance_client.snapshot()))
+
+    def _client(self) -> GuidanceClient:
+        """The controller's client: rank 0 asks the controller and shares the answer (_from_rank_zero)."""
+        if self.guidance_client is None:
+            raise RuntimeError("rank 0 needs a guidance_client (the controller's client)")
+        return self.guidance_client
+
+    def _output_dir(self) -> Path:
+        # TrainingArguments types output_dir optional; its __post_init__ sets the default ("trainer_output").
+        assert self.args.output_dir is not None, "TrainingArguments.__post_init__ sets output_dir"
+        return Path(self.args.output_dir)
+
+    def _group_size(self) -> int:
+        # GRPOConfig types num_generations optional; its __post_init__ fails on None (num_generations < 2).
+        assert self.num_generations is not None, "GRPOConfig requires num_generations"
+        return self.num_generations
 
     # --- TRL private hooks -----------------------------------------------------------------------
 
@@ -228,7 +247,7 @@ class G2RPOTrainer(GRPOTrainer):
 
     def _plan_guidance(self, inputs: list[dict[str, Any]]) -> _GuidancePlan:
         offset = self.accelerator.process_index * len(inputs)
-        guided = guided_rows(len(inputs), offset, self.num_generations, self.guided_per_group)
+        guided = guided_rows(len(inputs), offset, self._group_size(), self.guided_per_group)
         length = self.guidance_length
         guidance_ids = [
             self._guidance_token_ids(row.get("guidance") or "")[:length] if is_guided and length > 0 else []
@@ -272,6 +291,10 @@ class G2RPOTrainer(GRPOTrainer):
         gather = self.accelerator.gather
         rewards_per_func = self._last_rewards_per_func
         self._last_rewards_per_func = None
+        if rewards_per_func is None:
+            raise RuntimeError(
+                "TRL's _generate_and_score_completions scored no rewards (_calculate_rewards was not called)"
+            )
         guided = gather(torch.tensor(plan.guided, device=device))
         guidance_lengths = gather(torch.tensor(plan.lengths, device=device))
         completion_lengths = gather(output["completion_mask"].sum(dim=1))
@@ -284,7 +307,7 @@ class G2RPOTrainer(GRPOTrainer):
             guidance_lengths=guidance_lengths,
             completion_lengths=completion_lengths,
             advantages=advantages,
-            num_generations=self.num_generations,
+            num_generations=self._group_size(),
             guidance_length=plan.length,
         )
         for name, value in stats.items():
@@ -294,10 +317,10 @@ class G2RPOTrainer(GRPOTrainer):
         if not math.isfinite(reward):
             raise RuntimeError(f"step {step}: the driving reward's batch mean is {reward}; no roll-out was scorable")
         report = {**stats, **self._sandbox_report}
-        self.guidance_length = self._from_rank_zero(lambda: self.guidance_client.report(step, reward, report))
+        self.guidance_length = self._from_rank_zero(lambda: self._client().report(step, reward, report))
         self.guidance_step = step + 1
 
-    def _from_rank_zero(self, ask):
+    def _from_rank_zero(self, ask: Callable[[], T]) -> T:
         """Evaluate `ask()` on rank 0 (the one holding the controller client) and share the answer.
 
         A failure on rank 0 is shared too, so that no rank waits forever in the broadcast.
