@@ -181,6 +181,7 @@ def _run_in(folder: str, config: dict, *, timeout_s: float, max_output_bytes: in
         start_new_session=True,
         close_fds=True,
     )
+    assert process.stdout is not None and process.stderr is not None  # both are PIPEs
     deadline = time.monotonic() + timeout_s
     stdout, stderr = _BoundedBuffer(max_output_bytes), _BoundedBuffer(max_output_bytes)
     try:

@@ -510,7 +510,7 @@ def _seccomp(libc: _Libc) -> None:
     if machine not in SECCOMP_ARCHES or sys.byteorder != "little":
         raise OSError(ENOSYS, f"no syscall table for {machine} ({sys.byteorder}-endian) in this sandbox")
     program = seccomp_program(machine, os.getpid())
-    filters = (_SockFilter * len(program))(*program)
+    filters = (_SockFilter * len(program))(*(_SockFilter(*insn) for insn in program))
     fprog = _SockFprog(len(program), filters)
     libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), what="seccomp")
 
@@ -589,11 +589,12 @@ def wall_in(config: dict, folder: str, lap=lambda step: None) -> tuple[dict, str
 
 
 def _why_no_landlock(error: OSError) -> str:
-    hint = {
+    hints: dict[int | None, str] = {
         38: "the kernel has no Landlock (needs Linux 5.13+ built with CONFIG_SECURITY_LANDLOCK)",
         95: "Landlock is built but not enabled: add landlock to the lsm= boot parameter",
         1: "the container's seccomp profile refuses the landlock syscalls",
-    }.get(error.errno, "")
+    }
+    hint = hints.get(error.errno, "")
     return f"{error}{': ' + hint if hint else ''}"
 
 
@@ -799,7 +800,7 @@ def main() -> None:
     del source, layers, config
     # The program's own module is `__main__`, so unittest.main() and pickle find what it defines.
     program = types.ModuleType("__main__")
-    program.__builtins__ = __builtins__
+    program.__dict__["__builtins__"] = __builtins__
     sys.modules["__main__"] = program
     exec(code, program.__dict__)
 
