@@ -41,6 +41,11 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _numbered(checkpoint_dir: Path) -> dict[Path, int]:
+    """The checkpoint folders (checkpoint-<step>) in `checkpoint_dir`, each with its step."""
+    return {p: step for p in checkpoint_dir.iterdir() if p.is_dir() and (step := checkpoint_step(p)) is not None}
+
+
 def _files(folder: Path) -> dict[str, int]:
     return {
         str(path.relative_to(folder)): path.stat().st_size
@@ -84,11 +89,8 @@ class ResumePoint:
 def newest_complete(checkpoint_dir: Path) -> ResumePoint:
     if not checkpoint_dir.is_dir():
         return ResumePoint(None)
-    candidates = sorted(
-        (p for p in checkpoint_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
-        key=checkpoint_step,
-        reverse=True,
-    )
+    steps = _numbered(checkpoint_dir)
+    candidates = sorted(steps, key=steps.__getitem__, reverse=True)
     skipped: dict[Path, str] = {}
     for folder in candidates:
         reason = incomplete_reason(folder)
@@ -142,10 +144,8 @@ def rotate(checkpoint_dir: Path, keep: int | None) -> None:
         p for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith((INCOMPLETE_PREFIX, DELETING_PREFIX))
     ]
     if keep:
-        complete = sorted(
-            (p for p in checkpoint_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)),
-            key=checkpoint_step,
-        )
+        steps = {p: step for p, step in _numbered(checkpoint_dir).items() if is_complete(p)}
+        complete = sorted(steps, key=steps.__getitem__)
         leftovers += complete[:-keep]
     for folder in leftovers:
         doomed = folder if folder.name.startswith(DELETING_PREFIX) else folder.with_name(DELETING_PREFIX + folder.name)
