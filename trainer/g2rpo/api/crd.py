@@ -177,7 +177,7 @@ def _object(node: dict[str, Any], out: dict[str, Any], defs: dict[str, Any], pat
         out["x-kubernetes-preserve-unknown-fields"] = True
 
 
-def model_schema(model: type, path: str) -> dict[str, Any]:
+def model_schema(model: type[BaseModel], path: str) -> dict[str, Any]:
     schema = model.model_json_schema(by_alias=True, mode="validation")
     defs = schema.pop("$defs", {})
     return structural(schema, defs, path)

@@ -703,14 +703,15 @@ def _from_validation_error(
 
 def _did_you_mean(root: type[BaseModel], loc: tuple[str | int, ...], prefix: tuple[str | int, ...]) -> str:
     """ "; did you mean spec.training.numGenerations?" for a misspelt field, from its siblings' names."""
-    model: type[BaseModel] | None = root
+    model = root
     for part in loc[:-1]:
         if isinstance(part, int):  # an item of a list
             continue
         fields = {field.alias or name: field for name, field in model.model_fields.items()}
-        model = _model_in(fields[part].annotation) if part in fields else None
-        if model is None:
+        inner = _model_in(fields[part].annotation) if part in fields else None
+        if inner is None:
             return ""
+        model = inner
     siblings = [field.alias or name for name, field in model.model_fields.items()]
     close = difflib.get_close_matches(str(loc[-1]), siblings, n=1, cutoff=0.6)
     return f"; did you mean {_dotted(prefix + loc[:-1] + (close[0],))}?" if close else ""
