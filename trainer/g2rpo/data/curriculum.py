@@ -36,13 +36,17 @@ def sorted_indices(keys: Sequence[Any], spec: CurriculumSpec, row_numbers: Seque
 
     `row_numbers` (the source's 1-based row of each key) name the rows in errors.
     """
+    # Sort keys of one type, so that they compare: tier ranks, numbers, or strings.
+    known: dict[int, int] | dict[int, float] | dict[int, str]
     if spec.order is not None:
         rank = {tier: position for position, tier in enumerate(spec.order)}
         known = {i: rank[str(key)] for i, key in enumerate(keys) if str(key) in rank}
     else:
         present = {i: key for i, key in enumerate(keys) if key is not None and key != ""}
         numeric = all(_is_number(key) for key in present.values())
-        known = {i: float(key) if numeric else str(key) for i, key in present.items()}
+        known = (
+            {i: float(key) for i, key in present.items()} if numeric else {i: str(key) for i, key in present.items()}
+        )
     unknown = [i for i in range(len(keys)) if i not in known]
     if unknown and spec.unknown == "error":
         numbers = [row_numbers[i] if row_numbers else i + 1 for i in unknown]

@@ -60,8 +60,8 @@ def resolve_resume(spec: G2RPOJobSpec, checkpoint_dir: Path) -> str | None:
         return None
     if resume == "auto":
         point = newest_complete(checkpoint_dir)
-        for folder, reason in point.skipped.items():
-            log.warning("skipping incomplete checkpoint %s: %s", folder, reason)
+        for folder, skipped_because in point.skipped.items():
+            log.warning("skipping incomplete checkpoint %s: %s", folder, skipped_because)
         if point.skipped and os.environ.get("RANK", "0") == "0":
             set_aside(point.skipped)
         return str(point.checkpoint) if point.checkpoint else None

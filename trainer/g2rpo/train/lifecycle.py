@@ -34,13 +34,17 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
+from typing import Any
 
 from transformers import TrainerCallback
 
 DUPLICATE_WINDOW_S = 1.0
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What signal.signal takes and returns: a handler, SIG_DFL or SIG_IGN, or None (a handler not set from Python).
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 class StopRequested(BaseException):
@@ -72,7 +76,7 @@ class StopSignals:
         self.stopped_by: int | None = None  # the signal training stopped for, agreed by all ranks
         self.training = False
         self._first_at = 0.0
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, _Handler] = {}
 
     def install(self) -> StopSignals:
         for signum in HANDLED_SIGNALS:
