@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (README.md):
 #   make run    install (CPU) and run the embedded default job locally
-#   make test   install (CPU) and run the test suite
+#   make test   install (CPU), lint, and run the test suite (make test-fast: the fast part only)
 #   make efficacy  the G2RPO-A vs GRPO testbed (bench/efficacy; under an hour on 2 cores)
 # Both create .venv once; the CPU install never pulls a CUDA torch (constraints/cpu.txt).
 
@@ -9,7 +9,7 @@ PYTHON ?= python3
 PIP = $(VENV)/bin/python -m pip
 INSTALLED = $(VENV)/.installed
 
-.PHONY: run test install tools lock efficacy
+.PHONY: run test test-fast lint install tools lock efficacy
 
 install: $(INSTALLED)
 
@@ -36,8 +36,19 @@ tools:
 run: $(INSTALLED)
 	$(VENV)/bin/g2rpo run examples/smollm2-arithmetic.yaml
 
-test: $(INSTALLED) tools
+# The whole suite, after the lint (CI runs this: .ci/run).
+test: lint tools
 	$(VENV)/bin/python -m pytest
+
+# The tests not marked slow (no real model, no multi-process run): about a minute.
+test-fast: $(INSTALLED)
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+# ruff (lint and format) and mypy, configured in pyproject.toml.
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Regenerate the image locks (constraints/) from pyproject.toml; uv resolves from index metadata.
 LOCK_TOOLS = .cache/lock-tools
