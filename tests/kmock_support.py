@@ -171,47 +171,39 @@ def _with_data(request: Any, data: Any) -> Any:
     return request
 
 
+ALL_VERBS = frozenset({"create", "delete", "get", "list", "patch", "update", "watch"})
+PEERING_VERBS = frozenset({"create", "get", "list", "patch", "watch"})
+
+
+def _custom_resource(
+    kind: str,
+    namespaced: bool,
+    verbs: frozenset[str] = ALL_VERBS,
+    shortnames: tuple[str, ...] = (),
+    status: bool = False,
+) -> kmock.ResourceInfo:
+    """What a CRD serves: the kind, its scope, its verbs and short names, and a status subresource."""
+    return kmock.ResourceInfo(
+        kind=kind,
+        singular=kind.lower(),
+        namespaced=namespaced,
+        verbs=set(verbs),
+        shortnames=set(shortnames),
+        subresources={"status"} if status else set(),
+    )
+
+
 def new_emulator() -> Emulator:
     emulator = Emulator()
     with warnings.catch_warnings():  # kmock 0.8 reads its bundle with a deprecated importlib call
         warnings.simplefilter("ignore", DeprecationWarning)
         emulator.resources.load_bundled()
-    emulator.resources[JOBS] = kmock.ResourceInfo(
-        kind="G2RPOJob",
-        singular="g2rpojob",
-        namespaced=True,
-        verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
-        shortnames={"g2j"},
-        subresources={"status"},
-    )
-    emulator.resources[PEERINGS] = kmock.ResourceInfo(
-        kind="ClusterKopfPeering",
-        singular="clusterkopfpeering",
-        namespaced=False,
-        verbs={"create", "get", "list", "patch", "watch"},
-    )
+    emulator.resources[JOBS] = _custom_resource("G2RPOJob", namespaced=True, shortnames=("g2j",), status=True)
+    emulator.resources[PEERINGS] = _custom_resource("ClusterKopfPeering", namespaced=False, verbs=PEERING_VERBS)
+    emulator.resources[NAMESPACED_PEERINGS] = _custom_resource("KopfPeering", namespaced=True, verbs=PEERING_VERBS)
     # Kueue's kinds, as its CRDs serve them (KMock has no Kueue controller: tests admit and evict).
-    emulator.resources[WORKLOADS] = kmock.ResourceInfo(
-        kind="Workload",
-        singular="workload",
-        namespaced=True,
-        verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
-        shortnames={"wl"},
-        subresources={"status"},
-    )
-    emulator.resources[RESOURCE_FLAVORS] = kmock.ResourceInfo(
-        kind="ResourceFlavor",
-        singular="resourceflavor",
-        namespaced=False,
-        verbs={"create", "delete", "get", "list", "patch", "update", "watch"},
-        shortnames={"flavor"},
-    )
-    emulator.resources[NAMESPACED_PEERINGS] = kmock.ResourceInfo(
-        kind="KopfPeering",
-        singular="kopfpeering",
-        namespaced=True,
-        verbs={"create", "get", "list", "patch", "watch"},
-    )
+    emulator.resources[WORKLOADS] = _custom_resource("Workload", namespaced=True, shortnames=("wl",), status=True)
+    emulator.resources[RESOURCE_FLAVORS] = _custom_resource("ResourceFlavor", namespaced=False, shortnames=("flavor",))
     return emulator
 
 
