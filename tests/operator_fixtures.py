@@ -150,7 +150,8 @@ async def start_operator(cluster: Cluster) -> AsyncIterator[Callable[..., Awaita
     """Start the real operator (kopf + g2rpo_operator) against the cluster; stopped after the test."""
     running: list[RunningOperator] = []
 
-    async def start(**overrides: Any) -> RunningOperator:
+    async def start(api: KubeApi | None = None, **overrides: Any) -> RunningOperator:
+        """`api` replaces the operator's client for the cluster; `overrides` are OperatorSettings fields."""
         values = {
             # Changes must arrive through watches: a full API resync would hide a missing one.
             "resync_seconds": 3600.0,
@@ -159,7 +160,8 @@ async def start_operator(cluster: Cluster) -> AsyncIterator[Callable[..., Awaita
             "controller_url_template": NO_CONTROLLER,
             "standalone": True,
         }
-        running.append(launch(KubeApi.for_url(cluster.url), OperatorSettings(**{**values, **overrides}), cluster.url))
+        api = api or KubeApi.for_url(cluster.url)
+        running.append(launch(api, OperatorSettings(**{**values, **overrides}), cluster.url))
         return running[-1]
 
     yield start

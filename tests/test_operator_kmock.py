@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -508,6 +509,45 @@ async def test_suspend_scales_to_zero_and_resume_brings_the_trainer_back(cluster
         what="scaled up",
     )
     await make_available(cluster, "demo-controller", "demo-rollout")
+    await wait_for(lambda: cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer"), what="trainer recreated")
+    await start_trainer(cluster)
+    await wait_for(phase_is(cluster, "Running"), what="phase Running again")
+
+
+class LateAnswers(KubeApi):
+    """The API server's answers to the operator's writes reach it only after the watch events of later
+    changes, as on a busy node: CI once saw the answer to the trainer Job's creation (no status) land in
+    the cache after the watch event of the Job's pods becoming ready, and the job never became Running.
+    Here every write's answer is held back long enough for the test's next status change to overtake it."""
+
+    def create(self, manifest: dict) -> dict:
+        answer = super().create(manifest)
+        time.sleep(LATE_ANSWER_SECONDS)
+        return answer
+
+    def patch(self, res, namespace, name, body, subresource=None):  # type: ignore[no-untyped-def]
+        answer = super().patch(res, namespace, name, body, subresource)
+        time.sleep(LATE_ANSWER_SECONDS)
+        return answer
+
+
+LATE_ANSWER_SECONDS = 0.3
+
+
+async def test_answers_that_arrive_after_later_events_do_not_roll_the_job_back(cluster, start_operator):
+    await cluster.create_claim()
+    await start_operator(api=LateAnswers.for_url(cluster.url))
+    await cluster.apply(job_manifest())
+    await all_children(cluster)
+    await start_trainer(cluster)  # at once: before the answer to the Job's creation reaches the operator
+    await wait_for(phase_is(cluster, "Running"), what="phase Running")
+    await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": True}})
+    await wait_for(phase_is(cluster, "Suspended"), what="phase Suspended")
+    await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": False}})
+    for name in ("demo-controller", "demo-rollout"):
+        # Ready as soon as scaled up: before the answer to the operator's scale-up patch arrives.
+        await wait_for(lambda n=name: cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, n)["spec"]["replicas"] == 1)
+        await make_available(cluster, name)
     await wait_for(lambda: cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer"), what="trainer recreated")
     await start_trainer(cluster)
     await wait_for(phase_is(cluster, "Running"), what="phase Running again")

@@ -15,10 +15,14 @@ through `View`:
 
 Writes go through the view too, and their answers update the cache, so a pass never acts twice on
 its own stale picture (e.g. patching the ConfigMap again because the cache still held the old one).
+Answers and events race (a write's answer, read in a pass's thread, can arrive after the watch event
+of a later change), so the cache never replaces an object by an older version of it, nor brings back
+one whose deletion it saw (`kube.older_than`).
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import threading
 
@@ -32,6 +36,7 @@ from g2rpo_operator.kube import (
     Manifest,
     Resource,
     matches,
+    older_than,
     resource_of,
 )
 
@@ -39,6 +44,8 @@ WATCHED = (DEPLOYMENTS, JOBS, PODS, PVCS, WORKLOADS)
 """Kinds a cached view answers from the cache. Workloads are watched only with the Kueue integration on
 (handlers.watched_kinds), and only jobs under Kueue, which it requires, ever read one."""
 Key = tuple[Resource, str, str]
+TOMBSTONES = 4096
+"""How many deletions the cache remembers (a late answer must not bring a deleted object back)."""
 
 
 class ObjectCache:
@@ -47,15 +54,33 @@ class ObjectCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._objects: dict[Key, Manifest] = {}
+        self._deleted: collections.OrderedDict[Key, Manifest] = collections.OrderedDict()
 
     def store(self, res: Resource, obj: Manifest) -> None:
+        """Keep `obj` unless the cache knows a newer version of it, or of its deletion."""
         meta = obj["metadata"]
+        key = (res, meta.get("namespace") or "", meta["name"])
         with self._lock:
-            self._objects[(res, meta.get("namespace") or "", meta["name"])] = obj
+            newest = self._objects.get(key) or self._deleted.get(key)
+            if newest is not None and older_than(obj, newest):
+                return
+            self._deleted.pop(key, None)
+            self._objects[key] = obj
 
-    def forget(self, res: Resource, namespace: str, name: str) -> None:
+    def forget(self, res: Resource, namespace: str, name: str, deleted: Manifest | None = None) -> None:
+        """Drop an object; `deleted` (a watch's DELETED event, which carries the deletion's version) is
+        remembered, so that an older answer arriving late cannot bring the object back."""
+        key = (res, namespace, name)
         with self._lock:
-            self._objects.pop((res, namespace, name), None)
+            current = self._objects.get(key)
+            if deleted is not None and current is not None and older_than(deleted, current):
+                return  # the event of an earlier object of that name, deleted before this one was created
+            self._objects.pop(key, None)
+            if deleted is not None:
+                self._deleted[key] = deleted
+                self._deleted.move_to_end(key)
+                while len(self._deleted) > TOMBSTONES:
+                    self._deleted.popitem(last=False)
 
     def get(self, res: Resource, namespace: str, name: str) -> Manifest | None:
         with self._lock:

@@ -33,7 +33,7 @@ from g2rpo.api.spec import API_GROUP, API_VERSION
 from g2rpo.api.status import REFERENCES_RESOLVED
 from g2rpo_operator.builders.common import MANAGED_BY
 from g2rpo_operator.cache import WATCHED, ObjectCache
-from g2rpo_operator.kube import PVCS, WORKLOADS, KubeApi, KubeError, Manifest, Resource
+from g2rpo_operator.kube import PVCS, WORKLOADS, KubeApi, KubeError, Manifest, Resource, older_than
 from g2rpo_operator.metrics import OperatorMetrics
 from g2rpo_operator.reconcile import Reconciler
 from g2rpo_operator.settings import OperatorSettings
@@ -56,6 +56,13 @@ class Operator:
     wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     latest: dict[tuple[str, str], dict] = field(default_factory=dict)
     """The newest body of each job seen in a watch event (a pass must never act on an older spec)."""
+
+    def remember(self, key: tuple[str, str], body: dict) -> None:
+        """Keep `body` as the job's newest unless a newer version is known (a status patch's answer and
+        the watch events of the job arrive in either order)."""
+        known = self.latest.get(key)
+        if known is None or not older_than(body, known):
+            self.latest[key] = body
 
     def wake(self, namespace: str, name: str | None = None) -> None:
         """Wake one job's daemon, or every job of `namespace` (name None). Runs on kopf's event loop."""
@@ -145,10 +152,9 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) 
                             api.patch, G2RPOJOBS, key[0], key[1], {"status": status}, "status"
                         )
                         # The next pass must see this status even before its watch event arrives (this
-                        # daemon is the status's only writer); the spec stays the newest one seen.
+                        # daemon is the status's only writer).
                         if isinstance(patched.get("status"), dict):
-                            newest = operator.latest.get(key) or current
-                            operator.latest[key] = {**newest, "status": patched["status"]}
+                            operator.remember(key, patched)
                 except KubeError as exc:
                     retry += 1
                     delay = min(2.0**retry, MAX_RETRY_DELAY) if exc.retryable else NON_RETRYABLE_DELAY
@@ -174,7 +180,7 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) 
         if type == "DELETED":
             operator.latest.pop(key, None)
             return
-        operator.latest[key] = dict(body)
+        operator.remember(key, dict(body))
         operator.wake(*key)
 
     for child in watched_kinds(settings):
@@ -204,7 +210,7 @@ def watched_kinds(settings: OperatorSettings) -> tuple[Resource, ...]:
 
 def _store(cache: ObjectCache, res: Resource, type_: str | None, obj: dict) -> None:
     if type_ == "DELETED":
-        cache.forget(res, obj["metadata"].get("namespace") or "", obj["metadata"]["name"])
+        cache.forget(res, obj["metadata"].get("namespace") or "", obj["metadata"]["name"], deleted=obj)
     else:
         cache.store(res, obj)
 

@@ -98,6 +98,19 @@ class KubeError(Exception):
         return self.status == 0 or self.status == 429 or self.status >= 500
 
 
+def older_than(candidate: Manifest, current: Manifest) -> bool:
+    """Whether `candidate` is an older version of the object than `current`, by resourceVersion.
+
+    Answers arrive out of order: a write's response read in a pass's thread can land after the watch
+    event of a later change, and a late watch event after a fresh read. A resourceVersion is an etcd
+    revision, an integer that only grows; Kubernetes 1.35 made comparing two of the same resource
+    part of the API (KEP-5504). One that is not a positive integer cannot be compared: it counts as
+    newer."""
+    new = str(candidate.get("metadata", {}).get("resourceVersion", ""))
+    old = str(current.get("metadata", {}).get("resourceVersion", ""))
+    return new.isdigit() and old.isdigit() and int(new) < int(old)
+
+
 def matches(obj: Manifest, labels: dict[str, str]) -> bool:
     have = obj.get("metadata", {}).get("labels") or {}
     return all(have.get(k) == v for k, v in labels.items())
