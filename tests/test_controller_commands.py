@@ -193,3 +193,21 @@ def test_a_refused_command_changes_nothing_and_journals_nothing(tmp_path, change
     assert (tmp_path / JOURNAL_FILE).read_bytes() == journal
     durable.close()
     assert DurableController.open("j", PARAMS, tmp_path).controller.snapshot() == before
+
+
+def test_the_in_process_client_checks_a_snapshot_as_the_service_does(tmp_path):
+    """The local run's controller refuses the inconsistent snapshot the service refuses, and keeps
+    a consistent one's event log (its process has no past of its own)."""
+    from g2rpo.controller.client import InProcessGuidanceClient
+    from g2rpo.controller.core import GuidanceController
+
+    inconsistent = json.loads(CHECKPOINT)
+    inconsistent["state"]["step"] = 2
+    client = InProcessGuidanceClient(GuidanceController(PARAMS))
+    service = DurableController.open("demo", PARAMS, tmp_path)
+    for restore in (client.restore, service.restore):
+        with pytest.raises(ValueError, match=r"inconsistent snapshot: state\.step=2 but 1 history records"):
+            restore(inconsistent)
+    consistent = json.loads(CHECKPOINT)
+    consistent["events"] = [{"event": "override", "step": 1, "length": 300, "reason": "r", "at": 5.0, "params": None}]
+    assert client.restore(consistent) == 256 and client.controller.events == consistent["events"]

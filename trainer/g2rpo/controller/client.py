@@ -48,5 +48,7 @@ class InProcessGuidanceClient:
         return self.controller.snapshot()
 
     def restore(self, snapshot: dict[str, Any]) -> int:
-        self.controller = GuidanceController.from_snapshot(snapshot)
+        """Checked as the service checks it (ValueError naming the inconsistency); this process has no
+        past of its own, so the snapshot's event log is kept whole."""
+        self.controller = GuidanceController.from_checkpoint(snapshot)
         return self.controller.length
