@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 from g2rpo.controller.commands import Command, Override, Report, Restore, Rewind, decode, encode, execute
 from g2rpo.controller.core import GuidanceController
+from g2rpo.durable import atomic_write_bytes, fsync_dir
 from g2rpo.guidance import schedule as sched
 
 log = logging.getLogger(__name__)
@@ -65,15 +66,6 @@ def _encode(data: dict[str, Any]) -> bytes:
 #: fdatasync flushes an append's data and the file size, all a replay needs, without the inode's
 #: timestamps; macOS has only fsync.
 _datasync = getattr(os, "fdatasync", os.fsync)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or a file creation in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -132,7 +124,7 @@ class Journal:
         """Write one record and fsync it; on failure the file is cut back to where it was."""
         if self._fd is None:
             self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         line = _encode(record) + b"\n"
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
@@ -146,13 +138,9 @@ class Journal:
 
     def compact(self, job: str, seq: int, controller: dict[str, Any]) -> None:
         """Replace the snapshot atomically, then empty the journal (its records are all in it now)."""
-        tmp = self.snapshot_path.with_suffix(".json.tmp")
-        with open(tmp, "wb") as f:
-            f.write(_encode({"format": SNAPSHOT_FORMAT, "job": job, "seq": seq, "controller": controller}))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.snapshot_path)
-        _fsync_dir(self.directory)
+        atomic_write_bytes(
+            self.snapshot_path, _encode({"format": SNAPSHOT_FORMAT, "job": job, "seq": seq, "controller": controller})
+        )
         with open(self.journal_path, "ab") as f:
             f.truncate(0)
             os.fsync(f.fileno())

@@ -24,7 +24,7 @@ class MetricsFileCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or not state.global_step or not self.path.is_file():
             return
-        from g2rpo.train.checkpoints import atomic_write_text
+        from g2rpo.durable import atomic_write_text
 
         kept = []
         for line in self.path.read_text().splitlines():

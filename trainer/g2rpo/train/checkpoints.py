@@ -28,6 +28,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from g2rpo.durable import atomic_write_text, fsync_dir
+
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "g2rpo_checkpoint_complete.json"
@@ -118,20 +120,9 @@ def mark_complete(folder: Path, step: int) -> None:
     for name in files:
         _fsync_file(folder / name)
     for directory in {folder, *((folder / name).parent for name in files)}:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"step": step, "files": files}, indent=1))
-    _fsync_dir(folder.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` so that it holds either its old content or all of `text`, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(folder.parent)
 
 
 def rotate(checkpoint_dir: Path, keep: int | None) -> None:
@@ -157,14 +148,6 @@ def rotate(checkpoint_dir: Path, keep: int | None) -> None:
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:

@@ -35,9 +35,10 @@ from accelerate.utils import broadcast_object_list
 from trl import GRPOTrainer
 
 from g2rpo.controller.client import GuidanceClient
+from g2rpo.durable import atomic_write_text
 from g2rpo.guidance.rows import generated_token_mask, guided_rows, join_guidance, prepend_guidance
 from g2rpo.train.callbacks import GuidanceCheckpointCallback
-from g2rpo.train.checkpoints import atomic_write_text, incomplete_reason, newest_complete
+from g2rpo.train.checkpoints import incomplete_reason, newest_complete
 from g2rpo.train.metrics import step_statistics
 
 GUIDANCE_STATE_FILE = "guidance_state.json"
