@@ -236,6 +236,27 @@ def test_trainer_is_an_indexed_job_with_rendezvous_env():
     assert claim["persistentVolumeClaim"]["claimName"] == CLAIM
 
 
+def test_the_operator_reads_the_controller_where_the_trainer_reports(monkeypatch):
+    """Without a URL template the operator asks the job's controller Service, the URL the trainer gets;
+    with one (tests, out-of-cluster runs) the template decides."""
+    import g2rpo_operator.reconcile as reconcile_module
+    from g2rpo_operator.kube import DEPLOYMENTS
+    from g2rpo_operator.reconcile import Reconciler
+
+    asked: list[str] = []
+    monkeypatch.setattr(reconcile_module, "read_controller", lambda url, token, timeout: asked.append(url))
+    c = ctx()
+    available = {"metadata": {"generation": 1}, "spec": {"replicas": 1}}
+    available["status"] = {"observedGeneration": 1, "updatedReplicas": 1, "availableReplicas": 1, "replicas": 1}
+    observed = {(DEPLOYMENTS.kind, "qwen-controller"): available}
+    for template in (None, "http://127.0.0.1:9/{namespace}/{name}"):
+        Reconciler(None, OperatorSettings(controller_url_template=template))._read_controller(c, observed, "t")  # type: ignore[arg-type]
+    assert asked == [
+        env(trainer.job(c)["spec"]["template"]["spec"]["containers"][0])["G2RPO_CONTROLLER_URL"],
+        "http://127.0.0.1:9/ml/qwen",
+    ]
+
+
 def test_placement_overrides_per_job_and_per_operator():
     wide = OperatorSettings(
         gpu_node_selector={"pool": "h100"},

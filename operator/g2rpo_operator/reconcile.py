@@ -249,7 +249,8 @@ class Reconciler:
         """The controller's report, asked only once its Deployment is available (no pointless timeouts)."""
         if not token or not deployment_available(observed.get(_key(DEPLOYMENTS, ctx.child("controller")))):
             return None
-        url = self.settings.controller_url_template.format(name=ctx.name, namespace=ctx.namespace)
+        template = self.settings.controller_url_template
+        url = template.format(name=ctx.name, namespace=ctx.namespace) if template else ctx.controller_url
         return read_controller(url, token, self.settings.http_timeout_seconds)
 
     def _accepted(self, name: str, namespace: str, configmap: Manifest | None) -> JobContext | None:

@@ -17,8 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from g2rpo.api.names import CONTROLLER_PORT
-
 DEFAULT_GPU_PRODUCTS = (
     "NVIDIA-A100-SXM4-80GB",
     "NVIDIA-A100-SXM4-40GB",
@@ -72,8 +70,9 @@ class OperatorSettings:
     """Labels selecting the operator's pods (in operator_namespace) in the jobs' NetworkPolicies."""
     monitoring_namespace: str = "monitoring"
     """The namespace whose pods (Prometheus) may scrape the controllers' /metrics through the NetworkPolicy."""
-    controller_url_template: str = f"http://{{name}}-controller.{{namespace}}.svc:{CONTROLLER_PORT}"
-    """Where the operator reaches a job's controller; tests point it at loopback."""
+    controller_url_template: str | None = None
+    """Where the operator reaches a job's controller ({name} and {namespace} filled in); unset: the
+    job's controller Service, as the trainer reaches it. Tests point it at loopback."""
     resync_seconds: float = 1800.0
     """How often each job gets a full pass that reads every child from the API, even without events.
     Changes reach the operator through watches; this only repairs what a lost watch event missed."""
