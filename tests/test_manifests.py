@@ -15,7 +15,7 @@ import yaml
 from g2rpo.api.spec import parse_job
 from g2rpo_operator.admission import validate
 from g2rpo_operator.builders import JobContext
-from g2rpo_operator.reconcile import checkpoint_claim
+from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.settings import OperatorSettings
 
 from operator_fixtures import crd_json_schema

@@ -28,10 +28,10 @@ from g2rpo_operator.builders import (
     rollout,
     trainer,
 )
+from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.conditions import claim_problems, pod_problems
 from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, placements, pods_ready, release_quota
 from g2rpo_operator.lifecycle import deployment_available, progress
-from g2rpo_operator.reconcile import checkpoint_claim
 from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
 
 from operator_fixtures import CLAIM, job_manifest

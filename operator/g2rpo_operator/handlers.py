@@ -31,7 +31,7 @@ import kopf
 from g2rpo.api.crd import PLURAL
 from g2rpo.api.spec import API_GROUP, API_VERSION
 from g2rpo.api.status import REFERENCES_RESOLVED
-from g2rpo_operator.builders.common import MANAGED_BY
+from g2rpo_operator.builders.common import INSTANCE_LABEL, MANAGED_BY
 from g2rpo_operator.cache import WATCHED, ObjectCache
 from g2rpo_operator.kube import PVCS, WORKLOADS, KubeApi, KubeError, Manifest, Resource, older_than
 from g2rpo_operator.metrics import OperatorMetrics
@@ -222,7 +222,7 @@ def _watch_child(registry: kopf.OperatorRegistry, operator: Operator, cache: Obj
     @kopf.on.event(*selector, id=f"{res.plural}-changed", labels=WATCH_LABELS, registry=registry)
     async def child_changed(type: str, body: kopf.Body, **_: Any) -> None:
         _store(cache, res, type, dict(body))
-        job = body.metadata.labels.get("app.kubernetes.io/instance")
+        job = body.metadata.labels.get(INSTANCE_LABEL)
         if job:
             operator.wake(_namespace(body), job)
 

@@ -41,8 +41,9 @@ from g2rpo.api.names import TOKEN_KEY
 from g2rpo.api.spec import G2RPOJobSpec
 from g2rpo_operator.admission import refused_edits, validate
 from g2rpo_operator.builders import JobContext, child_keys, children, config
-from g2rpo_operator.builders.common import APP_NAME, GANG_EPOCH_ANNOTATION, MANAGED_BY, child_name
+from g2rpo_operator.builders.common import GANG_EPOCH_ANNOTATION, child_name, job_labels
 from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
+from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.conditions import Facts, claim_problems, invalid_status, job_status, pod_problems, status_patch
 from g2rpo_operator.controller_client import ControllerReport, read_controller
@@ -79,32 +80,6 @@ log = logging.getLogger(__name__)
 
 def owned_by(obj: Manifest, uid: str) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences") or [])
-
-
-def job_pod_labels(name: str) -> dict[str, str]:
-    """Every pod of the job (all components), as its builders label them."""
-    return {"app.kubernetes.io/name": APP_NAME, "app.kubernetes.io/instance": name}
-
-
-def checkpoint_claim(ctx: JobContext) -> Manifest:
-    """The claim the operator creates from checkpoint.volumeSize: ReadWriteMany (every trainer pod and the
-    controller mount it), labelled but not owned by the job (checkpoints outlive it)."""
-    checkpoint = ctx.spec.checkpoint
-    spec: Manifest = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": checkpoint.volume_size}}}
-    storage_class = checkpoint.storage_class_name or ctx.settings.storage_class_name
-    if storage_class:
-        spec["storageClassName"] = storage_class
-    labels = {
-        **job_pod_labels(ctx.name),
-        "app.kubernetes.io/component": "checkpoints",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": checkpoint.volume_claim, "namespace": ctx.namespace, "labels": labels},
-        "spec": spec,
-    }
 
 
 def _key(res: Resource, name: str) -> tuple[str, str]:
@@ -149,7 +124,7 @@ class Reconciler:
         )
         storage = claim_problems(claim, ctx.spec.checkpoint.volume_claim or "", ctx.spec.trainer.replicas)
         job = observed.get(_key(JOBS, ctx.child("trainer")))
-        pods = view.list(PODS, namespace, job_pod_labels(name))
+        pods = view.list(PODS, namespace, job_labels(name))
         trainer_pods = [pod for pod in pods if job is not None and owned_by(pod, job["metadata"]["uid"])]
         workload = observed.get(_key(WORKLOADS, ctx.child("gang")))
         kueue = admission_of(workload, kueue_queue(ctx)) if ctx.spec.run_policy.gang_scheduler == "kueue" else None

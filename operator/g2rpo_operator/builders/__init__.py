@@ -1,7 +1,8 @@
 """Pure functions from a job's spec to the manifests of its children (dicts, no API calls).
 
 One module per group of children: `config` (ConfigMap, Secret), `network` (NetworkPolicies),
-`controller`, `rollout`, `trainer`, `gang` (Volcano PodGroup, Kueue Workload). `children` renders them
+`controller`, `rollout`, `trainer`, `gang` (Volcano PodGroup, Kueue Workload), and `storage` (the
+checkpoint claim, created only on request and never owned). `children` renders them
 in creation order; `child_keys` names them (kind, name) without rendering, for the reconciler to read
 them back. Ownership (ownerReferences) is added by the reconciler, which knows the owner's uid.
 """

@@ -76,13 +76,18 @@ class JobContext:
         return cls(name, namespace, spec.model_copy(update={"checkpoint": checkpoint}), settings)
 
 
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+"""Names the job on each of its objects and pods (the watches wake the job it names)."""
+
+
+def job_labels(name: str) -> dict[str, str]:
+    """What every object and pod of job `name` carries, whatever its component."""
+    return {"app.kubernetes.io/name": APP_NAME, INSTANCE_LABEL: name}
+
+
 def selector_labels(ctx: JobContext, component: str) -> dict[str, str]:
     """The immutable subset used in Deployment/Service selectors."""
-    return {
-        "app.kubernetes.io/name": APP_NAME,
-        "app.kubernetes.io/instance": ctx.name,
-        "app.kubernetes.io/component": component,
-    }
+    return {**job_labels(ctx.name), "app.kubernetes.io/component": component}
 
 
 def labels(ctx: JobContext, component: str) -> dict[str, str]:

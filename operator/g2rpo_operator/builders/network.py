@@ -21,16 +21,14 @@ Kubelet probes come from the node and are not subject to these policies on commo
 from __future__ import annotations
 
 from g2rpo.api.names import CONTROLLER_PORT
-from g2rpo_operator.builders.common import APP_NAME, JobContext, Manifest, metadata, selector_labels
+from g2rpo_operator.builders.common import JobContext, Manifest, job_labels, metadata, selector_labels
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 
 def _job_pods(ctx: JobContext, component: str | None = None) -> Manifest:
     """A peer: the job's pods (of one component); a bare podSelector means the policy's own namespace."""
-    labels = {"app.kubernetes.io/name": APP_NAME, "app.kubernetes.io/instance": ctx.name}
-    if component:
-        labels["app.kubernetes.io/component"] = component
+    labels = selector_labels(ctx, component) if component else job_labels(ctx.name)
     return {"podSelector": {"matchLabels": labels}}
 
 
