@@ -150,17 +150,19 @@ class G2RPOTrainer(GRPOTrainer):
             if int(step) == self.state.global_step:
                 _pause_for_test(Path(folder))
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+    def create_model_card(  # type: ignore[override]  # TRL's BaseTrainer signature, not transformers'
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
         if self.model_card is None:
             return super().create_model_card(model_name, dataset_name, tags)
         if self.is_world_process_zero():
-            atomic_write_text(Path(self.args.output_dir) / "README.md", self.model_card)
+            atomic_write_text(self._output_dir() / "README.md", self.model_card)
 
     def _issue_warnings_after_load(self, load_result):
         """Leave out of the resume warning the keys of tied weights (lm_head.weight of a model with tied
         embeddings): a checkpoint stores a tied tensor once, and it is loaded under its other name.
         Every other missing or unexpected key is still reported."""
-        loaded_through_a_twin = _tied_names_loaded_through_a_twin(self.model, load_result.missing_keys)
+        loaded_through_a_twin = _tied_names_loaded_through_a_twin(self._model(), load_result.missing_keys)
         missing = [key for key in load_result.missing_keys if key not in loaded_through_a_twin]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
@@ -194,6 +196,11 @@ class G2RPOTrainer(GRPOTrainer):
         assert self.args.output_dir is not None, "TrainingArguments.__post_init__ sets output_dir"
         return Path(self.args.output_dir)
 
+    def _model(self) -> torch.nn.Module:
+        # Trainer types model optional; GRPOTrainer's __init__ always loads or receives one.
+        assert self.model is not None, "GRPOTrainer.__init__ sets the model"
+        return self.model
+
     def _group_size(self) -> int:
         # GRPOConfig types num_generations optional; its __post_init__ fails on None (num_generations < 2).
         assert self.num_generations is not None, "GRPOConfig requires num_generations"
@@ -202,7 +209,7 @@ class G2RPOTrainer(GRPOTrainer):
     # --- TRL private hooks -----------------------------------------------------------------------
 
     def _generate_and_score_completions(self, inputs):  # TRL private hook
-        if not self.model.training:
+        if not self._model().training:
             return super()._generate_and_score_completions(inputs)  # evaluation is never guided
         self._guidance_plan = self._plan_guidance(inputs)
         try:
