@@ -12,6 +12,7 @@ import yaml
 from g2rpo.api.spec import load_job
 from g2rpo.cli import main
 from g2rpo_operator.builders import JobContext, children
+from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.render import RENDERED_TOKEN
 from g2rpo_operator.settings import OperatorSettings
 
@@ -40,6 +41,7 @@ def test_the_example_renders_every_child_the_operator_creates(capsys):
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in documents)
     assert kinds == sorted(
         [
+            ("PersistentVolumeClaim", "g2rpo-checkpoints"),
             ("ConfigMap", "qwen3-1p7b-math-config"),
             ("Secret", "qwen3-1p7b-math-token"),
             ("NetworkPolicy", "qwen3-1p7b-math-controller"),
@@ -56,7 +58,8 @@ def test_the_example_renders_every_child_the_operator_creates(capsys):
     # Exactly the builders' output with the operator's defaults (the token aside).
     job = load_job(EXAMPLE)
     ctx = JobContext.resolve(job.metadata.name, "default", job.spec, OperatorSettings.from_env())
-    assert documents == children(ctx, RENDERED_TOKEN, active=True)
+    assert documents == [checkpoint_claim(ctx), *children(ctx, RENDERED_TOKEN, active=True)]
+    assert "# Created only if no claim of this name exists; not owned by the job" in out
     # The ConfigMap's files are readable blocks, and the Secret is marked as a placeholder.
     assert "  job.yaml: |\n" in out
     secret = next(d for d in documents if d["kind"] == "Secret")
@@ -68,6 +71,7 @@ def test_namespace_is_applied_everywhere(capsys, tmp_path):
     code, documents, _, _ = render(capsys, str(write_job(tmp_path)), "--namespace", "team-a")
     assert code == 0
     assert {d["metadata"]["namespace"] for d in documents} == {"team-a"}
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in documents}  # no volumeSize: the user's claim
     trainer = next(d for d in documents if d["kind"] == "Job")
     env = {e["name"]: e.get("value") for e in trainer["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["G2RPO_CONTROLLER_URL"] == "http://demo-controller.team-a.svc:8080"

@@ -19,6 +19,7 @@ from g2rpo.api.spec import G2RPOJob, SpecError
 from g2rpo.cli import JOB_FILE_HELP
 from g2rpo_operator.admission import validate
 from g2rpo_operator.builders import JobContext, children
+from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.settings import OperatorSettings
 
 RENDERED_TOKEN = "placeholder-the-operator-generates-a-random-token"
@@ -61,13 +62,16 @@ def render_children(job: G2RPOJob, namespace: str | None = None, env: Mapping[st
     ctx = JobContext.resolve(job.metadata.name, namespace, spec, settings)
     block_dumper = _block_dumper()
     out = [
-        f"# g2rpo render: the children of G2RPOJob {namespace}/{ctx.name}, as the operator creates them "
+        f"# g2rpo render: the objects the operator creates for G2RPOJob {namespace}/{ctx.name} "
         "(ownerReferences to the job are added at creation)."
     ]
-    for manifest in children(ctx, RENDERED_TOKEN, active=not spec.suspend):
+    claim = [checkpoint_claim(ctx)] if spec.checkpoint.volume_size else []
+    for manifest in [*claim, *children(ctx, RENDERED_TOKEN, active=not spec.suspend)]:
         out.append("---")
         if manifest["kind"] == "Secret":
             out.append("# Not a secret: the operator generates a random token at creation; this is a placeholder.")
+        if manifest["kind"] == "PersistentVolumeClaim":
+            out.append("# Created only if no claim of this name exists; not owned by the job (checkpoints outlive it).")
         out.append(yaml.dump(manifest, Dumper=block_dumper, sort_keys=False).rstrip("\n"))
     return "\n".join(out) + "\n"
 
