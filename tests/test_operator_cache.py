@@ -9,7 +9,7 @@ import pytest
 from g2rpo_operator import cache as cache_module
 from g2rpo_operator.cache import ObjectCache
 from g2rpo_operator.handlers import Operator
-from g2rpo_operator.kube import JOBS, older_than
+from g2rpo_operator.kube import JOBS, compare_versions, older_than
 
 
 def job(version: str, uid: str = "a", **status: int) -> dict:
@@ -50,6 +50,14 @@ def test_a_late_answer_does_not_bring_a_deleted_object_back():
     assert cached(cache) == job("20", uid="b")
 
 
+def test_a_late_answer_of_the_deleted_version_itself_stays_deleted():
+    """A DELETED event may carry the object's last version (KMock's do), the one a late answer holds."""
+    cache = ObjectCache()
+    cache.forget(JOBS, "ns", "demo-trainer", deleted=job("14"))
+    cache.store(JOBS, job("14"))
+    assert cached(cache) is None
+
+
 def test_the_deletion_of_an_earlier_object_of_that_name_keeps_the_new_one():
     """The operator recreated the trainer Job (a gang restart) and read the answer before the watch
     delivered the old Job's DELETED event."""
@@ -80,18 +88,19 @@ def test_the_cache_remembers_a_bounded_number_of_deletions(monkeypatch: pytest.M
 
 
 @pytest.mark.parametrize(
-    ("candidate", "current", "older"),
+    ("candidate", "current", "comparison"),
     [
-        ("9", "10", True),  # integers, not strings: "9" > "10" as text
-        ("10", "10", False),
-        ("11", "10", False),
-        ("", "10", False),  # cannot tell: the newer-looking answer wins, as before the guard
-        ("abc", "10", False),
-        ("9", "xyz", False),
+        ("9", "10", -1),  # integers, not strings: "9" > "10" as text
+        ("10", "10", 0),
+        ("11", "10", 1),
+        ("", "10", None),  # cannot tell: not older, so the answer is kept, as before the guard
+        ("abc", "10", None),
+        ("9", "xyz", None),
     ],
 )
-def test_older_than_compares_resource_versions_as_integers(candidate: str, current: str, older: bool):
-    assert older_than(job(candidate), job(current)) is older
+def test_resource_versions_compare_as_integers(candidate: str, current: str, comparison: int | None):
+    assert compare_versions(job(candidate), job(current)) == comparison
+    assert older_than(job(candidate), job(current)) is (comparison == -1)
 
 
 def test_the_operator_keeps_the_newest_body_of_a_job():

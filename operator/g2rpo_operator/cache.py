@@ -35,6 +35,7 @@ from g2rpo_operator.kube import (
     KubeApi,
     Manifest,
     Resource,
+    compare_versions,
     matches,
     older_than,
     resource_of,
@@ -61,9 +62,11 @@ class ObjectCache:
         meta = obj["metadata"]
         key = (res, meta.get("namespace") or "", meta["name"])
         with self._lock:
-            newest = self._objects.get(key) or self._deleted.get(key)
-            if newest is not None and older_than(obj, newest):
+            alive, gone = self._objects.get(key), self._deleted.get(key)
+            if alive is not None and older_than(obj, alive):
                 return
+            if gone is not None and compare_versions(obj, gone) in (-1, 0):
+                return  # a version from before the deletion (a DELETED event may carry the last version)
             self._deleted.pop(key, None)
             self._objects[key] = obj
 

@@ -98,17 +98,24 @@ class KubeError(Exception):
         return self.status == 0 or self.status == 429 or self.status >= 500
 
 
-def older_than(candidate: Manifest, current: Manifest) -> bool:
-    """Whether `candidate` is an older version of the object than `current`, by resourceVersion.
+def compare_versions(a: Manifest, b: Manifest) -> int | None:
+    """-1, 0 or 1 as object `a` is an older, the same or a newer version than `b` (by resourceVersion);
+    None when either version cannot be compared.
 
     Answers arrive out of order: a write's response read in a pass's thread can land after the watch
     event of a later change, and a late watch event after a fresh read. A resourceVersion is an etcd
     revision, an integer that only grows; Kubernetes 1.35 made comparing two of the same resource
-    part of the API (KEP-5504). One that is not a positive integer cannot be compared: it counts as
-    newer."""
-    new = str(candidate.get("metadata", {}).get("resourceVersion", ""))
-    old = str(current.get("metadata", {}).get("resourceVersion", ""))
-    return new.isdigit() and old.isdigit() and int(new) < int(old)
+    part of the API (KEP-5504)."""
+    first = str(a.get("metadata", {}).get("resourceVersion", ""))
+    second = str(b.get("metadata", {}).get("resourceVersion", ""))
+    if not (first.isdigit() and second.isdigit()):
+        return None
+    return (int(first) > int(second)) - (int(first) < int(second))
+
+
+def older_than(candidate: Manifest, current: Manifest) -> bool:
+    """Whether `candidate` is known to be an older version than `current` (incomparable: not older)."""
+    return compare_versions(candidate, current) == -1
 
 
 def matches(obj: Manifest, labels: dict[str, str]) -> bool:
