@@ -39,6 +39,7 @@ from kmock_support import (
     PODGROUPS,
     PODS,
     PVCS,
+    RESOURCE_FLAVORS,
     SECRETS,
     WORKLOADS,
     free_port,
@@ -948,3 +949,22 @@ async def test_namespaced_mode_with_peering_reconciles_a_job(cluster, start_oper
     granted = {verb for group, resource, verb in _granted_in_namespaced_mode() if resource == "kopfpeerings"}
     assert used and used <= granted, (used, granted)
     assert running.operator.metrics.tracked_jobs() == 1
+
+
+async def test_the_kueue_integration_needs_kueue_served_at_startup(cluster, monkeypatch):
+    """kopf resolves the kinds it watches once, at startup: the operator (`python -m g2rpo_operator`)
+    stops, and its pod restarts, until Kueue serves Workloads, instead of running blind to them."""
+    import g2rpo_operator.__main__ as entry_point
+    from g2rpo_operator.kueue import require_workload_api
+
+    api = KubeApi.for_url(cluster.url)
+    await asyncio.to_thread(require_workload_api, api)  # served: nothing to say
+    for missing in (WORKLOADS, RESOURCE_FLAVORS):  # the group without the kind, then no group at all
+        del cluster.emulator.resources[missing]
+        with pytest.raises(SystemExit, match=r"does not serve kueue\.x-k8s\.io/v1beta1 workloads: install Kueue"):
+            await asyncio.to_thread(require_workload_api, api)
+    monkeypatch.setenv("G2RPO_KUEUE_ENABLED", "true")
+    monkeypatch.setattr(KubeApi, "from_environment", classmethod(lambda cls: api))
+    monkeypatch.setattr(entry_point.kopf, "run", lambda **_: pytest.fail("kopf started without Kueue's API"))
+    with pytest.raises(SystemExit, match="install Kueue"):
+        await asyncio.to_thread(entry_point.main)

@@ -13,6 +13,7 @@ import kopf
 
 from g2rpo_operator.handlers import build, kopf_settings, register_client_login
 from g2rpo_operator.kube import KubeApi
+from g2rpo_operator.kueue import require_workload_api
 from g2rpo_operator.settings import OperatorSettings
 
 
@@ -21,7 +22,10 @@ def main() -> None:
     settings = OperatorSettings.from_env()
     registry = kopf.OperatorRegistry()
     register_client_login(registry)
-    operator = build(KubeApi.from_environment(), settings, registry)
+    api = KubeApi.from_environment()
+    if settings.kueue_enabled:
+        require_workload_api(api)
+    operator = build(api, settings, registry)
     operator.metrics.serve(settings.metrics_port)
     kopf.run(
         registry=registry,

@@ -31,8 +31,13 @@ class Resource:
     def api_version(self) -> str:
         return f"{self.group}/{self.version}" if self.group else self.version
 
+    @property
+    def discovery_path(self) -> str:
+        """Its group version's path: GET lists the kinds the API server serves there."""
+        return f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+
     def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
-        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        base = self.discovery_path
         path = f"{base}/namespaces/{namespace}/{self.plural}" if self.namespaced else f"{base}/{self.plural}"
         if name:
             path += f"/{name}"
@@ -195,6 +200,17 @@ class KubeApi:
         return self._call(
             "PATCH", res.path(namespace, name, subresource), body=body, content_type="application/merge-patch+json"
         )
+
+    def serves(self, res: Resource) -> bool:
+        """Whether the API server serves `res` (its group version's discovery document lists it; every
+        authenticated client may read discovery)."""
+        try:
+            found = self._call("GET", res.discovery_path)
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(item.get("name") == res.plural for item in found.get("resources") or [])
 
     def delete(self, res: Resource, namespace: str, name: str, propagation: str = "Background") -> None:
         """Delete; an object already gone is not an error (deletion is idempotent)."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from g2rpo.api.status import timestamp
 from g2rpo_operator.builders.common import Manifest
+from g2rpo_operator.kube import WORKLOADS, KubeApi
 
 QUOTA_RESERVED = "QuotaReserved"
 ADMITTED = "Admitted"
@@ -147,3 +148,15 @@ def pods_ready(workload: Manifest, ready: bool, now: datetime) -> Manifest | Non
     }
     others = [c for c in (workload.get("status") or {}).get("conditions") or [] if c.get("type") != PODS_READY]
     return {"status": {"conditions": [*others, new]}}
+
+
+def require_workload_api(api: KubeApi) -> None:
+    """With the integration on, stop at startup unless Kueue serves Workloads: kopf looks the kinds it
+    watches up once, at startup, so an operator started before Kueue would never see a Workload change.
+    Exiting makes the pod restart (with back-off) until Kueue is installed."""
+    if not api.serves(WORKLOADS):
+        raise SystemExit(
+            f"the Kueue integration is on (G2RPO_KUEUE_ENABLED, chart value kueue.enabled) but the API server "
+            f"does not serve {WORKLOADS.api_version} {WORKLOADS.plural}: install Kueue (the operator restarts until "
+            "it is served), or turn the integration off"
+        )
