@@ -41,8 +41,19 @@ PEERINGS = kmock.resource("kopf.dev/v1/clusterkopfpeerings")
 NAMESPACED_PEERINGS = kmock.resource("kopf.dev/v1/kopfpeerings")
 PODGROUPS = kmock.resource("scheduling.volcano.sh/v1beta1/podgroups")
 NETWORK_POLICIES = kmock.resource("networking.k8s.io/v1/networkpolicies")
-WORKLOADS = kmock.resource("kueue.x-k8s.io/v1beta1/workloads")
-RESOURCE_FLAVORS = kmock.resource("kueue.x-k8s.io/v1beta1/resourceflavors")
+PRIORITY_CLASSES = kmock.resource("scheduling.k8s.io/v1/priorityclasses")
+
+
+def kueue_workloads(version: str = "v1beta2") -> kmock.resource:
+    return kmock.resource(f"kueue.x-k8s.io/{version}/workloads")
+
+
+def kueue_flavors(version: str = "v1beta2") -> kmock.resource:
+    return kmock.resource(f"kueue.x-k8s.io/{version}/resourceflavors")
+
+
+WORKLOADS = kueue_workloads()
+RESOURCE_FLAVORS = kueue_flavors()
 CHILD_RESOURCES = (CONFIGMAPS, SECRETS, SERVICES, DEPLOYMENTS, BATCH_JOBS, NETWORK_POLICIES)
 
 
@@ -201,9 +212,15 @@ def new_emulator() -> Emulator:
     emulator.resources[JOBS] = _custom_resource("G2RPOJob", namespaced=True, shortnames=("g2j",), status=True)
     emulator.resources[PEERINGS] = _custom_resource("ClusterKopfPeering", namespaced=False, verbs=PEERING_VERBS)
     emulator.resources[NAMESPACED_PEERINGS] = _custom_resource("KopfPeering", namespaced=True, verbs=PEERING_VERBS)
-    # Kueue's kinds, as its CRDs serve them (KMock has no Kueue controller: tests admit and evict).
-    emulator.resources[WORKLOADS] = _custom_resource("Workload", namespaced=True, shortnames=("wl",), status=True)
-    emulator.resources[RESOURCE_FLAVORS] = _custom_resource("ResourceFlavor", namespaced=False, shortnames=("flavor",))
+    # Kueue's kinds in both versions it has served, as its CRDs serve them (KMock converts nothing between
+    # versions and has no Kueue controller: a test speaks the operator's version, and admits and evicts).
+    for version in ("v1beta2", "v1beta1"):
+        emulator.resources[kueue_workloads(version)] = _custom_resource(
+            "Workload", namespaced=True, shortnames=("wl",), status=True
+        )
+        emulator.resources[kueue_flavors(version)] = _custom_resource(
+            "ResourceFlavor", namespaced=False, shortnames=("flavor",)
+        )
     return emulator
 
 

@@ -252,26 +252,26 @@ def test_job_defaults_and_images_reach_the_operator_settings():
 
 def test_kueue_integration_turns_on_the_workload_watch_and_its_rbac():
     """kueue.enabled reaches the operator (it then watches Workloads) with the rules its KMock test
-    exercises (tests/test_operator_kmock.py); cluster-scoped ResourceFlavors need a ClusterRole even
-    when the operator is namespaced."""
+    exercises (tests/test_operator_kmock.py); its cluster-scoped reads (ResourceFlavors, PriorityClasses)
+    need a ClusterRole even when the operator is namespaced."""
     kueue_rules = {
         ("kueue.x-k8s.io", r, v) for r in ["workloads"] for v in ("get", "list", "watch", "create", "delete")
     } | {("kueue.x-k8s.io", "workloads/status", "patch"), ("apps", "deployments", "delete")}
-    flavors = {("kueue.x-k8s.io", "resourceflavors", "get")}
+    cluster_reads = {("kueue.x-k8s.io", "resourceflavors", "get"), ("scheduling.k8s.io", "priorityclasses", "get")}
     off = template()
     assert not OperatorSettings.from_env(operator_env(off)).kueue_enabled
-    assert not (kueue_rules | flavors) & rule_triples(by_kind(off, "ClusterRole")[0])
+    assert not (kueue_rules | cluster_reads) & rule_triples(by_kind(off, "ClusterRole")[0])
     on = template("--set", "kueue.enabled=true")
     assert OperatorSettings.from_env(operator_env(on)).kueue_enabled
     (cluster_role,) = by_kind(on, "ClusterRole")
-    assert (kueue_rules | flavors) <= rule_triples(cluster_role)
+    assert (kueue_rules | cluster_reads) <= rule_triples(cluster_role)
     namespaced = template("--set", "kueue.enabled=true", "--set", "watchNamespaces={team-a}")
     (role,) = by_kind(namespaced, "Role")
-    assert kueue_rules <= rule_triples(role) and not flavors & rule_triples(role)
-    (flavor_role,) = by_kind(namespaced, "ClusterRole")
-    assert rule_triples(flavor_role) == flavors
+    assert kueue_rules <= rule_triples(role) and not cluster_reads & rule_triples(role)
+    (reads_role,) = by_kind(namespaced, "ClusterRole")
+    assert rule_triples(reads_role) == cluster_reads
     (binding,) = by_kind(namespaced, "ClusterRoleBinding")
-    assert binding["roleRef"]["name"] == flavor_role["metadata"]["name"]
+    assert binding["roleRef"]["name"] == reads_role["metadata"]["name"]
     assert binding["subjects"][0]["namespace"] == "g2rpo-system"
 
 

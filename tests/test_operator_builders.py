@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import kubernetes_validate
@@ -59,14 +60,30 @@ def env(container: dict) -> dict:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
+KUEUE_SPEC_FIELDS = {
+    "v1beta1": {"queueName", "podSets", "priorityClassName", "priorityClassSource", "priority", "active"},
+    "v1beta2": {"queueName", "podSets", "priorityClassRef", "priority", "active"},
+}
+
+
 def validate_kueue_workload(workload: dict) -> None:
     """Kueue's Workload has no schema in kubernetes-validate (Kueue's CRD is not available offline): its
-    pod templates are checked as core PodTemplates, the rest against the rules of Kueue's v1beta1 CRD
-    (spec fields, pod-set name pattern, at most 8 pod sets, only labels/annotations in a template's
-    metadata), written out here."""
-    assert workload["apiVersion"] == "kueue.x-k8s.io/v1beta1" and workload["kind"] == "Workload"
+    pod templates are checked as core PodTemplates, the rest against the rules of Kueue's v1beta1 and
+    v1beta2 CRDs (spec fields, the CEL rule that a priority class comes with its value, the priority
+    class reference's group and kind, the pod-set name pattern, at most 8 pod sets, only
+    labels/annotations in a template's metadata), written out here."""
+    group, version = workload["apiVersion"].split("/")
+    assert group == "kueue.x-k8s.io" and version in KUEUE_SPEC_FIELDS and workload["kind"] == "Workload"
     spec = workload["spec"]
-    assert set(spec) <= {"queueName", "podSets", "priorityClassName", "priorityClassSource", "active", "priority"}
+    assert set(spec) <= KUEUE_SPEC_FIELDS[version]
+    if "priorityClassName" in spec or "priorityClassRef" in spec:
+        assert isinstance(spec.get("priority"), int), "priority should not be nil when a priority class is set"
+    if "priorityClassRef" in spec:
+        ref = spec["priorityClassRef"]
+        assert (ref["group"], ref["kind"]) in {
+            ("scheduling.k8s.io", "PriorityClass"),
+            ("kueue.x-k8s.io", "WorkloadPriorityClass"),
+        }
     assert 1 <= len(spec["podSets"]) <= 8
     for pod_set in spec["podSets"]:
         assert set(pod_set) == {"name", "count", "template"}
@@ -408,12 +425,32 @@ def test_operator_settings_from_env():
         OperatorSettings.from_env({"G2RPO_GPU_TOLERATIONS": '{"not": "a list"}'})
 
 
-def test_kueue_admits_the_rollout_and_the_trainer_as_one_workload():
-    kueue = ctx(runPolicy={"gangScheduler": "kueue", "queue": "team-a", "priorityClassName": "research"})
+@pytest.mark.parametrize("version", ["v1beta2", "v1beta1"])
+def test_kueue_admits_the_rollout_and_the_trainer_as_one_workload(version):
+    kueue = replace(
+        ctx(
+            OperatorSettings(kueue_api_version=version),
+            runPolicy={"gangScheduler": "kueue", "queue": "team-a", "priorityClassName": "research"},
+        ),
+        workload_priority=1000,
+    )
     objs = {o["kind"]: o for o in children(kueue, "t", True)}
     workload = objs["Workload"]
     validate_kueue_workload(workload)
-    assert workload["spec"]["queueName"] == "team-a" and workload["spec"]["priorityClassName"] == "research"
+    assert workload["apiVersion"] == f"kueue.x-k8s.io/{version}" and workload["spec"]["queueName"] == "team-a"
+    # The priority class with its value, in each version's own fields.
+    assert workload["spec"]["priority"] == 1000
+    if version == "v1beta1":
+        assert workload["spec"]["priorityClassName"] == "research"
+        assert workload["spec"]["priorityClassSource"] == "scheduling.k8s.io/priorityclass"
+    else:
+        assert workload["spec"]["priorityClassRef"] == {
+            "group": "scheduling.k8s.io",
+            "kind": "PriorityClass",
+            "name": "research",
+        }
+    unread = gang.kueue_workload(replace(kueue, workload_priority=None), rollout.deployment(kueue), trainer.job(kueue))
+    assert KUEUE_SPEC_FIELDS[version] & set(unread["spec"]) == {"queueName", "podSets"}  # render: not read
     pod_sets = {p["name"]: p for p in workload["spec"]["podSets"]}
     assert {name: p["count"] for name, p in pod_sets.items()} == {"rollout": 1, "trainer": 2}
     # Kueue sums the pod sets' requests: they are the children's own pod specs.

@@ -26,6 +26,7 @@ from g2rpo.guidance.schedule import ScheduleParams
 from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.kube import KubeApi
 from g2rpo_operator.reconcile import Reconciler
+from g2rpo_operator.settings import OperatorSettings
 
 from kmock_support import (
     BATCH_JOBS,
@@ -39,10 +40,11 @@ from kmock_support import (
     PODGROUPS,
     PODS,
     PVCS,
-    RESOURCE_FLAVORS,
     SECRETS,
     WORKLOADS,
     free_port,
+    kueue_flavors,
+    kueue_workloads,
     wait_for,
 )
 from operator_fixtures import NAMESPACE, Cluster, job_manifest
@@ -575,18 +577,25 @@ def _kueue_admits(cluster: Cluster, admitted: bool = True) -> dict:
     }
 
 
-def _workload(cluster: Cluster) -> dict | None:
-    return cluster.emulator.stored(WORKLOADS, NAMESPACE, "demo-gang")
+def _workload(cluster: Cluster, version: str = "v1beta2") -> dict | None:
+    return cluster.emulator.stored(kueue_workloads(version), NAMESPACE, "demo-gang")
 
 
-async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disruption(cluster, start_operator):
-    """The operator as Kueue's integration for G2RPOJobs (KMock plays Kueue's scheduler: it writes the
-    admission and the eviction into the Workload's status, as Kueue does)."""
+@pytest.mark.parametrize("version", ["v1beta2", "v1beta1"])
+async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disruption(cluster, start_operator, version):
+    """The operator as Kueue's integration for G2RPOJobs, in either API version (KMock plays Kueue's
+    scheduler: it writes the admission and the eviction into the Workload's status, as Kueue does)."""
+    workloads = kueue_workloads(version)
     await cluster.create_claim()
+    priority = {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "research"}}
     async with cluster.emulator.post(
-        "/apis/kueue.x-k8s.io/v1beta1/resourceflavors",
+        "/apis/scheduling.k8s.io/v1/priorityclasses", json={**priority, "value": 1000}
+    ) as response:
+        assert response.status < 300
+    async with cluster.emulator.post(
+        f"/apis/kueue.x-k8s.io/{version}/resourceflavors",
         json={
-            "apiVersion": "kueue.x-k8s.io/v1beta1",
+            "apiVersion": f"kueue.x-k8s.io/{version}",
             "kind": "ResourceFlavor",
             "metadata": {"name": "a100-spot"},
             "spec": {
@@ -596,11 +605,13 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
         },
     ) as response:
         assert response.status < 300
-    await start_operator(kueue_enabled=True)
-    await cluster.apply(job_manifest(runPolicy={"gangScheduler": "kueue", "queue": "team-a"}))
-    workload = await wait_for(lambda: _workload(cluster), what="the Workload")
+    await start_operator(kueue_enabled=True, kueue_api_version=version)
+    policy = {"gangScheduler": "kueue", "queue": "team-a", "priorityClassName": "research"}
+    await cluster.apply(job_manifest(runPolicy=policy))
+    workload = await wait_for(lambda: _workload(cluster, version), what="the Workload")
     assert {p["name"]: p["count"] for p in workload["spec"]["podSets"]} == {"rollout": 1, "trainer": 2}
     assert workload["spec"]["queueName"] == "team-a" and owner_uids(workload) == [cluster.job()["metadata"]["uid"]]
+    assert workload["spec"]["priority"] == 1000  # Kueue orders and preempts by the class's value
     await wait_for(lambda: ("deployments", "demo-controller") in children(cluster), what="the controller")
     await make_available(cluster, "demo-controller")
     await wait_for(
@@ -609,7 +620,7 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     )
     assert condition(cluster, "Ready")["reason"] == "Queued" and cluster.status()["phase"] == "Pending"
     # Quota reserved but admission checks pending: still nothing of the gang.
-    await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "demo-gang", _kueue_admits(cluster, False), status=True)
+    await cluster.emulator.patch_object(workloads, NAMESPACE, "demo-gang", _kueue_admits(cluster, False), status=True)
     await wait_for(
         lambda: "waiting for its admission checks" in condition(cluster, "Ready").get("message", ""),
         what="waiting for admission checks",
@@ -617,7 +628,7 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     await asyncio.sleep(0.5)
     assert ("deployments", "demo-rollout") not in children(cluster) and trainer_uid(cluster) is None
 
-    await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "demo-gang", _kueue_admits(cluster), status=True)
+    await cluster.emulator.patch_object(workloads, NAMESPACE, "demo-gang", _kueue_admits(cluster), status=True)
     await wait_for(lambda: ("deployments", "demo-rollout") in children(cluster), what="the rollout once admitted")
     rollout_pod = cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")["spec"]["template"]["spec"]
     assert rollout_pod["nodeSelector"]["cloud.example.com/pool"] == "a100-spot"
@@ -636,7 +647,8 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     # Kueue's waitForPodsReady reads this; without it such a cluster would evict the job at its timeout.
     await wait_for(
         lambda: any(
-            c["type"] == "PodsReady" and c["status"] == "True" for c in _workload(cluster)["status"]["conditions"]
+            c["type"] == "PodsReady" and c["status"] == "True"
+            for c in _workload(cluster, version)["status"]["conditions"]
         ),
         what="the Workload's PodsReady condition",
     )
@@ -649,14 +661,15 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
         "reason": "Preempted",
         "message": "Preempted to accommodate a higher priority Workload",
     }
-    await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "demo-gang", evicted, status=True)
+    await cluster.emulator.patch_object(workloads, NAMESPACE, "demo-gang", evicted, status=True)
     await wait_for(lambda: cluster.status().get("disruptions") == 1, what="the eviction counted as a disruption")
     await wait_for(
         lambda: trainer_uid(cluster) is None and ("deployments", "demo-rollout") not in children(cluster),
         what="the trainer and the rollout stopped",
     )
     released = await wait_for(
-        lambda: (w := _workload(cluster)) and not w["status"].get("admission") and w, what="the quota handed back"
+        lambda: (w := _workload(cluster, version)) and not w["status"].get("admission") and w,
+        what="the quota handed back",
     )
     reserved = next(c for c in released["status"]["conditions"] if c["type"] == "QuotaReserved")
     assert reserved["status"] == "False" and "higher priority" in reserved["message"]
@@ -664,7 +677,7 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     assert cluster.status()["phase"] == "Pending" and cluster.status()["restarts"] == 0
 
     # Admitted again: the gang comes back (a new rollout pod, of the next gang epoch) and resumes.
-    await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "demo-gang", _kueue_admits(cluster), status=True)
+    await cluster.emulator.patch_object(workloads, NAMESPACE, "demo-gang", _kueue_admits(cluster), status=True)
     await wait_for(lambda: rollout_epoch(cluster) == "1", what="the rollout recreated for epoch 1")
     await make_available(cluster, "demo-rollout")
     await wait_for(lambda: trainer_uid(cluster) not in (None, first), what="a new trainer Job")
@@ -674,18 +687,18 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
 
     # Suspended: the Workload goes (its quota with it), and so does the gang.
     await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": True}})
-    await wait_for(lambda: _workload(cluster) is None, what="the Workload deleted")
+    await wait_for(lambda: _workload(cluster, version) is None, what="the Workload deleted")
     await wait_for(lambda: trainer_uid(cluster) is None, what="the trainer deleted")
     assert ("deployments", "demo-rollout") not in children(cluster)
     await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": False}})
-    await wait_for(lambda: _workload(cluster), what="a new Workload on resume")
+    await wait_for(lambda: _workload(cluster, version), what="a new Workload on resume")
 
     rbac = ROOT / "charts" / "g2rpo" / "files" / "rbac"
     granted = _granted(
         [
             *yaml.safe_load((ROOT / "manifests" / "rbac" / "cluster-role.yaml").read_text())["rules"],
             *yaml.safe_load((rbac / "kueue-rules.yaml").read_text()),
-            *yaml.safe_load((rbac / "kueue-flavors.yaml").read_text()),
+            *yaml.safe_load((rbac / "kueue-cluster.yaml").read_text()),
         ]
     )
     used = {
@@ -696,27 +709,64 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
             )
         ]
     }
-    kueue_used = {u for u in used if u[0] == "kueue.x-k8s.io"}
+    kueue_used = {u for u in used if u[0] in ("kueue.x-k8s.io", "scheduling.k8s.io")}
     assert used <= granted, f"not granted: {sorted(used - granted)}"
     assert kueue_used == {
         ("kueue.x-k8s.io", "workloads", verb) for verb in ("get", "list", "watch", "create", "delete")
-    } | {("kueue.x-k8s.io", "workloads/status", "patch"), ("kueue.x-k8s.io", "resourceflavors", "get")}
+    } | {
+        ("kueue.x-k8s.io", "workloads/status", "patch"),
+        ("kueue.x-k8s.io", "resourceflavors", "get"),
+        ("scheduling.k8s.io", "priorityclasses", "get"),
+    }
+    # Every object the operator read or wrote in Kueue's group, in the version it speaks (kopf's
+    # discovery reads each version's list of kinds).
+    assert {
+        r.resource.version
+        for r in cluster.emulator[lambda r: r.resource is not None and r.resource.group == "kueue.x-k8s.io"]
+        if r.resource.plural
+    } == {version}
     assert ("apps", "deployments", "delete") in used  # granted by kueue-rules.yaml only
+
+
+async def test_a_kueue_job_waits_for_its_priority_class(cluster, start_operator):
+    """Kueue's CRD refuses a Workload that names a priority class without its value: until the class
+    exists the job says so and creates no Workload (its pods could not be created either)."""
+    await cluster.create_claim()
+    await start_operator(kueue_enabled=True)
+    policy = {"gangScheduler": "kueue", "queue": "team-a", "priorityClassName": "urgent"}
+    await cluster.apply(job_manifest(runPolicy=policy))
+    await wait_for(
+        lambda: (
+            "PriorityClass 'urgent' (spec.runPolicy.priorityClassName) not found"
+            in condition(cluster, "ReferencesResolved").get("message", "")
+        ),
+        what="the missing PriorityClass reported",
+    )
+    assert _workload(cluster) is None
+    urgent = {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": "urgent"}}
+    async with cluster.emulator.post(
+        "/apis/scheduling.k8s.io/v1/priorityclasses", json={**urgent, "value": 7}
+    ) as response:
+        assert response.status < 300
+    workload = await wait_for(lambda: _workload(cluster), what="the Workload once the class exists")
+    assert workload["spec"]["priority"] == 7 and workload["spec"]["priorityClassRef"]["name"] == "urgent"
+    await wait_for(lambda: condition(cluster, "ReferencesResolved")["status"] == "True", what="references resolved")
 
 
 async def test_workload_status_is_written_only_over_the_version_read(cluster):
     """Kueue writes the Workload's conditions too: the operator's whole-list write must not erase one it
     has not seen (a merge patch naming the resourceVersion it read; the API server answers 409 otherwise)."""
-    workload = {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload", "metadata": {"name": "w"}, "spec": {}}
+    workload = {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload", "metadata": {"name": "w"}, "spec": {}}
     read = await cluster.emulator.create_object(WORKLOADS, NAMESPACE, workload)
     evicted = {"status": {"conditions": [{"type": "Evicted", "status": "True", "reason": "Preempted", "message": ""}]}}
     await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "w", evicted, status=True)  # Kueue, after our read
-    view = View(KubeApi.for_url(cluster.url), ObjectCache(), fresh=True)
+    api = KubeApi.for_url(cluster.url)
+    view, reconciler = View(api, ObjectCache(), fresh=True), Reconciler(api, OperatorSettings())
     stale_write = {"status": {"conditions": [{"type": "PodsReady", "status": "True", "reason": "PodsReady"}]}}
-    await asyncio.to_thread(Reconciler._patch_workload_status, view, read, stale_write)
+    await asyncio.to_thread(reconciler._patch_workload_status, view, read, stale_write)
     assert _workload_conditions(cluster, "w") == {"Evicted": "True"}  # refused, nothing lost
     fresh = cluster.emulator.stored(WORKLOADS, NAMESPACE, "w")
-    await asyncio.to_thread(Reconciler._patch_workload_status, view, fresh, stale_write)
+    await asyncio.to_thread(reconciler._patch_workload_status, view, fresh, stale_write)
     assert _workload_conditions(cluster, "w") == {"PodsReady": "True"}
 
 
@@ -951,20 +1001,36 @@ async def test_namespaced_mode_with_peering_reconciles_a_job(cluster, start_oper
     assert running.operator.metrics.tracked_jobs() == 1
 
 
-async def test_the_kueue_integration_needs_kueue_served_at_startup(cluster, monkeypatch):
-    """kopf resolves the kinds it watches once, at startup: the operator (`python -m g2rpo_operator`)
-    stops, and its pod restarts, until Kueue serves Workloads, instead of running blind to them."""
+async def test_the_kueue_integration_speaks_the_newest_version_kueue_serves(cluster, monkeypatch):
+    """At startup (`python -m g2rpo_operator`) the operator picks the newest Kueue API version served:
+    kopf resolves the kinds it watches once, so without Kueue it stops (and its pod restarts) until
+    Kueue serves Workloads, instead of running blind to them."""
     import g2rpo_operator.__main__ as entry_point
-    from g2rpo_operator.kueue import require_workload_api
+    from g2rpo_operator.kueue import served_version
 
     api = KubeApi.for_url(cluster.url)
-    await asyncio.to_thread(require_workload_api, api)  # served: nothing to say
-    for missing in (WORKLOADS, RESOURCE_FLAVORS):  # the group without the kind, then no group at all
-        del cluster.emulator.resources[missing]
-        with pytest.raises(SystemExit, match=r"does not serve kueue\.x-k8s\.io/v1beta1 workloads: install Kueue"):
-            await asyncio.to_thread(require_workload_api, api)
+    spoken: list[str] = []
+
+    def build(api, settings, registry):  # type: ignore[no-untyped-def]
+        spoken.append(settings.kueue_api_version)
+        raise SystemExit(0)
+
     monkeypatch.setenv("G2RPO_KUEUE_ENABLED", "true")
     monkeypatch.setattr(KubeApi, "from_environment", classmethod(lambda cls: api))
-    monkeypatch.setattr(entry_point.kopf, "run", lambda **_: pytest.fail("kopf started without Kueue's API"))
+    monkeypatch.setattr(entry_point, "build", build)
+    for gone in (None, "v1beta2", "v1beta1"):
+        if gone:  # Kueue's CRDs stop serving a version (Workloads first: the group without the kind)
+            for resource in (kueue_workloads(gone), kueue_flavors(gone)):
+                del cluster.emulator.resources[resource]
+        if gone != "v1beta1":
+            with pytest.raises(SystemExit):
+                await asyncio.to_thread(entry_point.main)
+    assert spoken == ["v1beta2", "v1beta1"]
+    with pytest.raises(
+        SystemExit,
+        match=r"serves no Kueue Workloads \(kueue\.x-k8s\.io/v1beta2, kueue\.x-k8s\.io/v1beta1\): install Kueue",
+    ):
+        await asyncio.to_thread(served_version, api)
     with pytest.raises(SystemExit, match="install Kueue"):
         await asyncio.to_thread(entry_point.main)
+    assert len(spoken) == 2

@@ -7,13 +7,14 @@ G2RPO_METRICS_PORT, kopf's health probe on G2RPO_HEALTH_PORT at /healthz.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import kopf
 
 from g2rpo_operator.handlers import build, kopf_settings, register_client_login
 from g2rpo_operator.kube import KubeApi
-from g2rpo_operator.kueue import require_workload_api
+from g2rpo_operator.kueue import served_version
 from g2rpo_operator.settings import OperatorSettings
 
 
@@ -24,7 +25,8 @@ def main() -> None:
     register_client_login(registry)
     api = KubeApi.from_environment()
     if settings.kueue_enabled:
-        require_workload_api(api)
+        settings = dataclasses.replace(settings, kueue_api_version=served_version(api))
+        logging.getLogger(__name__).info("Kueue integration: speaking kueue.x-k8s.io/%s", settings.kueue_api_version)
     operator = build(api, settings, registry)
     operator.metrics.serve(settings.metrics_port)
     kopf.run(

@@ -31,7 +31,6 @@ from g2rpo_operator.kube import (
     JOBS,
     PODS,
     PVCS,
-    WORKLOADS,
     KubeApi,
     Manifest,
     Resource,
@@ -41,7 +40,7 @@ from g2rpo_operator.kube import (
     resource_of,
 )
 
-WATCHED = (DEPLOYMENTS, JOBS, PODS, PVCS, WORKLOADS)
+WATCHED = frozenset(res.kind for res in (DEPLOYMENTS, JOBS, PODS, PVCS)) | {"Workload"}
 """Kinds a cached view answers from the cache. Workloads are watched only with the Kueue integration on
 (handlers.watched_kinds), and only jobs under Kueue, which it requires, ever read one."""
 Key = tuple[Resource, str, str]
@@ -113,7 +112,7 @@ class View:
         self.fresh = fresh
 
     def get(self, res: Resource, namespace: str, name: str) -> Manifest | None:
-        if not self.fresh and (res in WATCHED or self.cache.knows(res, namespace, name)):
+        if not self.fresh and (res.kind in WATCHED or self.cache.knows(res, namespace, name)):
             return self.cache.get(res, namespace, name)
         obj = self.api.get(res, namespace, name)
         if obj is None:

@@ -32,8 +32,19 @@ from g2rpo.api.crd import PLURAL
 from g2rpo.api.spec import API_GROUP, API_VERSION
 from g2rpo.api.status import REFERENCES_RESOLVED
 from g2rpo_operator.builders.common import INSTANCE_LABEL, MANAGED_BY
-from g2rpo_operator.cache import WATCHED, ObjectCache
-from g2rpo_operator.kube import PVCS, WORKLOADS, KubeApi, KubeError, Manifest, Resource, older_than
+from g2rpo_operator.cache import ObjectCache
+from g2rpo_operator.kube import (
+    DEPLOYMENTS,
+    JOBS,
+    PODS,
+    PVCS,
+    KubeApi,
+    KubeError,
+    Manifest,
+    Resource,
+    older_than,
+    workloads,
+)
 from g2rpo_operator.metrics import OperatorMetrics
 from g2rpo_operator.reconcile import Reconciler
 from g2rpo_operator.settings import OperatorSettings
@@ -205,7 +216,8 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) 
 def watched_kinds(settings: OperatorSettings) -> tuple[Resource, ...]:
     """The kinds kopf watches: Workloads only with the Kueue integration (kopf resolves every watched
     kind at startup and warns about a CRD that is not installed)."""
-    return tuple(res for res in WATCHED if res is not WORKLOADS or settings.kueue_enabled)
+    kueue = (workloads(settings.kueue_api_version),) if settings.kueue_enabled else ()
+    return (DEPLOYMENTS, JOBS, PODS, PVCS, *kueue)
 
 
 def _store(cache: ObjectCache, res: Resource, type_: str | None, obj: dict) -> None:

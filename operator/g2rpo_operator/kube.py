@@ -16,6 +16,8 @@ import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+from g2rpo_operator.settings import KUEUE_VERSIONS
+
 Manifest = dict[str, Any]
 
 
@@ -55,9 +57,18 @@ DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
 JOBS = Resource("batch", "v1", "jobs", "Job")
 PODGROUPS = Resource("scheduling.volcano.sh", "v1beta1", "podgroups", "PodGroup")
 NETWORK_POLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
-# Kueue v1beta1: served from Kueue 0.5 on (and alongside v1beta2 in the releases that add it).
-WORKLOADS = Resource("kueue.x-k8s.io", "v1beta1", "workloads", "Workload")
-RESOURCE_FLAVORS = Resource("kueue.x-k8s.io", "v1beta1", "resourceflavors", "ResourceFlavor", namespaced=False)
+PRIORITY_CLASSES = Resource("scheduling.k8s.io", "v1", "priorityclasses", "PriorityClass", namespaced=False)
+KUEUE_GROUP = "kueue.x-k8s.io"
+
+
+def workloads(version: str) -> Resource:
+    return Resource(KUEUE_GROUP, version, "workloads", "Workload")
+
+
+def resource_flavors(version: str) -> Resource:
+    return Resource(KUEUE_GROUP, version, "resourceflavors", "ResourceFlavor", namespaced=False)
+
+
 CLUSTER_PEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering", namespaced=False)
 PEERINGS = Resource("kopf.dev", "v1", "kopfpeerings", "KopfPeering")
 _BY_KIND = {
@@ -70,8 +81,8 @@ _BY_KIND = {
         JOBS,
         PODGROUPS,
         NETWORK_POLICIES,
-        WORKLOADS,
-        RESOURCE_FLAVORS,
+        *(kind(version) for version in KUEUE_VERSIONS for kind in (workloads, resource_flavors)),
+        PRIORITY_CLASSES,
         PODS,
         PVCS,
         CLUSTER_PEERINGS,
@@ -80,15 +91,18 @@ _BY_KIND = {
 }
 
 
-_BY_KIND_ONLY = {r.kind: r for r in _BY_KIND.values()}
+_BY_KIND_ONLY = {r.kind: r for r in _BY_KIND.values() if r.group != KUEUE_GROUP}
 
 
 def resource_of(manifest: Manifest) -> Resource:
     return _BY_KIND[(manifest["apiVersion"], manifest["kind"])]
 
 
-def resource_of_kind(kind: str) -> Resource:
-    """The resource of a kind the operator manages: none of them is served by two API groups."""
+def resource_of_kind(kind: str, kueue_version: str) -> Resource:
+    """The resource of a kind the operator manages (none is served by two API groups; Kueue's kinds in
+    the version the operator speaks)."""
+    if kind == "Workload":
+        return workloads(kueue_version)
     return _BY_KIND_ONLY[kind]
 
 

@@ -25,7 +25,8 @@ from typing import Any
 
 from g2rpo.api.status import timestamp
 from g2rpo_operator.builders.common import Manifest
-from g2rpo_operator.kube import WORKLOADS, KubeApi
+from g2rpo_operator.kube import KUEUE_GROUP, KubeApi, workloads
+from g2rpo_operator.settings import KUEUE_VERSIONS
 
 QUOTA_RESERVED = "QuotaReserved"
 ADMITTED = "Admitted"
@@ -150,13 +151,15 @@ def pods_ready(workload: Manifest, ready: bool, now: datetime) -> Manifest | Non
     return {"status": {"conditions": [*others, new]}}
 
 
-def require_workload_api(api: KubeApi) -> None:
-    """With the integration on, stop at startup unless Kueue serves Workloads: kopf looks the kinds it
-    watches up once, at startup, so an operator started before Kueue would never see a Workload change.
-    Exiting makes the pod restart (with back-off) until Kueue is installed."""
-    if not api.serves(WORKLOADS):
-        raise SystemExit(
-            f"the Kueue integration is on (G2RPO_KUEUE_ENABLED, chart value kueue.enabled) but the API server "
-            f"does not serve {WORKLOADS.api_version} {WORKLOADS.plural}: install Kueue (the operator restarts until "
-            "it is served), or turn the integration off"
-        )
+def served_version(api: KubeApi) -> str:
+    """The newest Kueue API version whose Workloads the API server serves. kopf looks the kinds it
+    watches up once, at startup, so an operator started before Kueue would never see a Workload change:
+    without Kueue it exits instead, and its pod restarts (with back-off) until Kueue is installed."""
+    for version in KUEUE_VERSIONS:
+        if api.serves(workloads(version)):
+            return version
+    raise SystemExit(
+        "the Kueue integration is on (G2RPO_KUEUE_ENABLED, chart value kueue.enabled) but the API server "
+        f"serves no Kueue Workloads ({', '.join(f'{KUEUE_GROUP}/{v}' for v in KUEUE_VERSIONS)}): install Kueue "
+        "(the operator restarts until it is served), or turn the integration off"
+    )

@@ -32,6 +32,7 @@ import base64
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from kopf import append_owner_reference
@@ -52,16 +53,17 @@ from g2rpo_operator.kube import (
     DEPLOYMENTS,
     JOBS,
     PODS,
+    PRIORITY_CLASSES,
     PVCS,
-    RESOURCE_FLAVORS,
     SECRETS,
-    WORKLOADS,
     KubeApi,
     KubeError,
     Manifest,
     Resource,
+    resource_flavors,
     resource_of,
     resource_of_kind,
+    workloads,
 )
 from g2rpo_operator.kueue import (
     Admission,
@@ -100,6 +102,7 @@ class Reconciler:
         self.settings = settings
         self.clock = clock
         self.cache = cache if cache is not None else ObjectCache()
+        self.workloads = workloads(settings.kueue_api_version)
 
     def reconcile(self, body: Manifest, fresh: bool = True) -> Manifest | None:
         """Bring the job's children one step closer to its spec; returns the status patch (None: unchanged).
@@ -118,7 +121,8 @@ class Reconciler:
             return status_patch(invalid_status(errors, prev, now, generation), prev)
         ctx, refused = self._effective(name, namespace, spec, accepted)
         observed = self._observe(view, ctx, configmap)
-        missing = self._missing_references(view, ctx)
+        ctx, missing = self._with_workload_priority(view, ctx)
+        missing += self._missing_references(view, ctx)
         claim = (
             view.get(PVCS, namespace, ctx.spec.checkpoint.volume_claim) if ctx.spec.checkpoint.volume_claim else None
         )
@@ -126,7 +130,7 @@ class Reconciler:
         job = observed.get(_key(JOBS, ctx.child("trainer")))
         pods = view.list(PODS, namespace, job_labels(name))
         trainer_pods = [pod for pod in pods if job is not None and owned_by(pod, job["metadata"]["uid"])]
-        workload = observed.get(_key(WORKLOADS, ctx.child("gang")))
+        workload = observed.get(_key(self.workloads, ctx.child("gang")))
         kueue = admission_of(workload, kueue_queue(ctx)) if ctx.spec.run_policy.gang_scheduler == "kueue" else None
         prog = progress(ctx.spec, prev, job, trainer_pods, now, evicted=kueue.evicted if kueue else None)
         waiting_for = self._waiting_for(ctx, observed, prog.gang_epoch)
@@ -166,27 +170,25 @@ class Reconciler:
         )
         return status_patch(job_status(facts, prev, now), prev)
 
-    @staticmethod
-    def _admitted(view: View, workload: Manifest | None, kueue: Admission | None) -> dict[str, Placement] | None:
+    def _admitted(self, view: View, workload: Manifest | None, kueue: Admission | None) -> dict[str, Placement] | None:
         """What `children` needs of Kueue: the placement per pod set once admitted, else None (no gang)."""
         if kueue is None:
             return {}
         if not kueue.admitted or workload is None:
             return None
-        return placements(workload, {name: view.get(RESOURCE_FLAVORS, "", name) for name in assigned_flavors(workload)})
+        flavors = resource_flavors(self.settings.kueue_api_version)
+        return placements(workload, {name: view.get(flavors, "", name) for name in assigned_flavors(workload)})
 
-    @staticmethod
     def _release_when_stopped(
-        view: View, ctx: JobContext, observed: dict[tuple[str, str], Manifest], workload: Manifest, now: datetime
+        self, view: View, ctx: JobContext, observed: dict[tuple[str, str], Manifest], workload: Manifest, now: datetime
     ) -> None:
         """Hand an evicted Workload's quota back once neither the trainer Job nor the rollout Deployment
         (deleted in the foreground: their pods go first) is left; Kueue then requeues it."""
         if _key(JOBS, ctx.child("trainer")) in observed or _key(DEPLOYMENTS, ctx.child("rollout")) in observed:
             return
-        Reconciler._patch_workload_status(view, workload, release_quota(workload, "evicted", now))
+        self._patch_workload_status(view, workload, release_quota(workload, "evicted", now))
 
-    @staticmethod
-    def _patch_workload_status(view: View, workload: Manifest, patch: Manifest | None) -> None:
+    def _patch_workload_status(self, view: View, workload: Manifest, patch: Manifest | None) -> None:
         """Write the Workload's status only over the version this pass read (its conditions are replaced
         whole, and Kueue writes them too); on a conflict the change's watch event brings another pass."""
         if patch is None:
@@ -194,7 +196,7 @@ class Reconciler:
         meta = workload["metadata"]
         try:
             view.patch(
-                WORKLOADS,
+                self.workloads,
                 meta["namespace"],
                 meta["name"],
                 {"metadata": {"resourceVersion": meta.get("resourceVersion")}, **patch},
@@ -243,12 +245,26 @@ class Reconciler:
     def _observe(self, view: View, ctx: JobContext, configmap: Manifest | None) -> dict[tuple[str, str], Manifest]:
         found = {_key(CONFIGMAPS, ctx.config_name): configmap} if configmap else {}
         for key in child_keys(ctx, active=True):
-            res = resource_of_kind(key[0])
+            res = resource_of_kind(key[0], self.settings.kueue_api_version)
             if key not in found and res is not CONFIGMAPS:
                 obj = view.get(res, ctx.namespace, key[1])
                 if obj is not None:
                     found[key] = obj
         return found
+
+    def _with_workload_priority(self, view: View, ctx: JobContext) -> tuple[JobContext, list[str]]:
+        """A Kueue job naming a PriorityClass: its Workload carries the class's value, read here (the
+        class is cluster-scoped; a missing one is reported like any missing reference)."""
+        name = ctx.spec.run_policy.priority_class_name
+        if not name or ctx.spec.run_policy.gang_scheduler != "kueue":
+            return ctx, []
+        found = view.get(PRIORITY_CLASSES, "", name)
+        if found is None:
+            return ctx, [
+                f"PriorityClass {name!r} (spec.runPolicy.priorityClassName) not found; "
+                f"retrying every {self.settings.poll_seconds:g} s"
+            ]
+        return replace(ctx, workload_priority=int(found.get("value") or 0)), []
 
     def _missing_references(self, view: View, ctx: JobContext) -> list[str]:
         """Objects the spec names but the job does not own: they must exist before any pod can start.
@@ -314,7 +330,7 @@ class Reconciler:
             wanted = {_key(resource_of(m), m["metadata"]["name"]) for m in desired}
             retired += [
                 (res, name)
-                for res, name in ((DEPLOYMENTS, ctx.child("rollout")), (WORKLOADS, ctx.child("gang")))
+                for res, name in ((DEPLOYMENTS, ctx.child("rollout")), (self.workloads, ctx.child("gang")))
                 if _key(res, name) not in wanted
             ]
         for res, name in retired:

@@ -70,6 +70,11 @@ def render_children(job: G2RPOJob, namespace: str | None = None, env: Mapping[st
         out.append("---")
         if manifest["kind"] == "Secret":
             out.append("# Not a secret: the operator generates a random token at creation; this is a placeholder.")
+        if manifest["kind"] == "Workload" and spec.run_policy.priority_class_name:
+            out.append(
+                f"# At creation the operator adds spec.priority, the value of PriorityClass "
+                f"{spec.run_policy.priority_class_name!r} (read from the cluster), and the class itself."
+            )
         if manifest["kind"] == "PersistentVolumeClaim":
             out.append("# Created only if no claim of this name exists; not owned by the job (checkpoints outlive it).")
         out.append(yaml.dump(manifest, Dumper=block_dumper, sort_keys=False).rstrip("\n"))

@@ -17,6 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+KUEUE_VERSIONS = ("v1beta2", "v1beta1")
+"""Kueue's API versions the operator speaks, newest first: v1beta2 from Kueue 0.15 on (its storage
+version from 0.16), v1beta1 until Kueue stopped serving it. The fields the operator reads and
+writes are the same in both, but for a Workload's priority class."""
+
 DEFAULT_GPU_PRODUCTS = (
     "NVIDIA-A100-SXM4-80GB",
     "NVIDIA-A100-SXM4-40GB",
@@ -58,7 +63,10 @@ class OperatorSettings:
     image_pull_policy: str = "IfNotPresent"
     kueue_enabled: bool = False
     """The Kueue integration: jobs with runPolicy.gangScheduler kueue get a Workload, which the operator
-    watches (kueue.x-k8s.io/v1beta1 must be served). Off, such jobs are refused."""
+    watches (Kueue must serve kueue.x-k8s.io v1beta2 or v1beta1). Off, such jobs are refused."""
+    kueue_api_version: str = "v1beta2"
+    """The Kueue API version spoken: the operator sets it at startup to the newest one Kueue serves;
+    `g2rpo render` prints the Workload in this one."""
     kueue_queue: str | None = None
     """The Kueue LocalQueue of jobs with runPolicy.gangScheduler kueue that name no queue."""
     storage_class_name: str | None = None
@@ -126,6 +134,12 @@ def _json_strings(raw: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _kueue_version(raw: str) -> str:
+    if raw not in KUEUE_VERSIONS:
+        raise ValueError(f"expected one of {', '.join(KUEUE_VERSIONS)}")
+    return raw
+
+
 def _flag(raw: str) -> bool:
     return raw.strip().lower() in ("1", "true", "yes")
 
@@ -153,6 +167,7 @@ _ENV: dict[str, Any] = {
     "controller_scratch_size": str,
     "image_pull_policy": str,
     "kueue_enabled": _flag,
+    "kueue_api_version": _kueue_version,
     "kueue_queue": str,
     "storage_class_name": str,
     "operator_namespace": str,

@@ -51,7 +51,7 @@ The argument is the peering mode: "clusterwide" or "namespaced". */}}
 {{- if .root.Values.kueue.enabled }}
 {{- .root.Files.Get "files/rbac/kueue-rules.yaml" }}
 {{- if eq .peering "clusterwide" }}
-{{- .root.Files.Get "files/rbac/kueue-flavors.yaml" }}
+{{- .root.Files.Get "files/rbac/kueue-cluster.yaml" }}
 {{- end }}
 {{- end }}
 {{- end -}}

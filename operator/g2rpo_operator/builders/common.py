@@ -41,6 +41,9 @@ class JobContext:
     namespace: str
     spec: G2RPOJobSpec
     settings: OperatorSettings
+    workload_priority: int | None = None
+    """The value of runPolicy.priorityClassName's PriorityClass, read from the cluster: Kueue orders and
+    preempts Workloads by it (None: not read, as in `g2rpo render`)."""
 
     def child(self, component: str) -> str:
         return child_name(self.name, component)

@@ -58,11 +58,21 @@ def kueue_workload(ctx: JobContext, rollout_deployment: Manifest, trainer_job: M
             pod_set(TRAINER_POD_SET, ctx.spec.trainer.replicas, trainer_job),
         ],
     }
-    if policy.priority_class_name:
-        spec["priorityClassName"] = policy.priority_class_name
-        spec["priorityClassSource"] = "scheduling.k8s.io/priorityclass"
+    version = ctx.settings.kueue_api_version
+    if policy.priority_class_name and ctx.workload_priority is not None:
+        # Kueue's CRD refuses a priority class without its value (Kueue's own integrations copy it too).
+        spec["priority"] = ctx.workload_priority
+        if version == "v1beta1":
+            spec["priorityClassName"] = policy.priority_class_name
+            spec["priorityClassSource"] = "scheduling.k8s.io/priorityclass"
+        else:
+            spec["priorityClassRef"] = {
+                "group": "scheduling.k8s.io",
+                "kind": "PriorityClass",
+                "name": policy.priority_class_name,
+            }
     return {
-        "apiVersion": "kueue.x-k8s.io/v1beta1",
+        "apiVersion": f"kueue.x-k8s.io/{version}",
         "kind": "Workload",
         "metadata": metadata(ctx, COMPONENT),
         "spec": spec,
