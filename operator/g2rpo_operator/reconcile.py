@@ -103,6 +103,7 @@ class Reconciler:
         self.clock = clock
         self.cache = cache if cache is not None else ObjectCache()
         self.workloads = workloads(settings.kueue_api_version)
+        self.flavors = resource_flavors(settings.kueue_api_version)
 
     def reconcile(self, body: Manifest, fresh: bool = True) -> Manifest | None:
         """Bring the job's children one step closer to its spec; returns the status patch (None: unchanged).
@@ -176,8 +177,7 @@ class Reconciler:
             return {}
         if not kueue.admitted or workload is None:
             return None
-        flavors = resource_flavors(self.settings.kueue_api_version)
-        return placements(workload, {name: view.get(flavors, "", name) for name in assigned_flavors(workload)})
+        return placements(workload, {name: view.get(self.flavors, "", name) for name in assigned_flavors(workload)})
 
     def _release_when_stopped(
         self, view: View, ctx: JobContext, observed: dict[tuple[str, str], Manifest], workload: Manifest, now: datetime
