@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from g2rpo.api.crd import CROSS_FIELD_RULES, render_crd
-from g2rpo.api.spec import MUTABLE_FIELDS, parse_job
+from g2rpo.api.spec import MUTABLE_FIELDS, SpecError, parse_job
 from g2rpo_operator.admission import validate
 
 from operator_fixtures import deep_merge, job_manifest
@@ -222,7 +222,14 @@ VIOLATIONS = [
         "spec.controller.tolerations",
     ),
 ]
-NAME_VIOLATIONS = [("x" * 53, "metadata.name: at most 52 characters"), ("9lives", "metadata.name: must start")]
+NAME_VIOLATIONS = [
+    ("x" * 53, 1, "metadata.name: at most 52 characters"),
+    ("9lives", 1, "metadata.name: must be a DNS-1035 label"),
+    ("qwen2.5-math", 1, "metadata.name: must be a DNS-1035 label"),  # a valid custom-resource name
+    ("qwen-", 1, "metadata.name: must be a DNS-1035 label"),
+    ("j" * 52, 101, "metadata.name: too long for spec.trainer.replicas"),  # <name>-trainer-100: 64
+    ("j" * 51, 1001, "metadata.name: too long for spec.trainer.replicas"),  # <name>-trainer-1000: 64
+]
 
 
 @pytest.mark.parametrize("change, expected", VIOLATIONS, ids=[e for _, e in VIOLATIONS])
@@ -241,16 +248,23 @@ def test_each_cross_field_violation_is_refused_with_its_message(change, expected
     assert any(field_of(e).startswith(field) or field.startswith(field_of(e)) for e in errors), (field, errors)
 
 
-@pytest.mark.parametrize("name, expected", NAME_VIOLATIONS)
-def test_a_bad_name_is_refused(name, expected):
-    document = job_manifest(name=name)
+@pytest.mark.parametrize("name, replicas, expected", NAME_VIOLATIONS)
+def test_a_bad_name_is_refused(name, replicas, expected):
+    """At admission, by the operator and by `g2rpo validate` (the model), with the same reason."""
+    document = job_manifest(name=name, trainer={"replicas": replicas})
     refused = admit(document)
     assert len(refused) == 1 and refused[0].startswith(expected), refused
-    assert any(e.startswith("metadata.name:") for e in operator_errors(document))
+    assert [e for e in operator_errors(document) if e.startswith(expected)]
+    with pytest.raises(SpecError) as raised:
+        parse_job(document)
+    assert [line for line in raised.value.lines() if line.startswith(expected)], raised.value.lines()
 
 
-def test_the_longest_name_is_admitted():
-    assert admit(job_manifest(name="j" * 52)) == []
+@pytest.mark.parametrize("name, replicas", [("j" * 52, 1), ("j" * 52, 100), ("j" * 51, 1000), ("a", 1), ("a-9", 8)])
+def test_the_longest_names_are_admitted(name, replicas):
+    document = job_manifest(name=name, trainer={"replicas": replicas})
+    assert admit(document) == [] and operator_errors(document) == []
+    parse_job(document)
 
 
 def test_null_optional_fields_read_as_unset():
@@ -260,7 +274,7 @@ def test_null_optional_fields_read_as_unset():
 
 
 def test_every_cross_field_rule_has_a_refusing_example():
-    covered = [expected for _, expected in VIOLATIONS] + [expected for _, expected in NAME_VIOLATIONS]
+    covered = [expected for _, expected in VIOLATIONS] + [expected for _, _, expected in NAME_VIOLATIONS]
     for rule in CROSS_FIELD_RULES:
         assert any(rule.message.startswith(e) for e in covered), f"no held example refuses: {rule.message}"
 

@@ -95,7 +95,7 @@ def test_good_spec_parses_with_defaults():
         ([("spec.rewards", [{"name": "format", "weight": float("nan")}])], "spec.rewards.0", "finite"),
         ([("spec.curriculum", {"column": "steps", "order": ["a", "a"]})], "spec.curriculum", "tier twice"),
         ([("spec.checkpoint.everySteps", 0)], "spec.checkpoint.everySteps", "greater than 0"),
-        ([("metadata.name", "Bad_Name")], "metadata.name", "should match pattern"),
+        ([("metadata.name", "Bad_Name")], "metadata.name", "must be a DNS-1035 label"),
         ([("apiVersion", "g2rpo.dev/v2")], "apiVersion", "'g2rpo.dev/v1alpha1'"),
         ([("kind", "Job")], "kind", "'G2RPOJob'"),
     ],

@@ -11,19 +11,19 @@ Rules worth knowing:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from g2rpo.api.names import CHECKPOINT_MOUNT
 from g2rpo.api.spec import (
-    MAX_NAME_LENGTH,
     MUTABLE_FIELDS,
     G2RPOJobSpec,
     SpecError,
     check_batch_layout,
+    job_name_errors,
     parse_spec,
 )
-from g2rpo_operator.builders import config
+from g2rpo_operator.builders import JobContext, children, config
+from g2rpo_operator.child_names import invalid_child_names
 from g2rpo_operator.settings import OperatorSettings
 
 
@@ -37,15 +37,13 @@ def validate(
     suspend/resume and restarts continue from checkpoints, which must outlive the pods. A linear
     or concave schedule needs its length up front: the controller pod has no dataset to count.
     """
-    errors: list[str] = []
-    if not re.match(r"^[a-z]", name):
-        errors.append("metadata.name: must start with a letter (it names the job's Services)")
-    if len(name) > MAX_NAME_LENGTH:
-        errors.append(f"metadata.name: at most {MAX_NAME_LENGTH} characters (children add suffixes), got {len(name)}")
+    errors = [f"metadata.name: {reason}" for reason in job_name_errors(name)]
     try:
         spec = parse_spec(raw_spec)
     except SpecError as exc:
         return None, errors + exc.lines()
+    if not errors:
+        errors += [f"metadata.name: {reason}" for reason in job_name_errors(name, spec.trainer.replicas)]
     if not spec.checkpoint.volume_claim:
         errors.append(
             "spec.checkpoint.volumeClaim: required on a cluster (restarts and resume continue from checkpoints "
@@ -75,7 +73,17 @@ def validate(
         errors.append(
             f"spec.checkpoint.dir: must lie under {CHECKPOINT_MOUNT} (where the claim is mounted), got {directory!r}"
         )
+    if not errors:
+        errors += _child_name_errors(name, spec, settings or OperatorSettings())
     return (None if errors else spec), errors
+
+
+def _child_name_errors(name: str, spec: G2RPOJobSpec, settings: OperatorSettings) -> list[str]:
+    """The names of the children the builders render for this job, as the API server would check them:
+    the backstop behind job_name_errors, so nothing is created for a job one of whose children would be
+    refused (the namespace names no child, any one does)."""
+    rendered = children(JobContext.resolve(name, "default", spec, settings), token="", active=True)
+    return [f"metadata.name: the API server would refuse {line}" for line in invalid_child_names(rendered)]
 
 
 def spec_changes(accepted: Any, proposed: Any, path: str = "") -> list[str]:

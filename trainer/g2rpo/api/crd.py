@@ -14,12 +14,12 @@ Sections the model builds with a default_factory get that default in the CRD too
 section of defaults), so that the API server stores every defaulted section and the admission
 rules below can rely on it being there.
 
-Admission (`x-kubernetes-validations`, CEL; see RULES): the name limit, the cross-field rules of the
-model and of the operator's cluster checks (g2rpo_operator.admission.validate), and immutability:
+Admission (`x-kubernetes-validations`, CEL; see RULES): the name rules (every child's name must be
+valid, see g2rpo.api.spec.job_name_errors), the cross-field rules of the model and of the operator's cluster checks (g2rpo_operator.admission.validate), and immutability:
 every spec field but g2rpo.api.spec.MUTABLE_FIELDS keeps its value on update (transition rules on
 the spec node, and on runPolicy, which holds mutable fields). So `kubectl apply` of a bad job or a
-forbidden edit is refused at once; the operator's own checks stay for what CEL cannot see (the
-name's DNS prefix is in the schema pattern; a claim that exists; a float that is finite, which JSON
+forbidden edit is refused at once; the operator's own checks stay for what CEL cannot see (a claim
+that exists; a float that is finite, which JSON
 cannot even carry otherwise). The API server refuses rules whose estimated cost is unbounded, so
 every string, list and map under spec has a maxLength/maxItems/maxProperties (set in g2rpo.api.spec;
 tests/test_cel.py checks that none is missing). Rule conventions: an optional field counts as set
@@ -47,9 +47,13 @@ from g2rpo.api.spec import (
     API_VERSION,
     BUNDLED_MODEL_PREFIX,
     DATA_PARALLEL_REASON,
+    DNS_LABEL_MAX,
+    JOB_NAME_PATTERN,
     KIND,
+    LONGEST_CHILD_SUFFIX,
     MAX_NAME_LENGTH,
     MUTABLE_FIELDS,
+    TRAINER_HOSTNAME_INFIX,
     G2RPOJobSpec,
 )
 from g2rpo.api.status import JobStatus
@@ -241,16 +245,26 @@ def _text(path: str) -> str:
 
 
 CROSS_FIELD_RULES: tuple[Rule, ...] = (
+    # The job's name (g2rpo.api.spec.job_name_errors). At the root a rule sees metadata.name and
+    # generateName only (apiextensions-apiserver schema/cel/model: WithTypeAndObjectMeta).
     Rule(
         "",
-        f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
-        f"metadata.name: at most {MAX_NAME_LENGTH} characters (the job's children add suffixes such as "
-        "-controller to it)",
+        f"self.metadata.name.matches('{JOB_NAME_PATTERN}')",
+        "metadata.name: must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter and "
+        "ending with a letter or digit, so no dots (it names the job's Services)",
     ),
     Rule(
         "",
-        "self.metadata.name.matches('^[a-z]')",
-        "metadata.name: must start with a letter (it names the job's Services)",
+        f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+        f"metadata.name: at most {MAX_NAME_LENGTH} characters (the job's children add up to "
+        f"{len(LONGEST_CHILD_SUFFIX)}, as in <name>{LONGEST_CHILD_SUFFIX}, and must stay DNS labels of {DNS_LABEL_MAX})",
+    ),
+    Rule(
+        "",
+        f"size(self.metadata.name) + {len(TRAINER_HOSTNAME_INFIX)} + size(string(self.spec.trainer.replicas - 1)) "
+        f"<= {DNS_LABEL_MAX}",
+        f"metadata.name: too long for spec.trainer.replicas: the last trainer pod's hostname "
+        f"<name>{TRAINER_HOSTNAME_INFIX}<replicas - 1> must stay a DNS label of {DNS_LABEL_MAX} characters",
     ),
     Rule(
         "spec",
@@ -451,6 +465,18 @@ def _attach(root: dict[str, Any], rules: list[Rule]) -> None:
         schema_node(root, rule.at).setdefault("x-kubernetes-validations", []).append(rule.entry())
 
 
+METADATA_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": DNS_LABEL_MAX}, "generateName": {"type": "string"}},
+}
+"""The only metadata a CRD's schema may constrain (apiextensions-apiserver schema/validation.go:
+"must not specify anything other than name and generateName"). The bound on the name keeps the name
+rules' estimated CEL cost small on every Kubernetes version (older API servers cost an unbounded
+metadata.name as a string the size of a whole request; newer ones cap it at 253, schema/cel/model
+cappedLengthStringType); the rules give the exact limits. generateName is
+typed so that the API server keeps this metadata schema for CEL instead of putting its own in."""
+
+
 def open_api_schema() -> dict[str, Any]:
     spec = model_schema(G2RPOJobSpec, "spec")
     _factory_defaults(G2RPOJobSpec, spec)
@@ -465,7 +491,7 @@ def open_api_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "metadata": METADATA_SCHEMA,
             "spec": spec,
             "status": status,
         },

@@ -14,11 +14,12 @@ from __future__ import annotations
 import decimal
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "g2rpo.dev"
@@ -34,9 +35,51 @@ BUILTIN_DATASET_PREFIX = "builtin:"
 MUTABLE_FIELDS = frozenset({"suspend", "runPolicy.backoffLimit", "runPolicy.activeDeadlineSeconds"})
 """Spec fields (camelCase paths under spec) that may change after creation; every other is fixed."""
 
-MAX_NAME_LENGTH = 52
-"""Of a G2RPOJob's name on a cluster: 63 (a DNS label) minus the longest suffix the job's children and pod
-hostnames add ("-controller")."""
+# --- the job's name -------------------------------------------------------------------------------
+# The job's children are named `<job>-<component>` and its Services must be DNS-1035 labels
+# (kubernetes pkg/apis/core/validation: ValidateServiceName = NameIsDNS1035Label; apimachinery
+# IsDNS1035Label: at most 63 characters, `[a-z]([-a-z0-9]*[a-z0-9])?`), and the trainer's Indexed Job
+# gives its pods the hostnames `<job>-trainer-<index>`, which must be DNS-1123 labels (kubernetes
+# pkg/apis/batch/validation validateJob: "will not able to create pod with invalid DNS label"). A
+# custom resource's own name need only be a DNS subdomain (dots allowed), so these limits are the
+# job's own. tests/test_names.py derives them again from the builders' children.
+
+DNS_LABEL_MAX = 63
+JOB_NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
+"""A DNS-1035 label: no dots, a letter first, no hyphen last (a Service name built from it stays one)."""
+LONGEST_CHILD_SUFFIX = "-controller"
+"""The longest suffix the job's children add to its name where the result must be a DNS label."""
+MAX_NAME_LENGTH = DNS_LABEL_MAX - len(LONGEST_CHILD_SUFFIX)
+"""Of a G2RPOJob's name on a cluster (52)."""
+TRAINER_HOSTNAME_INFIX = "-trainer-"
+"""Between the job's name and a trainer pod's completion index in that pod's hostname."""
+
+
+def trainer_hostname_length(name_length: int, trainer_replicas: int) -> int:
+    """The length of the last trainer pod's hostname, `<job>-trainer-<replicas - 1>`."""
+    return name_length + len(TRAINER_HOSTNAME_INFIX) + len(str(trainer_replicas - 1))
+
+
+def job_name_errors(name: str, trainer_replicas: int = 1) -> list[str]:
+    """Why `name` cannot name a job on a cluster (reasons for metadata.name), empty when it can."""
+    if not re.fullmatch(JOB_NAME_PATTERN, name):
+        return [
+            f"must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter and ending "
+            f"with a letter or digit, so no dots (it names the job's Services), got {name!r}"
+        ]
+    if len(name) > MAX_NAME_LENGTH:
+        return [
+            f"at most {MAX_NAME_LENGTH} characters (the job's children add up to {len(LONGEST_CHILD_SUFFIX)}, "
+            f"as in <name>{LONGEST_CHILD_SUFFIX}, and must stay DNS labels of {DNS_LABEL_MAX}), got {len(name)}"
+        ]
+    hostname = trainer_hostname_length(len(name), trainer_replicas)
+    if hostname > DNS_LABEL_MAX:
+        return [
+            f"too long for spec.trainer.replicas {trainer_replicas}: the last trainer pod's hostname "
+            f"<name>{TRAINER_HOSTNAME_INFIX}{trainer_replicas - 1} would have {hostname} characters, over "
+            f"{DNS_LABEL_MAX}; shorten the name to {len(name) - (hostname - DNS_LABEL_MAX)} characters"
+        ]
+    return []
 
 
 # Upper bounds of free-form values. Besides refusing absurd input early, they let the API server's
@@ -641,13 +684,21 @@ class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(
         min_length=1,
-        max_length=63,
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
-        description="Job name (a DNS label: it names the job's pods and services).",
+        max_length=NAME_MAX,
+        description=f"Job name: a DNS-1035 label of at most {MAX_NAME_LENGTH} characters (it names the job's "
+        "pods and Services).",
     )
     namespace: str | None = None
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _cluster_name(cls, name: str) -> str:
+        errors = job_name_errors(name)
+        if errors:
+            raise ValueError(errors[0])
+        return name
 
 
 class G2RPOJob(BaseModel):
@@ -659,6 +710,14 @@ class G2RPOJob(BaseModel):
     metadata: ObjectMeta
     spec: G2RPOJobSpec
     status: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _name_fits_the_trainer(self) -> G2RPOJob:
+        """The name against the trainer pods' hostnames, which grow with spec.trainer.replicas."""
+        errors = job_name_errors(self.metadata.name, self.spec.trainer.replicas)
+        if errors:
+            raise SpecError([(("metadata", "name"), reason) for reason in errors])
+        return self
 
 
 # --- errors and loading --------------------------------------------------------------------------
