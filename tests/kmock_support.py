@@ -76,8 +76,27 @@ class Emulator(kmock.KubernetesEmulator):
             self.__dict__["_served"] = collections.Counter()
         return self.__dict__["_served"]
 
+    @property
+    def refusals(self) -> list[tuple[Callable[[Any], bool], kmock.KubernetesError, list[float]]]:
+        if "_refusals" not in self.__dict__:
+            self.__dict__["_refusals"] = []
+        return self.__dict__["_refusals"]
+
+    def refuse(self, matches: Callable[[Any], bool], status: int, reason: str, message: str) -> list[float]:
+        """Answer every request that `matches` with an error Status and store nothing, as an API server's
+        admission (RBAC, a webhook, a quota) does; KMock's own reactions answer but still store the write.
+        Returns the list the monotonic times of the refused requests are appended to; clear
+        `refusals` to lift it."""
+        seen: list[float] = []
+        self.refusals.append((matches, kmock.KubernetesError(status=status, reason=reason, message=message), seen))
+        return seen
+
     async def _handle(self, request: Any) -> Any:
         self.served[request.headers.get("User-Agent", "").split("/")[0]] += 1
+        for matches, error, seen in list(self.refusals):
+            if matches(request):
+                seen.append(time.monotonic())
+                raise error
         request = self._stamped(request)
         try:
             return await super()._handle(request)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,6 +42,7 @@ from kmock_support import (
     PODS,
     PVCS,
     SECRETS,
+    SERVICES,
     WORKLOADS,
     free_port,
     kueue_flavors,
@@ -763,11 +765,13 @@ async def test_workload_status_is_written_only_over_the_version_read(cluster):
     api = KubeApi.for_url(cluster.url)
     view, reconciler = View(api, ObjectCache(), fresh=True), Reconciler(api, OperatorSettings())
     stale_write = {"status": {"conditions": [{"type": "PodsReady", "status": "True", "reason": "PodsReady"}]}}
-    await asyncio.to_thread(reconciler._patch_workload_status, view, read, stale_write)
+    refusals: list[str] = []
+    await asyncio.to_thread(reconciler._patch_workload_status, view, read, stale_write, refusals)
     assert _workload_conditions(cluster, "w") == {"Evicted": "True"}  # refused, nothing lost
     fresh = cluster.emulator.stored(WORKLOADS, NAMESPACE, "w")
-    await asyncio.to_thread(reconciler._patch_workload_status, view, fresh, stale_write)
+    await asyncio.to_thread(reconciler._patch_workload_status, view, fresh, stale_write, refusals)
     assert _workload_conditions(cluster, "w") == {"PodsReady": "True"}
+    assert refusals == []  # a 409 is a stale read, not a refusal
 
 
 def _workload_conditions(cluster: Cluster, name: str) -> dict[str, str]:
@@ -1034,3 +1038,68 @@ async def test_the_kueue_integration_speaks_the_newest_version_kueue_serves(clus
     with pytest.raises(SystemExit, match="install Kueue"):
         await asyncio.to_thread(entry_point.main)
     assert len(spoken) == 2
+
+
+def _posts(name: str, res: kmock.resource):
+    return lambda request: (
+        request.method == "POST"
+        and request.resource == res
+        and isinstance(request.data, dict)
+        and request.data.get("metadata", {}).get("name") == name
+    )
+
+
+REFUSALS = [
+    pytest.param(
+        SERVICES,
+        "demo-rollout",
+        422,
+        "Invalid",
+        'admission webhook "services.policy.example.com" denied the request: a Service needs the label team',
+        "Service 'demo-rollout' (HTTP 422)",
+        id="422-webhook",
+    ),
+    pytest.param(
+        NETWORK_POLICIES,
+        "demo-controller",
+        403,
+        "Forbidden",
+        'networkpolicies.networking.k8s.io is forbidden: User "system:serviceaccount:g2rpo-system:g2rpo" cannot '
+        'create resource "networkpolicies" in API group "networking.k8s.io" in the namespace "default"',
+        "NetworkPolicy 'demo-controller' (HTTP 403)",
+        id="403-rbac",
+    ),
+]
+
+
+@pytest.mark.parametrize("res, name, status, reason, message, names", REFUSALS)
+async def test_a_refused_child_is_a_condition_retried_with_a_growing_delay(
+    cluster, start_operator, monkeypatch, res, name, status, reason, message, names
+):
+    """The API server refuses one child: the status names it and the server's message (ChildrenSynced and
+    Ready), nothing that comes after it in creation order is created (it would mount, guard or join
+    it), the pass is retried with a doubling delay, not in a loop, and goes on once the cause is fixed."""
+    from g2rpo_operator import handlers
+
+    monkeypatch.setattr(handlers, "REFUSED_FIRST_DELAY", 0.25)
+    monkeypatch.setattr(handlers, "REFUSED_MAX_DELAY", 2.0)
+    await cluster.create_claim()
+    refused = cluster.emulator.refuse(_posts(name, res), status, reason, message)
+    await start_operator()
+    await cluster.apply(job_manifest())
+    await wait_for(lambda: condition(cluster, "ChildrenSynced").get("status") == "False", what="ChildrenSynced False")
+    synced, ready = condition(cluster, "ChildrenSynced"), condition(cluster, "Ready")
+    assert synced["reason"] == ready["reason"] == "APIRefused"
+    assert f"the API server refused to create {names}: {message}" in synced["message"], synced["message"]
+    assert ready["message"] == synced["message"]
+    await asyncio.sleep(6.0)
+    created = children(cluster)
+    assert (res.plural, name) not in created and ("deployments", "demo-rollout") not in created
+    gaps = [later - earlier for earlier, later in itertools.pairwise(refused)]
+    # Delays 0.25, 0.5, 1, 2, 2 s (a watch event may bring a pass earlier): retried, but no loop, which
+    # would try again at every 0.2 s poll, and no fixed slow retry, which would try once or twice.
+    assert 3 <= len(refused) <= 10 and gaps[-1] >= 1.0, gaps
+    cluster.emulator.refusals.clear()
+    await wait_for(lambda: condition(cluster, "ChildrenSynced").get("status") == "True", timeout=10, what="synced")
+    await all_children(cluster)
+    assert condition(cluster, "ChildrenSynced")["reason"] == "Synced"

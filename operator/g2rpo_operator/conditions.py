@@ -1,9 +1,10 @@
 """The status the operator writes: every condition and field, derived from what one pass observed
 (`Facts`), the previous status and the clock.
 
-Ready=False always names the most actionable reason: a missing reference, a child it does not own, the
-checkpoint claim, Kueue's queue, a pod the scheduler or the kubelet cannot start, then waiting. A
-status equal to the previous one is not written (no write, no watch event).
+Ready=False always names the most actionable reason: a missing reference, a child it does not own, a
+write of a child the API server refused (also ChildrenSynced=False), the checkpoint claim, Kueue's
+queue, a pod the scheduler or the kubelet cannot start, then waiting. A status equal to the previous
+one is not written (no write, no watch event).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from datetime import datetime
 
 from g2rpo.api.spec import MUTABLE_FIELDS, G2RPOJobSpec
 from g2rpo.api.status import (
+    CHILDREN_SYNCED,
     COMPLETE,
     CONDITION_TYPES,
     FAILED,
@@ -109,6 +111,8 @@ class Facts:
     report: ControllerReport | None
     kueue: Admission | None = None
     """The Workload's state under Kueue; None without it."""
+    api_refusals: tuple[str, ...] = ()
+    """The writes of the job's children the API server refused in this pass (reconcile.refusal)."""
 
 
 Verdict = tuple[bool | None, str, str]
@@ -142,6 +146,8 @@ def _ready(facts: Facts) -> Verdict:
     if facts.conflicts:
         owned = "; ".join(f"{c} exists and is not owned by this job (delete or rename it)" for c in facts.conflicts)
         return False, "ChildConflict", owned
+    if facts.api_refusals:
+        return _children_synced(facts)
     if facts.storage:
         return False, *facts.storage
     if facts.kueue and facts.kueue.evicted is not None:
@@ -168,6 +174,17 @@ def _ready(facts: Facts) -> Verdict:
     if facts.trainer_ready:
         return False, "Waiting", f"waiting for the trainer pods to become ready ({facts.trainer_ready} ready)"
     return False, "Waiting", "waiting for the trainer Job"
+
+
+def _children_synced(facts: Facts) -> Verdict:
+    if facts.api_refusals:
+        return (
+            False,
+            "APIRefused",
+            "; ".join(facts.api_refusals) + " (retried with a growing delay; fix the cause named here: RBAC, an "
+            "admission webhook or policy, a quota)",
+        )
+    return True, "Synced", "the API server took every write of the job's children"
 
 
 def _in_phase(p: Progress, phase: str, otherwise: str) -> Verdict:
@@ -212,6 +229,7 @@ def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
         SPEC_VALID: (False, "InvalidSpec", errors) if errors else (True, "Valid", "the spec is valid"),
         SPEC_APPLIED: _spec_applied(facts),
         REFERENCES_RESOLVED: (False, "MissingReference", missing) if missing else (True, "Resolved", "all exist"),
+        CHILDREN_SYNCED: _children_synced(facts),
         STORAGE_READY: _storage(facts),
         READY: _ready(facts),
         SUSPENDED: _in_phase(p, "Suspended", "NotSuspended"),

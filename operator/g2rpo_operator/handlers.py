@@ -15,7 +15,11 @@ The pass's blocking API calls run in a thread, off kopf's event loop.
 
 Errors: API errors that may pass (429, 5xx, no connection) are retried with an exponential delay;
 others (403 from RBAC, 422 from an admission webhook) slowly, because the cause lies outside the
-operator and a crash would help nobody. Either way the daemon keeps running.
+operator and a crash would help nobody. Either way the daemon keeps running. A refused write of a
+child (reconcile.refusal) is no error of the pass: the status says it (ChildrenSynced=False,
+APIRefused, naming the object and the API server's message), and the pass is retried with a delay
+that doubles from REFUSED_FIRST_DELAY up to REFUSED_MAX_DELAY (a quota or a webhook may change
+without any event the operator watches), until a pass gets every write through.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import kopf
 
 from g2rpo.api.crd import PLURAL
 from g2rpo.api.spec import API_GROUP, API_VERSION
-from g2rpo.api.status import REFERENCES_RESOLVED
+from g2rpo.api.status import CHILDREN_SYNCED, REFERENCES_RESOLVED
 from g2rpo_operator.builders.common import INSTANCE_LABEL, MANAGED_BY
 from g2rpo_operator.cache import ObjectCache
 from g2rpo_operator.kube import (
@@ -53,6 +57,8 @@ ANNOTATION_PREFIX = "g2rpo.dev"
 PEERING_NAME = "g2rpo-operator"
 MAX_RETRY_DELAY = 60.0
 NON_RETRYABLE_DELAY = 120.0
+REFUSED_FIRST_DELAY = 2.0
+REFUSED_MAX_DELAY = 300.0
 WATCH_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY}
 G2RPOJOBS = Resource(API_GROUP, API_VERSION, PLURAL, "G2RPOJob")
 
@@ -101,6 +107,11 @@ class Operator:
     def _failed(self, trigger: str, kind: str) -> None:
         self.metrics.reconciles.labels(trigger, "error").inc()
         self.metrics.errors.labels(kind).inc()
+
+
+def children_refused(status: dict) -> bool:
+    """Whether the API server refused a write of the job's children in the last pass."""
+    return any(c.get("type") == CHILDREN_SYNCED and c.get("status") == "False" for c in status.get("conditions") or [])
 
 
 def needs_poll(status: dict) -> bool:
@@ -175,8 +186,15 @@ def register(registry: kopf.OperatorRegistry, operator: Operator, api: KubeApi) 
                     delay = min(2.0**retry, MAX_RETRY_DELAY)
                     logger.exception(f"reconcile failed unexpectedly, retrying in {delay:g} s")
                 else:
-                    retry = 0
-                    delay = settings.poll_seconds if needs_poll(status or current.get("status") or {}) else math.inf
+                    written = status or current.get("status") or {}
+                    if children_refused(written):
+                        retry += 1
+                        delay = min(REFUSED_FIRST_DELAY * 2.0 ** (retry - 1), REFUSED_MAX_DELAY)
+                        operator.metrics.errors.labels("refused").inc()
+                        logger.warning(f"the API server refused a write of a child, retrying in {delay:g} s")
+                    else:
+                        retry = 0
+                        delay = settings.poll_seconds if needs_poll(written) else math.inf
                     if fresh:
                         next_resync = loop.time() + settings.resync_seconds
                 await _sleep(wake, stopped, min(delay, max(0.0, next_resync - loop.time())))

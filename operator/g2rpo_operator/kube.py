@@ -107,14 +107,23 @@ def resource_of_kind(kind: str, kueue_version: str) -> Resource:
 
 
 class KubeError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, detail: str | None = None):
         super().__init__(f"HTTP {status}: {message}" if status else message)
         self.status = status
         self.message = message
+        self.detail = detail if detail is not None else message
+        """The API server's own message (its Status object's `message`), without the request."""
 
     @property
     def retryable(self) -> bool:
         return self.status == 0 or self.status == 429 or self.status >= 500
+
+    @property
+    def refused(self) -> bool:
+        """The API server (an admission plugin, a webhook, RBAC, a quota) refused the request itself: the
+        same request fails again until someone changes the cluster or the job (400, 403, 404, 422, ...).
+        409 (exists, or a stale version) and 429 (throttled) are not refusals."""
+        return 400 <= self.status < 500 and self.status not in (409, 429)
 
 
 def compare_versions(a: Manifest, b: Manifest) -> int | None:
@@ -187,7 +196,7 @@ class KubeApi:
                 message = json.loads(text).get("message") or text
             except ValueError:
                 message = text
-            raise KubeError(response.status, f"{method} {path}: {message}")
+            raise KubeError(response.status, f"{method} {path}: {message}", message)
         return json.loads(text)
 
     def get(self, res: Resource, namespace: str, name: str) -> Manifest | None:

@@ -25,7 +25,10 @@ class OperatorMetrics:
             "g2rpo_operator_reconciles_total", "Reconcile passes.", ["trigger", "result"], registry=self.registry
         )
         self.errors = Counter(
-            "g2rpo_operator_errors_total", "Failed reconcile passes by error kind.", ["kind"], registry=self.registry
+            "g2rpo_operator_errors_total",
+            "Failed reconcile passes by error kind; refused: a pass whose write of a child the API server refused.",
+            ["kind"],
+            registry=self.registry,
         )
         self.duration = Histogram(
             "g2rpo_operator_reconcile_seconds",

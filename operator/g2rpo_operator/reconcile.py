@@ -24,6 +24,10 @@ Rules worth knowing (the decisions' own are in their modules):
   or finished job's Workload is deleted, which returns its quota.
 - Passes read through a watch-fed cache (cache.py) except every settings.resync_seconds, when they
   read everything from the API.
+- A write the API server refuses (RBAC, an admission webhook or policy, a quota: `KubeError.refused`)
+  does not fail the pass: it is reported (ChildrenSynced=False, APIRefused, naming the object and
+  the server's message), nothing later in creation order is created, and the daemon retries with a
+  growing delay (handlers.py).
 """
 
 from __future__ import annotations
@@ -88,6 +92,11 @@ def _key(res: Resource, name: str) -> tuple[str, str]:
     return (res.kind, name)
 
 
+def refusal(verb: str, kind: str, name: str, exc: KubeError) -> str:
+    """A refused write, for the ChildrenSynced condition: the object and the API server's own words."""
+    return f"the API server refused to {verb} {kind} {name!r} (HTTP {exc.status}): {exc.detail}"
+
+
 class Reconciler:
     """One reconcile pass per call; safe to call again at any time (see the module docstring)."""
 
@@ -123,7 +132,8 @@ class Reconciler:
         ctx, refused = self._effective(name, namespace, spec, accepted)
         observed = self._observe(view, ctx, configmap)
         ctx, missing = self._with_workload_priority(view, ctx)
-        missing += self._missing_references(view, ctx)
+        refusals: list[str] = []
+        missing += self._missing_references(view, ctx, refusals)
         claim = (
             view.get(PVCS, namespace, ctx.spec.checkpoint.volume_claim) if ctx.spec.checkpoint.volume_claim else None
         )
@@ -147,11 +157,12 @@ class Reconciler:
             create=not blocked,
             with_trainer=trainer_waits_in_process(ctx) or not waiting_for,
             admitted=self._admitted(view, workload, kueue),
+            refusals=refusals,
         )
         if kueue and kueue.evicted is not None and workload is not None:
-            self._release_when_stopped(view, ctx, observed, workload, now)
+            self._release_when_stopped(view, ctx, observed, workload, now, refusals)
         elif kueue and kueue.admitted and workload is not None and prog.active:
-            self._patch_workload_status(view, workload, pods_ready(workload, prog.phase == "Running", now))
+            self._patch_workload_status(view, workload, pods_ready(workload, prog.phase == "Running", now), refusals)
         report = self._read_controller(ctx, observed, token)
         facts = Facts(
             progress=prog,
@@ -168,6 +179,7 @@ class Reconciler:
             trainer_ready=f"{ready_count(job)}/{ctx.spec.trainer.replicas}" if job is not None else "",
             report=report,
             kueue=kueue if prog.active else None,
+            api_refusals=tuple(refusals),
         )
         return status_patch(job_status(facts, prev, now), prev)
 
@@ -180,15 +192,23 @@ class Reconciler:
         return placements(workload, {name: view.get(self.flavors, "", name) for name in assigned_flavors(workload)})
 
     def _release_when_stopped(
-        self, view: View, ctx: JobContext, observed: dict[tuple[str, str], Manifest], workload: Manifest, now: datetime
+        self,
+        view: View,
+        ctx: JobContext,
+        observed: dict[tuple[str, str], Manifest],
+        workload: Manifest,
+        now: datetime,
+        refusals: list[str],
     ) -> None:
         """Hand an evicted Workload's quota back once neither the trainer Job nor the rollout Deployment
         (deleted in the foreground: their pods go first) is left; Kueue then requeues it."""
         if _key(JOBS, ctx.child("trainer")) in observed or _key(DEPLOYMENTS, ctx.child("rollout")) in observed:
             return
-        self._patch_workload_status(view, workload, release_quota(workload, "evicted", now))
+        self._patch_workload_status(view, workload, release_quota(workload, "evicted", now), refusals)
 
-    def _patch_workload_status(self, view: View, workload: Manifest, patch: Manifest | None) -> None:
+    def _patch_workload_status(
+        self, view: View, workload: Manifest, patch: Manifest | None, refusals: list[str]
+    ) -> None:
         """Write the Workload's status only over the version this pass read (its conditions are replaced
         whole, and Kueue writes them too); on a conflict the change's watch event brings another pass."""
         if patch is None:
@@ -203,7 +223,9 @@ class Reconciler:
                 "status",
             )
         except KubeError as exc:
-            if exc.status != 409:
+            if exc.refused:
+                refusals.append(refusal("update the status of", "Workload", meta["name"], exc))
+            elif exc.status != 409:
                 raise
 
     def _effective(
@@ -266,7 +288,7 @@ class Reconciler:
             ]
         return replace(ctx, workload_priority=int(found.get("value") or 0)), []
 
-    def _missing_references(self, view: View, ctx: JobContext) -> list[str]:
+    def _missing_references(self, view: View, ctx: JobContext, refusals: list[str]) -> list[str]:
         """Objects the spec names but the job does not own: they must exist before any pod can start.
         A missing claim with checkpoint.volumeSize is created instead (see checkpoint_claim)."""
         checkpoint = ctx.spec.checkpoint
@@ -278,7 +300,9 @@ class Reconciler:
             try:
                 view.create(checkpoint_claim(ctx))
             except KubeError as exc:
-                if exc.status != 409:
+                if exc.refused:
+                    refusals.append(refusal("create", PVCS.kind, checkpoint.volume_claim, exc))
+                elif exc.status != 409:
                     raise
         wanted = [
             (PVCS, checkpoint.volume_claim, "spec.checkpoint.volumeClaim"),
@@ -320,9 +344,12 @@ class Reconciler:
         create: bool,
         with_trainer: bool,
         admitted: dict[str, Placement] | None,
+        refusals: list[str],
     ) -> list[str]:
         """Create what is missing, update what may change, delete the trainer when due (and, under Kueue,
-        the gang and the Workload when they may not run); returns conflicts."""
+        the gang and the Workload when they may not run); returns conflicts, and adds each write the API
+        server refused to `refusals`. After a refused create nothing more is created in this pass: the
+        children come in creation order, so what follows mounts, guards or joins what is missing."""
         uid = owner["metadata"]["uid"]
         desired = children(ctx, token, prog.active, prog.gang_epoch, with_trainer and not prog.delete_trainer, admitted)
         retired = [(JOBS, ctx.child("trainer"))] if prog.delete_trainer else []
@@ -336,23 +363,36 @@ class Reconciler:
         for res, name in retired:
             current = observed.get(_key(res, name))
             if current is not None and owned_by(current, uid) and not current["metadata"].get("deletionTimestamp"):
-                # Foreground: the object disappears only after its pods, so a new attempt never overlaps the old one.
-                view.delete(res, ctx.namespace, name, propagation="Foreground")
+                try:
+                    # Foreground: the object disappears only after its pods, so a new attempt never overlaps the old one.
+                    view.delete(res, ctx.namespace, name, propagation="Foreground")
+                except KubeError as exc:
+                    if not exc.refused:
+                        raise
+                    refusals.append(refusal("delete", res.kind, name, exc))
         conflicts: list[str] = []
         for manifest in desired:
             res = resource_of(manifest)
             name = manifest["metadata"]["name"]
             current = observed.get(_key(res, name))
-            if current is None:
-                if not create:
-                    continue
-                current = self._create(view, manifest, owner)
+            try:
                 if current is None:
-                    continue
-            if not owned_by(current, uid):
-                conflicts.append(f"{res.kind} {name}")
-            else:
-                self._update(view, res, current, manifest)
+                    if not create:
+                        continue
+                    verb = "create"
+                    current = self._create(view, manifest, owner)
+                    if current is None:
+                        continue
+                if not owned_by(current, uid):
+                    conflicts.append(f"{res.kind} {name}")
+                else:
+                    verb = "update"
+                    self._update(view, res, current, manifest)
+            except KubeError as exc:
+                if not exc.refused:
+                    raise
+                refusals.append(refusal(verb, res.kind, name, exc))
+                create = create and verb != "create"
         return conflicts
 
     def _create(self, view: View, manifest: Manifest, owner: Manifest) -> Manifest | None:

@@ -26,10 +26,14 @@ COMPLETE = "Complete"
 FAILED = "Failed"
 SANDBOX_ISOLATED = "SandboxIsolated"
 """Jobs with a code reward only: whether every layer of the code sandbox holds on the trainer's node."""
+CHILDREN_SYNCED = "ChildrenSynced"
+"""Whether the API server took the operator's last writes of the job's children; False (APIRefused) names
+each refused object and the API server's message."""
 CONDITION_TYPES = (
     SPEC_VALID,
     SPEC_APPLIED,
     REFERENCES_RESOLVED,
+    CHILDREN_SYNCED,
     STORAGE_READY,
     READY,
     SUSPENDED,
