@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import itertools
 import time
 from collections import Counter
@@ -912,9 +913,11 @@ def _granted_in_namespaced_mode() -> set[tuple[str, str, str]]:
 
 
 # Granted but not exercised against KMock: kopf's Events (off: KMock lacks generateName), peering
-# (test_two_replicas_do_not_fight), and the finalizers permission an admission plugin checks.
+# (test_two_replicas_do_not_fight), the finalizers permission an admission plugin checks, and a PodGroup
+# patched back, which only a full pass does (test_edits_no_watch_reports_are_undone_by_the_next_full_pass).
 NOT_EXERCISED = {
     ("", "events", "create"),
+    ("scheduling.volcano.sh", "podgroups", "patch"),
     ("g2rpo.dev", "g2rpojobs/finalizers", "update"),
     *(
         ("kopf.dev", kind, verb)
@@ -933,6 +936,16 @@ async def test_the_operator_uses_exactly_the_rbac_it_is_granted(cluster, start_o
     )
     await all_children(cluster)
     await wait_for(lambda: cluster.emulator.named(PODGROUPS, NAMESPACE), what="the PodGroup")
+    # Edited by hand, patched back.
+    await cluster.emulator.patch_object(SERVICES, NAMESPACE, "demo-rollout", {"spec": {"selector": {"a": "b"}}})
+    await cluster.emulator.patch_object(NETWORK_POLICIES, NAMESPACE, "demo-rollout", {"spec": {"podSelector": None}})
+    await wait_for(
+        lambda: (
+            cluster.emulator.stored(SERVICES, NAMESPACE, "demo-rollout")["spec"]["selector"].get("a") is None
+            and cluster.emulator.stored(NETWORK_POLICIES, NAMESPACE, "demo-rollout")["spec"].get("podSelector")
+        ),
+        what="the edits undone",
+    )
     await start_trainer(cluster)
     first = await fail_trainer(cluster)
     await wait_for(lambda: rollout_epoch(cluster) == "1", what="the gang epoch raised")
@@ -1103,3 +1116,93 @@ async def test_a_refused_child_is_a_condition_retried_with_a_growing_delay(
     await wait_for(lambda: condition(cluster, "ChildrenSynced").get("status") == "True", timeout=10, what="synced")
     await all_children(cluster)
     assert condition(cluster, "ChildrenSynced")["reason"] == "Synced"
+
+
+async def test_manual_edits_of_watched_children_are_undone_at_once(cluster, start_operator):
+    """A Service and a NetworkPolicy edited by hand (a selector, a widened peer) are brought back by the
+    pass their watch event wakes (no resync here)."""
+    await cluster.create_claim()
+    await start_operator()
+    await cluster.apply(job_manifest())
+    rendered = await children_before_trainer(cluster)
+    service = rendered[("services", "demo-controller")]
+    policy = rendered[("networkpolicies", "demo-rollout")]
+    widened = copy.deepcopy(policy["spec"]["ingress"])
+    widened[0]["from"][0]["namespaceSelector"] = {}  # the trainer pods of every namespace
+    edits = [
+        (SERVICES, "demo-controller", {"spec": {"selector": {"app.kubernetes.io/component": "rollout"}}}),
+        (NETWORK_POLICIES, "demo-rollout", {"spec": {"ingress": widened}}),
+    ]
+    for res, name, patch in edits:
+        await cluster.emulator.patch_object(res, NAMESPACE, name, patch)
+    stored = lambda res, name: cluster.emulator.stored(res, NAMESPACE, name)  # noqa: E731
+    await wait_for(
+        lambda: stored(SERVICES, "demo-controller")["spec"]["selector"] == service["spec"]["selector"],
+        what="the Service's selector back",
+    )
+    await wait_for(
+        lambda: stored(NETWORK_POLICIES, "demo-rollout")["spec"] == policy["spec"], what="the policy narrowed again"
+    )
+    patches = cluster.emulator[lambda r: r.method == "PATCH" and r.resource in (SERVICES, NETWORK_POLICIES)]
+    await asyncio.sleep(0.5)
+    assert len(cluster.emulator[lambda r: r.method == "PATCH" and r.resource in (SERVICES, NETWORK_POLICIES)]) == len(
+        patches
+    ), "patched again once back in its desired state"
+
+
+async def test_edits_no_watch_reports_are_undone_by_the_next_full_pass(cluster, start_operator):
+    """PodGroups are not watched (Volcano may not be installed), and a child that lost the managed-by
+    label drops out of the label-filtered watches: a full pass (settings.resync_seconds, and the first
+    pass after a restart) brings the gang size and the label back."""
+    await cluster.create_claim()
+    await start_operator(resync_seconds=0.5)
+    await cluster.apply(job_manifest(runPolicy={"gangScheduler": "volcano"}))
+    await wait_for(lambda: cluster.emulator.named(PODGROUPS, NAMESPACE), what="the PodGroup")
+    await children_before_trainer(cluster)
+    await cluster.emulator.patch_object(PODGROUPS, NAMESPACE, "demo-gang", {"spec": {"minMember": 1}})
+    unlabelled = {"metadata": {"labels": {"app.kubernetes.io/managed-by": None}}}
+    await cluster.emulator.patch_object(SERVICES, NAMESPACE, "demo-trainer", unlabelled)
+    await wait_for(
+        lambda: cluster.emulator.stored(PODGROUPS, NAMESPACE, "demo-gang")["spec"]["minMember"] == 3,
+        what="minMember = trainer.replicas + 1 again",
+    )
+    await wait_for(
+        lambda: (
+            cluster.emulator.stored(SERVICES, NAMESPACE, "demo-trainer")["metadata"]["labels"].get(
+                "app.kubernetes.io/managed-by"
+            )
+            == "g2rpo-operator"
+        ),
+        what="the managed-by label back",
+    )
+
+
+async def test_a_settings_change_reaches_the_policies_and_the_queued_workload(cluster, start_operator):
+    """An operator restarted with other settings brings the children to them on its first pass (a full
+    one); a Workload's spec only until Kueue reserves quota (its webhook refuses pod-set edits then)."""
+    await cluster.create_claim()
+    first = await start_operator(kueue_enabled=True, kueue_queue="gpu", operator_namespace="g2rpo-system")
+    await cluster.apply(job_manifest(runPolicy={"gangScheduler": "kueue"}))
+    workload = await wait_for(lambda: _workload(cluster), what="the Workload")
+    assert workload["spec"]["queueName"] == "gpu"
+    counts = lambda: [p["count"] for p in _workload(cluster)["spec"]["podSets"]]  # noqa: E731
+    await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "demo-gang", {"spec": {"podSets": []}})
+    await wait_for(lambda: counts() == [1, 2], what="the pod sets back (a watched kind)")
+    await first.stop()
+
+    await start_operator(kueue_enabled=True, kueue_queue="gpu-2", operator_namespace="ops", resync_seconds=0.5)
+    await wait_for(lambda: _workload(cluster)["spec"]["queueName"] == "gpu-2", what="the new default queue")
+    policy = lambda: cluster.emulator.stored(NETWORK_POLICIES, NAMESPACE, "demo-controller")  # noqa: E731
+    await wait_for(
+        lambda: (
+            {"kubernetes.io/metadata.name": "ops"}
+            in [peer.get("namespaceSelector", {}).get("matchLabels") for peer in policy()["spec"]["ingress"][0]["from"]]
+        ),
+        what="the controller's policy admitting the operator's new namespace",
+    )
+    await cluster.emulator.patch_object(WORKLOADS, NAMESPACE, "demo-gang", _kueue_admits(cluster), status=True)
+    await cluster.emulator.patch_object(
+        WORKLOADS, NAMESPACE, "demo-gang", {"spec": {"podSets": _workload(cluster)["spec"]["podSets"][:1]}}
+    )
+    await asyncio.sleep(1.5)  # three full passes
+    assert counts() == [1], "a reserved Workload's pod sets are immutable: never patched"

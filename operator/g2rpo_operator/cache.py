@@ -1,16 +1,15 @@
 """What the operator knows of a job's children between API reads: a cache fed by watches.
 
-kopf watches the kinds whose changes matter to a job's status (WATCHED: Deployments, Jobs, Pods and,
-with the Kueue integration on, Kueue Workloads labelled app.kubernetes.io/managed-by=g2rpo-operator,
-server-side, and PersistentVolumeClaims) and
-stores every event here; the event also wakes the owning job's pass (handlers.py). A pass reads
+kopf watches the kinds whose changes matter to a job's status or that a pass brings back from a
+manual edit (WATCHED: Deployments, Jobs, Pods, Services, NetworkPolicies and, with the Kueue
+integration on, Kueue Workloads labelled app.kubernetes.io/managed-by=g2rpo-operator, server-side,
+and PersistentVolumeClaims) and stores every event here; the event also wakes the owning job's pass (handlers.py). A pass reads
 through `View`:
 
 - a *fresh* view (a job's first pass, then every settings.resync_seconds) reads every object from
   the API and refreshes the cache: it repairs whatever a lost watch event would have missed;
 - a *cached* view answers watched kinds from the cache (a miss means "absent": the watch would
-  have said otherwise) and other kinds (ConfigMap, Secret, Services, NetworkPolicies, PodGroup)
-  from what the last fresh pass or this operator's own writes saw, asking the API only for what it
+  have said otherwise) and other kinds (ConfigMap, Secret, PodGroup) from what the last fresh pass or this operator's own writes saw, asking the API only for what it
   has never seen. A steady job's cached passes therefore make no API request at all.
 
 Writes go through the view too, and their answers update the cache, so a pass never acts twice on
@@ -29,8 +28,10 @@ import threading
 from g2rpo_operator.kube import (
     DEPLOYMENTS,
     JOBS,
+    NETWORK_POLICIES,
     PODS,
     PVCS,
+    SERVICES,
     KubeApi,
     Manifest,
     Resource,
@@ -40,7 +41,7 @@ from g2rpo_operator.kube import (
     resource_of,
 )
 
-WATCHED = frozenset(res.kind for res in (DEPLOYMENTS, JOBS, PODS, PVCS)) | {"Workload"}
+WATCHED = frozenset(res.kind for res in (DEPLOYMENTS, JOBS, PODS, PVCS, SERVICES, NETWORK_POLICIES)) | {"Workload"}
 """Kinds a cached view answers from the cache. Workloads are watched only with the Kueue integration on
 (handlers.watched_kinds), and only jobs under Kueue, which it requires, ever read one."""
 Key = tuple[Resource, str, str]

@@ -2,8 +2,9 @@
 
 Watches, not polling. Each job has a kopf daemon that runs its level-triggered pass whenever it is
 woken, and otherwise sleeps:
-- kopf watches the job's children (Deployments, Jobs, Pods labelled
-  app.kubernetes.io/managed-by=g2rpo-operator, filtered by the API server) and the claims; every event
+- kopf watches the job's children (Deployments, Jobs, Pods, Services and NetworkPolicies labelled
+  app.kubernetes.io/managed-by=g2rpo-operator, filtered by the API server: a manual edit of one wakes
+  its job, whose pass undoes it, see drift.py) and the claims; every event
   lands in the cache (cache.py) and wakes the owning job (its app.kubernetes.io/instance label; a
   claim wakes the jobs of its namespace); an event of the job itself (a spec edit) wakes it too;
 - every settings.poll_seconds, while the job runs or misses an unwatched reference, a pass runs
@@ -40,8 +41,10 @@ from g2rpo_operator.cache import ObjectCache
 from g2rpo_operator.kube import (
     DEPLOYMENTS,
     JOBS,
+    NETWORK_POLICIES,
     PODS,
     PVCS,
+    SERVICES,
     KubeApi,
     KubeError,
     Manifest,
@@ -235,7 +238,7 @@ def watched_kinds(settings: OperatorSettings) -> tuple[Resource, ...]:
     """The kinds kopf watches: Workloads only with the Kueue integration (kopf resolves every watched
     kind at startup and warns about a CRD that is not installed)."""
     kueue = (workloads(settings.kueue_api_version),) if settings.kueue_enabled else ()
-    return (DEPLOYMENTS, JOBS, PODS, PVCS, *kueue)
+    return (DEPLOYMENTS, JOBS, PODS, PVCS, SERVICES, NETWORK_POLICIES, *kueue)
 
 
 def _store(cache: ObjectCache, res: Resource, type_: str | None, obj: dict) -> None:

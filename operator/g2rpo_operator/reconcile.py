@@ -24,6 +24,9 @@ Rules worth knowing (the decisions' own are in their modules):
   or finished job's Workload is deleted, which returns its quota.
 - Passes read through a watch-fed cache (cache.py) except every settings.resync_seconds, when they
   read everything from the API.
+- Every pass brings the owned children back to what the builders render, where the API allows it
+  (drift.py): a manual edit or an operator settings change reaches Services, NetworkPolicies, the
+  PodGroup and a Workload Kueue holds no quota for, as it reaches the Deployments' scale.
 - A write the API server refuses (RBAC, an admission webhook or policy, a quota: `KubeError.refused`)
   does not fail the pass: it is reported (ChildrenSynced=False, APIRefused, naming the object and
   the server's message), nothing later in creation order is created, and the daemon retries with a
@@ -46,12 +49,13 @@ from g2rpo.api.names import TOKEN_KEY
 from g2rpo.api.spec import G2RPOJobSpec
 from g2rpo_operator.admission import refused_edits, validate
 from g2rpo_operator.builders import JobContext, child_keys, children, config
-from g2rpo_operator.builders.common import GANG_EPOCH_ANNOTATION, child_name, job_labels
+from g2rpo_operator.builders.common import child_name, job_labels
 from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
 from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.conditions import Facts, claim_problems, invalid_status, job_status, pod_problems, status_patch
 from g2rpo_operator.controller_client import ControllerReport, read_controller
+from g2rpo_operator.drift import drift_patch
 from g2rpo_operator.kube import (
     CONFIGMAPS,
     DEPLOYMENTS,
@@ -412,23 +416,9 @@ class Reconciler:
         return View(view.api, view.cache, fresh=True).get(resource_of(manifest), meta["namespace"], meta["name"])
 
     def _update(self, view: View, res: Resource, current: Manifest, desired: Manifest) -> None:
-        """Only what may change on a live child: Deployment scale, the rollout's gang epoch, and the
-        ConfigMap's accepted spec.
-
-        Pod templates are otherwise never rewritten: that would restart vLLM or the controller mid-run
-        (and a Job's template is immutable); placement fields are therefore not in MUTABLE_FIELDS.
-        The gang-epoch annotation is the one deliberate exception: raising it replaces the vLLM pod.
-        """
-        meta = current["metadata"]
-        if res is DEPLOYMENTS:
-            patch: Manifest = {}
-            if current["spec"].get("replicas") != desired["spec"]["replicas"]:
-                patch["replicas"] = desired["spec"]["replicas"]
-            wanted = (desired["spec"]["template"]["metadata"].get("annotations") or {}).get(GANG_EPOCH_ANNOTATION)
-            have = (current["spec"]["template"]["metadata"].get("annotations") or {}).get(GANG_EPOCH_ANNOTATION)
-            if wanted is not None and wanted != have:
-                patch["template"] = {"metadata": {"annotations": {GANG_EPOCH_ANNOTATION: wanted}}}
-            if patch:
-                view.patch(res, meta["namespace"], meta["name"], {"spec": patch})
-        elif res is CONFIGMAPS and current.get("data") != desired["data"]:
-            view.patch(res, meta["namespace"], meta["name"], {"data": desired["data"]})
+        """Bring the live child back to the rendered one where the API allows it (drift.py says which
+        fields, per kind: never a pod template but the rollout's gang epoch, never an immutable field)."""
+        patch = drift_patch(current, desired)
+        if patch:
+            meta = current["metadata"]
+            view.patch(res, meta["namespace"], meta["name"], patch)
