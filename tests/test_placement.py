@@ -17,13 +17,16 @@ matches nothing) for the operators the builders can emit.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 from kubernetes.utils import parse_quantity
 
-from g2rpo.api.spec import parse_spec
-from g2rpo_operator.builders import JobContext, children, controller, rollout, trainer
+from g2rpo.api.spec import EXIT_INVALID_SPEC, parse_spec
+from g2rpo_operator.builders import JobContext, children, config, controller, rollout, trainer
 from g2rpo_operator.builders.common import GPU_NODE_LABELS, placement_hints
 from g2rpo_operator.conditions import pod_problems
 from g2rpo_operator.render import render_children
@@ -400,3 +403,32 @@ def test_render_shows_the_new_fields(tmp_path):
         "NVIDIA_VISIBLE_DEVICES",
     ):
         assert expected in text, expected
+
+
+def test_the_rendered_check_spec_container_runs_as_rendered_and_refuses_a_bad_world_size(tmp_path):
+    """The init container's command and env (NVIDIA_VISIBLE_DEVICES=void included) run the trainer's check,
+    as the kubelet would run them: the mounted job.yaml is the ConfigMap's; exit 0, or EXIT_INVALID_SPEC
+    (the podFailurePolicy's FailJob code) when the batch does not divide over WORLD_SIZE ranks."""
+    for spec, expected in (({}, 0), ({"training": {"perDeviceBatchSize": 3, "numGenerations": 5}}, EXIT_INVALID_SPEC)):
+        c = ctx(**spec)
+        job_file = tmp_path / "job.yaml"
+        job_file.write_text(config.configmap(c)["data"]["job.yaml"])
+        check = trainer.job(c)["spec"]["template"]["spec"]["initContainers"][0]
+        mount = next(m["mountPath"] for m in check["volumeMounts"] if m["name"] == "config")
+        command = [
+            sys.executable if part == "python" else part.replace(mount, str(tmp_path)) for part in check["command"]
+        ]
+        env = {e["name"]: e["value"] for e in check["env"]}
+        done = subprocess.run(
+            command,
+            env={
+                "PATH": os.environ["PATH"],
+                "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+                "HF_HUB_OFFLINE": "1",
+                **env,
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == expected, done.stderr
