@@ -432,3 +432,76 @@ def test_the_rendered_check_spec_container_runs_as_rendered_and_refuses_a_bad_wo
             timeout=120,
         )
         assert done.returncode == expected, done.stderr
+
+
+BASELINE_CAPABILITIES = {
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def pod_security_level(pod: dict) -> str:
+    """The most restrictive Pod Security level that admits `pod`, for the checks these pods can trip: a fake
+    of kubernetes staging/src/k8s.io/pod-security-admission/policy (check_privileged.go,
+    check_capabilities_baseline.go, check_hostPathVolumes.go; restricted: check_runAsNonRoot.go,
+    check_runAsUser.go, check_allowPrivilegeEscalation.go, check_capabilities_restricted.go,
+    check_seccompProfile_restricted.go, check_restrictedVolumes.go). Host namespaces, host ports, AppArmor,
+    SELinux, /proc mount and sysctls are not modelled: the builders set none of them (asserted)."""
+    pod_sc = pod.get("securityContext") or {}
+    assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod) and "sysctls" not in pod_sc
+    volume_types = {next(k for k in v if k != "name") for v in pod.get("volumes", [])}
+    baseline = "hostPath" not in volume_types
+    restricted = volume_types <= RESTRICTED_VOLUMES and pod_sc.get("runAsUser") != 0
+    for container in containers(pod):
+        sc = container.get("securityContext") or {}
+        assert not container.get("ports") or all("hostPort" not in p for p in container["ports"])
+        added = set((sc.get("capabilities") or {}).get("add") or [])
+        baseline &= not sc.get("privileged") and added <= BASELINE_CAPABILITIES
+        restricted &= (
+            sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True
+            and sc.get("runAsUser") != 0
+            and sc.get("allowPrivilegeEscalation") is False
+            and "ALL" in (sc.get("capabilities") or {}).get("drop", [])
+            and added <= {"NET_BIND_SERVICE"}
+            and (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+            in ("RuntimeDefault", "Localhost")
+        )
+    return "restricted" if baseline and restricted else "baseline" if baseline else "privileged"
+
+
+@pytest.mark.parametrize(
+    ("spec", "trainer_level"),
+    [
+        ({}, "restricted"),
+        ({"trainer": {"capabilities": ["CHOWN"]}}, "baseline"),
+        ({"trainer": {"capabilities": ["IPC_LOCK"]}}, "privileged"),
+    ],
+    ids=["default", "baseline-capability", "ipc-lock"],
+)
+def test_the_pod_security_level_each_pod_needs(spec, trainer_level):
+    """The README's Pod Security row: every pod meets restricted, but a trainer with capabilities, which runs
+    as root (baseline at best) and needs privileged for any capability outside baseline's list (IPC_LOCK)."""
+    for name, pod in pod_templates(children(ctx(**spec), "t0ken", True)):
+        expected = trainer_level if name == "qwen-trainer" else "restricted"
+        assert pod_security_level(pod) == expected, name
