@@ -22,6 +22,7 @@ import subprocess
 import sys
 from typing import Any
 
+import kubernetes_validate
 import pytest
 from kubernetes.utils import parse_quantity
 
@@ -505,3 +506,22 @@ def test_the_pod_security_level_each_pod_needs(spec, trainer_level):
     for name, pod in pod_templates(children(ctx(**spec), "t0ken", True)):
         expected = trainer_level if name == "qwen-trainer" else "restricted"
         assert pod_security_level(pod) == expected, name
+
+
+def test_the_new_fields_render_schema_valid_pods():
+    """With every field of these items set, the children still pass Kubernetes' own schemas (strict)."""
+    c = ctx(
+        OperatorSettings(request_gpu_cache_storage=True),
+        imagePullSecrets=["registry"],
+        serviceAccountName="trainer-sa",
+        trainer={"capabilities": ["IPC_LOCK", "SYS_RESOURCE"], "cacheSize": "30Gi"},
+        rollout={"cacheSize": "40Gi", "gpuProducts": ["NVIDIA-H100-80GB-HBM3"]},
+        runPolicy={"gangScheduler": "kueue", "queue": "gpu"},
+    )
+    for obj in children(c, "t0ken", True):
+        if obj["kind"] in ("Deployment", "Job"):
+            kubernetes_validate.validate(obj, "1.30", strict=True)
+        elif obj["kind"] == "Workload":
+            for pod_set in obj["spec"]["podSets"]:
+                template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}}
+                kubernetes_validate.validate({**template, "template": pod_set["template"]}, "1.30", strict=True)
