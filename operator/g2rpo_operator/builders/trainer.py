@@ -132,9 +132,10 @@ def check_command() -> list[str]:
 
 def trainer_security_context(ctx: JobContext) -> Manifest:
     """The trainer container's: spec.trainer.capabilities added to an otherwise empty set. A process that is
-    not root keeps added capabilities only in its bounding set (Kubernetes sets no ambient capabilities:
-    kubernetes/kubernetes#56374, KEP kubernetes/enhancements#2757 unmerged), so with any capability the
-    container runs as root, its group still RUN_AS_USER (checkpoint files stay the group's)."""
+    not root keeps added capabilities only in its bounding set: Kubernetes sets no ambient capabilities
+    (kubernetes/kubernetes#56374; KEP kubernetes/enhancements#2763 open, containerd#5668 and cri-o#5043
+    closed). So with any capability the container runs as root, its group still RUN_AS_USER (checkpoint
+    files stay the group's)."""
     added = ctx.spec.trainer.capabilities
     out = container_security_context(read_only_root=False)
     if added:
