@@ -99,8 +99,11 @@ OTHER_GPU_NODES = {
 EKS_DEFAULT_NODE_ALLOCATABLE = 20 * GIB - 1 * GIB - 2 * GIB
 """An EKS managed node group's default root volume (20 GiB) less the EKS AMI's kube-reserved ephemeral-storage
 (1Gi) and the kubelet's eviction threshold nodefs.available<10% (2 GiB): what the scheduler can hand out."""
-GKE_DEFAULT_NODE_ALLOCATABLE = 44 * GIB
-"""A GKE node with the default 100 GB boot disk (issue 16; GKE reserves part of the disk for the system)."""
+GKE_DEFAULT_NODE_ALLOCATABLE = 47060071478
+"""ephemeral-storage allocatable of a GKE node with the default 100 GB boot disk (GKE's "Plan GKE Standard node
+sizes" page): about 43.8 GiB."""
+GKE_GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+"""The taint GKE puts on every GPU node (its managed driver's node pools)."""
 KUEUE_MINIMAL_QUEUE = {"cpu", "memory", "nvidia.com/gpu"}
 """The resources of the smallest ClusterQueue that can run GPU jobs. Kueue's flavor assigner refuses a pod set
 asking for any resource no resource group covers (kubernetes-sigs/kueue, pkg/scheduler/flavorassigner/
@@ -200,9 +203,23 @@ def every_gpu_pod(spec: dict, settings: OperatorSettings | None = None) -> list[
 # --- 1. placement -------------------------------------------------------------------------------
 
 
+def tolerates(pod: dict, taint: dict) -> bool:
+    """core/v1 Toleration.ToleratesTaint (k8s.io/api/core/v1/toleration.go): the effect (empty: any), then
+    Exists with the key (empty: any key) or Equal with key and value."""
+    for t in pod.get("tolerations") or []:
+        if t.get("effect") not in (None, "", taint["effect"]):
+            continue
+        if t.get("operator") == "Exists" and t.get("key") in (None, "", taint["key"]):
+            return True
+        if t.get("operator") != "Exists" and (t.get("key"), t.get("value", "")) == (taint["key"], taint["value"]):
+            return True
+    return False
+
+
 @pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
 def test_every_gpu_pod_lands_on_each_platforms_stock_a100_nodes_and_on_no_other_gpu(spec):
     for name, pod in every_gpu_pod(spec):
+        assert tolerates(pod, GKE_GPU_TAINT), name
         for node, labels in A100_NODES.items():
             assert node_admits(pod, labels), f"{name} cannot run on a stock A100 node ({node}: {labels})"
         for node, labels in OTHER_GPU_NODES.items():
