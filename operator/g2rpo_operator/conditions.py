@@ -9,6 +9,7 @@ one is not written (no write, no watch event).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -28,7 +29,7 @@ from g2rpo.api.status import (
     JobStatus,
     condition,
 )
-from g2rpo_operator.builders.common import Manifest
+from g2rpo_operator.builders.common import COMPONENT_LABEL, Manifest
 from g2rpo_operator.controller_client import ControllerReport
 from g2rpo_operator.kueue import Admission
 from g2rpo_operator.lifecycle import Progress
@@ -39,20 +40,32 @@ START_PROBLEMS = frozenset(
 )
 
 
-def pod_problems(pods: list[Manifest]) -> list[tuple[str, str]]:
+AFFINITY_MISMATCH = "didn't match Pod's node affinity"
+"""How the scheduler's message counts nodes refused by the pod's nodeSelector or required node affinity
+(kubernetes pkg/scheduler/framework/plugins/nodeaffinity/node_affinity.go, ErrReasonPod: "node(s) didn't
+match Pod's node affinity/selector" since 1.22, "... node affinity" before); it is the PodScheduled
+condition's message, as in the FailedScheduling event."""
+
+
+def pod_problems(pods: list[Manifest], placement_hints: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
     """(reason, message) for each pod that waits on something the user or the cluster must fix: the
     scheduler's Unschedulable (with its message: which resources, taints, affinity), image pulls,
-    container start errors. Pods being deleted are skipped (an old attempt going away)."""
+    container start errors. Pods being deleted are skipped (an old attempt going away). Where the scheduler
+    found no node with the labels a pod requires, the message goes on with `placement_hints` of the pod's
+    component (builders/common.py placement_hint: the labels tried and the fields that change them)."""
+    hints = placement_hints or {}
     found: list[tuple[str, str]] = []
     for pod in pods:
         if pod["metadata"].get("deletionTimestamp"):
             continue
         name, status = pod["metadata"]["name"], pod.get("status") or {}
+        component = (pod["metadata"].get("labels") or {}).get(COMPONENT_LABEL, "")
         for cond in status.get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                found.append(
-                    (cond.get("reason") or "Unschedulable", f"pod {name}: {cond.get('message', '')}".rstrip(": "))
-                )
+                message = f"pod {name}: {cond.get('message', '')}".rstrip(": ")
+                if AFFINITY_MISMATCH in message and component in hints:
+                    message = f"{message.rstrip('. ')}; {hints[component]}"
+                found.append((cond.get("reason") or "Unschedulable", message))
         for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
             waiting = (container.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in IMAGE_PROBLEMS | START_PROBLEMS:

@@ -49,7 +49,7 @@ from g2rpo.api.names import TOKEN_KEY
 from g2rpo.api.spec import G2RPOJobSpec
 from g2rpo_operator.admission import refused_edits, validate
 from g2rpo_operator.builders import JobContext, child_keys, children, config
-from g2rpo_operator.builders.common import child_name, job_labels
+from g2rpo_operator.builders.common import child_name, job_labels, placement_hints
 from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
 from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.cache import ObjectCache, View
@@ -178,7 +178,7 @@ class Reconciler:
             missing=missing,
             conflicts=conflicts,
             storage=storage,
-            problems=pod_problems(pods) if prog.active else [],
+            problems=pod_problems(pods, placement_hints(ctx)) if prog.active else [],
             waiting_for=waiting_for if job is None else [],
             trainer_ready=f"{ready_count(job)}/{ctx.spec.trainer.replicas}" if job is not None else "",
             report=report,

@@ -1,10 +1,11 @@
 """Operator-wide defaults, read once from the environment (the operator Deployment / Helm values set them).
 
 A job's placement fields override these per job; these override the built-in defaults, which target
-A100 nodes as labelled by NVIDIA's GPU feature discovery (a required node affinity on
-`nvidia.com/gpu.product` In the A100 variants) and tolerate the `nvidia.com/gpu` taint that GPU node
-pools usually carry. On a cluster without GPU feature discovery set G2RPO_GPU_PRODUCTS to `[]` (no
-product constraint) and, if needed, G2RPO_GPU_NODE_SELECTOR to the pool's own label. JSON is used
+A100 nodes however the cluster labels them (see builders/common.py `GPU_NODE_LABELS`: GPU feature
+discovery's `nvidia.com/gpu.product`, GKE's `cloud.google.com/gke-accelerator`, the instance types of
+EKS, AKS and GCE) and tolerate the `nvidia.com/gpu` taint that GPU node pools usually carry. Where
+none of these labels tells an A100 node, set G2RPO_GPU_PRODUCTS to `[]` (no product constraint) and
+G2RPO_GPU_NODE_SELECTOR to the pool's own label. JSON is used
 for the structured values (node selectors, tolerations, products) so that one env var holds one
 value, as in a Deployment's env list.
 """
@@ -22,13 +23,44 @@ KUEUE_VERSIONS = ("v1beta2", "v1beta1")
 version from 0.16), v1beta1 until Kueue stopped serving it. The fields the operator reads and
 writes are the same in both, but for a Workload's priority class."""
 
-DEFAULT_GPU_PRODUCTS = (
+A100_GFD_PRODUCTS = (
     "NVIDIA-A100-SXM4-80GB",
     "NVIDIA-A100-SXM4-40GB",
     "NVIDIA-A100-80GB-PCIe",
     "NVIDIA-A100-PCIE-40GB",
 )
-"""nvidia.com/gpu.product values of A100 nodes as GPU feature discovery spells them (80/40 GB, SXM/PCIe)."""
+"""nvidia.com/gpu.product of A100 nodes as GPU feature discovery (the GPU operator) spells it: NVML's device
+name with spaces as dashes (80/40 GB, SXM/PCIe). MIG and time-slicing add suffixes (`-MIG-1g.10gb`,
+`-SHARED`) that these exact values do not match."""
+A100_GKE_ACCELERATORS = ("nvidia-a100-80gb", "nvidia-tesla-a100")
+"""cloud.google.com/gke-accelerator of GKE's A100 node pools (80 GB; 40 GB), set with or without GKE's
+managed driver."""
+A100_INSTANCE_TYPES = (
+    # EKS (AWS): p4d 8x A100 40GB, p4de 8x A100 80GB.
+    "p4d.24xlarge",
+    "p4de.24xlarge",
+    # AKS (Azure): ND A100 v4 (8x 40GB), NDm A100 v4 (8x 80GB), NC A100 v4 (1-4x 80GB PCIe). AKS's own
+    # kubernetes.azure.com/accelerator label is `nvidia` on every GPU size, so it cannot tell an A100.
+    "Standard_ND96asr_v4",
+    "Standard_ND96amsr_A100_v4",
+    "Standard_NC24ads_A100_v4",
+    "Standard_NC48ads_A100_v4",
+    "Standard_NC96ads_A100_v4",
+    # GCE machine types (GKE nodes carry them too; they matter where gke-accelerator is absent).
+    "a2-highgpu-1g",
+    "a2-highgpu-2g",
+    "a2-highgpu-4g",
+    "a2-highgpu-8g",
+    "a2-megagpu-16g",
+    "a2-ultragpu-1g",
+    "a2-ultragpu-2g",
+    "a2-ultragpu-4g",
+    "a2-ultragpu-8g",
+)
+"""node.kubernetes.io/instance-type (set by each cloud's node controller) of machines whose GPUs are all A100."""
+DEFAULT_GPU_PRODUCTS = A100_GFD_PRODUCTS + A100_GKE_ACCELERATORS + A100_INSTANCE_TYPES
+"""What an A100 node is called under each GPU node label (builders/common.py GPU_NODE_LABELS). The names
+of the three labels do not overlap, so one list serves them all."""
 DEFAULT_OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "g2rpo", "app.kubernetes.io/component": "operator"}
 DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
@@ -43,7 +75,8 @@ class OperatorSettings:
     rollout_image: str = "ghcr.io/g2rpo/g2rpo-trainer:0.1.0"
     """The trainer image ships vLLM and TRL, so `trl vllm-serve` runs from it by default."""
     gpu_products: tuple[str, ...] = DEFAULT_GPU_PRODUCTS
-    """Allowed nvidia.com/gpu.product values of GPU pods (required node affinity); empty: any product."""
+    """GPU pods run only on nodes where one of the GPU node labels (GPU feature discovery's product, GKE's
+    accelerator, the instance type) has one of these values (a required node affinity); empty: any node."""
     gpu_node_selector: Mapping[str, str] = field(default_factory=dict)
     """An exact node selector for GPU pods, on top of the product affinity (e.g. a node pool label)."""
     gpu_tolerations: tuple[Mapping[str, Any], ...] = tuple(DEFAULT_GPU_TOLERATIONS)
@@ -55,9 +88,20 @@ class OperatorSettings:
     rollout_memory: str = "64Gi"
     controller_cpu: str = "100m"
     controller_memory: str = "256Mi"
-    gpu_cache_size: str = "100Gi"
-    """sizeLimit of the GPU pods' cache volume (HOME, Hugging Face downloads, kernel JIT caches), also
-    their ephemeral-storage request: a model and its compiled kernels must fit."""
+    gpu_cache_size: str = "24Gi"
+    """sizeLimit of the GPU pods' cache volume (HOME, HF_HOME: the model download, DeepSpeed's op builds,
+    Triton's and vLLM's compile caches): the bf16 weights of a 7B model (7.6e9 parameters x 2 bytes =
+    15.2 GB for Qwen2.5-7B) and a few GB of compiled kernels. A limit only: requested as well only with
+    request_gpu_cache_storage, so that the default fits a GKE node's ~44 GiB allocatable disk, an EKS
+    node group's 20 GiB root volume and a Kueue ClusterQueue without ephemeral-storage quota."""
+    request_gpu_cache_storage: bool = False
+    """Also request the cache's size as the GPU pods' ephemeral-storage (the scheduler then places them only
+    on nodes with that much allocatable disk); with Kueue, the ClusterQueue must then cover ephemeral-storage."""
+    image_pull_secrets: tuple[str, ...] = ()
+    """Secrets (in each job's namespace) for pulling the images of every job's pods."""
+    service_account_name: str | None = None
+    """ServiceAccount of the trainer and rollout pods (e.g. one bound to a cloud IAM role for object storage);
+    None: the namespace's default."""
     controller_scratch_size: str = "1Gi"
     """sizeLimit of the controller's /tmp, also its ephemeral-storage request."""
     image_pull_policy: str = "IfNotPresent"
@@ -164,6 +208,9 @@ _ENV: dict[str, Any] = {
     "controller_cpu": str,
     "controller_memory": str,
     "gpu_cache_size": str,
+    "request_gpu_cache_storage": _flag,
+    "image_pull_secrets": _json_strings,
+    "service_account_name": str,
     "controller_scratch_size": str,
     "image_pull_policy": str,
     "kueue_enabled": _flag,

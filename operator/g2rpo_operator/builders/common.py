@@ -23,7 +23,19 @@ CACHE_MOUNT = "/var/cache/g2rpo"
 """HOME and the Hugging Face cache of GPU pods: model downloads go to a volume, not the image layer."""
 
 RUN_AS_USER = 1000
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_NODE_LABELS = (
+    "nvidia.com/gpu.product",
+    "cloud.google.com/gke-accelerator",
+    "node.kubernetes.io/instance-type",
+)
+"""The node labels that say which GPU a node has, one nodeSelectorTerm each (the terms are ORed): GPU
+feature discovery's (NVIDIA's GPU operator; absent under GKE's managed driver and EKS's bare device
+plugin), GKE's (every GPU node pool), and the cloud node controller's machine type (EKS, AKS, GCE: AKS's
+kubernetes.azure.com/accelerator is only `nvidia`)."""
+NO_GPU = {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}
+"""For a container of a GPU image that asks for no GPU: the image sets NVIDIA_VISIBLE_DEVICES=all, which on a
+node whose NVIDIA runtime reads the variable hands the container every GPU of the node; `void` exposes
+none (NVIDIA container toolkit, internal/config/image/cuda_image.go: void, like unset, means no GPU)."""
 GANG_EPOCH_ANNOTATION = "g2rpo.dev/gang-epoch"
 """On the rollout's pod template: the number of gang restarts so far. Raising it makes the Deployment
 replace the vLLM pod, so that a restarted trainer meets a fresh server (no stale NCCL group)."""
@@ -88,9 +100,12 @@ def job_labels(name: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": APP_NAME, INSTANCE_LABEL: name}
 
 
+COMPONENT_LABEL = "app.kubernetes.io/component"
+
+
 def selector_labels(ctx: JobContext, component: str) -> dict[str, str]:
     """The immutable subset used in Deployment/Service selectors."""
-    return {**job_labels(ctx.name), "app.kubernetes.io/component": component}
+    return {**job_labels(ctx.name), COMPONENT_LABEL: component}
 
 
 def labels(ctx: JobContext, component: str) -> dict[str, str]:
@@ -157,17 +172,24 @@ def tolerations(placement: PodPlacementSpec, default: Any) -> list[Manifest]:
     return [t.model_dump(by_alias=True, exclude_none=True) for t in placement.tolerations]
 
 
+def gpu_values(placement: GpuPlacementSpec, default_products: Any) -> list[str]:
+    """The GPU names the pods accept under each of GPU_NODE_LABELS; empty: no GPU constraint."""
+    return list(default_products if placement.gpu_products is None else placement.gpu_products)
+
+
 def gpu_affinity(placement: GpuPlacementSpec, default_products: Any) -> Manifest | None:
-    """A required node affinity on the GPU product label (None: no product constraint)."""
-    products = list(default_products if placement.gpu_products is None else placement.gpu_products)
+    """A required node affinity on the GPU node labels (None: no GPU constraint). One term per label, so a
+    node matches through whichever label its cloud or operator sets; the labels' namespaces of names do not
+    overlap, so a value of one never matches a node through another."""
+    products = gpu_values(placement, default_products)
     if not products:
         return None
-    term = {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": products}]}
-    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+    terms = [{"matchExpressions": [{"key": key, "operator": "In", "values": products}]} for key in GPU_NODE_LABELS]
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
 
 
 def gpu_placement(placement: GpuPlacementSpec, ctx: JobContext) -> Manifest:
-    """The pod-spec fields that put a GPU pod on a GPU node: selector, product affinity, tolerations."""
+    """The pod-spec fields that put a GPU pod on a GPU node: selector, GPU affinity, tolerations."""
     settings = ctx.settings
     out: Manifest = {
         "nodeSelector": node_selector(placement, settings.gpu_node_selector),
@@ -179,11 +201,65 @@ def gpu_placement(placement: GpuPlacementSpec, ctx: JobContext) -> Manifest:
     return out
 
 
-def resources(placement: PodPlacementSpec, cpu: str, memory: str, scratch: str, gpus: int = 0) -> Manifest:
-    """CPU, memory and ephemeral-storage (`scratch`: the pod's emptyDirs) requests; memory is also the limit
-    (no overcommit); GPUs and the spec's extra resources (RDMA devices) are limits, as extended resources must be."""
+def placement_hint(placement: GpuPlacementSpec, ctx: JobContext, component: str) -> str:
+    """What to tell the user when no node matches a GPU pod's selector or affinity: what was required, and
+    the fields that change it."""
+    selector = node_selector(placement, ctx.settings.gpu_node_selector)
+    products = gpu_values(placement, ctx.settings.gpu_products)
+    wanted = []
+    if products:
+        wanted.append(f"one of the labels {', '.join(GPU_NODE_LABELS)} with a value in [{', '.join(products)}]")
+    if selector:
+        wanted.append("the labels " + ", ".join(f"{k}={v}" for k, v in selector.items()))
+    return (
+        f"the {component} pods need a node with {' and '.join(wanted) or 'no particular label'}; if your GPU "
+        f"nodes are labelled otherwise, set spec.{component}.gpuProducts to their values (chart "
+        f"jobDefaults.gpuProducts for every job), or gpuProducts: [] and spec.{component}.nodeSelector (chart "
+        "jobDefaults.gpuNodeSelector) to a label of your GPU nodes"
+    )
+
+
+def placement_hints(ctx: JobContext) -> dict[str, str]:
+    """placement_hint of each GPU component, by its component label."""
+    spec = ctx.spec
+    return {
+        "trainer": placement_hint(spec.trainer, ctx, "trainer"),
+        "rollout": placement_hint(spec.rollout, ctx, "rollout"),
+    }
+
+
+def cache_size(placement: GpuPlacementSpec, ctx: JobContext) -> str:
+    return placement.cache_size or ctx.settings.gpu_cache_size
+
+
+def requests_cache_storage(placement: GpuPlacementSpec, ctx: JobContext) -> bool:
+    """Whether a GPU pod's containers request ephemeral-storage (see settings.request_gpu_cache_storage)."""
+    wanted = placement.request_cache_storage
+    return ctx.settings.request_gpu_cache_storage if wanted is None else wanted
+
+
+def pod_identity(ctx: JobContext, with_service_account: bool) -> Manifest:
+    """imagePullSecrets and (GPU pods) serviceAccountName. The token stays unmounted: the pods never call the
+    API, and the clouds' workload-identity webhooks project their own token volumes."""
+    secrets = ctx.spec.image_pull_secrets
+    names = list(ctx.settings.image_pull_secrets if secrets is None else secrets)
+    out: Manifest = {"automountServiceAccountToken": False}
+    account = ctx.spec.service_account_name or ctx.settings.service_account_name
+    if with_service_account and account:
+        out["serviceAccountName"] = account
+    if names:
+        out["imagePullSecrets"] = [{"name": name} for name in names]
+    return out
+
+
+def resources(placement: PodPlacementSpec, cpu: str, memory: str, scratch: str | None, gpus: int = 0) -> Manifest:
+    """CPU, memory and ephemeral-storage (`scratch`: the pod's emptyDirs; None: not requested) requests; memory
+    is also the limit (no overcommit); GPUs and the spec's extra resources (RDMA devices) are limits, as
+    extended resources must be."""
     mem = placement.memory or memory
-    requests: Manifest = {"cpu": placement.cpu or cpu, "memory": mem, "ephemeral-storage": scratch}
+    requests: Manifest = {"cpu": placement.cpu or cpu, "memory": mem}
+    if scratch:
+        requests["ephemeral-storage"] = scratch
     out: Manifest = {"requests": requests, "limits": {"memory": mem}}
     if gpus:
         out["limits"]["nvidia.com/gpu"] = gpus

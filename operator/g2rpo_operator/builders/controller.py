@@ -35,6 +35,7 @@ from g2rpo_operator.builders.common import (
     metadata,
     node_selector,
     placement_env,
+    pod_identity,
     pod_security_context,
     recreate_deployment,
     resources,
@@ -99,7 +100,7 @@ def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
         ],
     }
     pod_spec: Manifest = {
-        "automountServiceAccountToken": False,
+        **pod_identity(ctx, with_service_account=False),
         "securityContext": pod_security_context(),
         "nodeSelector": node_selector(placement, settings.controller_node_selector),
         "tolerations": tolerations(placement, settings.controller_tolerations),

@@ -25,12 +25,15 @@ from g2rpo_operator.builders.common import (
     JobContext,
     Manifest,
     cache_env,
+    cache_size,
     container_security_context,
     gpu_placement,
     metadata,
     placement_env,
+    pod_identity,
     pod_security_context,
     recreate_deployment,
+    requests_cache_storage,
     resources,
     scratch_volume,
     secret_env,
@@ -86,8 +89,9 @@ def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manif
     placement = spec.rollout
     settings = ctx.settings
     health = {"httpGet": {"path": "/health", "port": PORT_NAME}, "periodSeconds": PROBE_PERIOD_SECONDS}
+    cache = cache_size(placement, ctx)
     pod_spec: Manifest = {
-        "automountServiceAccountToken": False,
+        **pod_identity(ctx, with_service_account=True),
         "securityContext": pod_security_context(),
         **gpu_placement(placement, ctx),
         "containers": [
@@ -104,7 +108,11 @@ def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manif
                 "readinessProbe": {**health, "failureThreshold": 3},
                 "livenessProbe": {**health, "failureThreshold": 6},
                 "resources": resources(
-                    placement, settings.rollout_cpu, settings.rollout_memory, settings.gpu_cache_size, placement.gpus
+                    placement,
+                    settings.rollout_cpu,
+                    settings.rollout_memory,
+                    cache if requests_cache_storage(placement, ctx) else None,
+                    placement.gpus,
                 ),
                 "securityContext": container_security_context(read_only_root=False),
                 "volumeMounts": [
@@ -113,7 +121,7 @@ def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manif
                 ],
             }
         ],
-        "volumes": [shm_volume(placement.shared_memory), scratch_volume("cache", settings.gpu_cache_size)],
+        "volumes": [shm_volume(placement.shared_memory), scratch_volume("cache", cache)],
     }
     if spec.run_policy.priority_class_name:
         pod_spec["priorityClassName"] = spec.run_policy.priority_class_name

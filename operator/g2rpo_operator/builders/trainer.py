@@ -45,9 +45,12 @@ from g2rpo.api.names import (
 from g2rpo.api.spec import EXIT_INVALID_SPEC
 from g2rpo_operator.builders.common import (
     CACHE_MOUNT,
+    NO_GPU,
+    RUN_AS_USER,
     JobContext,
     Manifest,
     cache_env,
+    cache_size,
     config_mounts,
     config_volume,
     container_security_context,
@@ -55,7 +58,9 @@ from g2rpo_operator.builders.common import (
     labels,
     metadata,
     placement_env,
+    pod_identity,
     pod_security_context,
+    requests_cache_storage,
     resources,
     scratch_volume,
     secret_env,
@@ -125,14 +130,31 @@ def check_command() -> list[str]:
     return ["python", "-m", TRAINER_MODULE, TRAINER_JOB_FLAG, JOB_FILE, TRAINER_CHECK_FLAG]
 
 
+def trainer_security_context(ctx: JobContext) -> Manifest:
+    """The trainer container's: spec.trainer.capabilities added to an otherwise empty set. A process that is
+    not root keeps added capabilities only in its bounding set: Kubernetes sets no ambient capabilities
+    (kubernetes/kubernetes#56374; KEP kubernetes/enhancements#2763 open, containerd#5668 and cri-o#5043
+    closed). So with any capability the container runs as root, its group still RUN_AS_USER (checkpoint
+    files stay the group's)."""
+    added = ctx.spec.trainer.capabilities
+    out = container_security_context(read_only_root=False)
+    if added:
+        out["capabilities"] = {"drop": ["ALL"], "add": list(added)}
+        out |= {"runAsUser": 0, "runAsNonRoot": False, "runAsGroup": RUN_AS_USER}
+    return out
+
+
 def _pod_spec(ctx: JobContext) -> Manifest:
     spec = ctx.spec
     placement = spec.trainer
     settings = ctx.settings
+    cache = cache_size(placement, ctx)
+    requested = requests_cache_storage(placement, ctx)
+    check_requests = {"cpu": "100m", "memory": "512Mi"} | ({"ephemeral-storage": "64Mi"} if requested else {})
     pod: Manifest = {
         "subdomain": ctx.child(COMPONENT),
         "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
+        **pod_identity(ctx, with_service_account=True),
         "securityContext": pod_security_context(),
         **gpu_placement(placement, ctx),
         "initContainers": [
@@ -141,11 +163,8 @@ def _pod_spec(ctx: JobContext) -> Manifest:
                 "image": placement.image or settings.trainer_image,
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": check_command(),
-                "env": [{"name": "WORLD_SIZE", "value": str(placement.replicas * placement.gpus_per_replica)}],
-                "resources": {
-                    "requests": {"cpu": "100m", "memory": "512Mi", "ephemeral-storage": "64Mi"},
-                    "limits": {"memory": "512Mi"},
-                },
+                "env": [{"name": "WORLD_SIZE", "value": str(placement.replicas * placement.gpus_per_replica)}, NO_GPU],
+                "resources": {"requests": check_requests, "limits": {"memory": "512Mi"}},
                 "securityContext": container_security_context(read_only_root=True),
                 "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
             }
@@ -166,11 +185,11 @@ def _pod_spec(ctx: JobContext) -> Manifest:
                     placement,
                     settings.trainer_cpu,
                     settings.trainer_memory,
-                    settings.gpu_cache_size,
+                    cache if requested else None,
                     placement.gpus_per_replica,
                 ),
                 # DeepSpeed builds its ops at run time into HOME (a volume here); see rollout.py on the root fs.
-                "securityContext": container_security_context(read_only_root=False),
+                "securityContext": trainer_security_context(ctx),
                 "volumeMounts": [
                     *config_mounts(),
                     {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
@@ -184,7 +203,7 @@ def _pod_spec(ctx: JobContext) -> Manifest:
             token_volume(ctx),
             {"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint.volume_claim}},
             shm_volume(placement.shared_memory),
-            scratch_volume("cache", settings.gpu_cache_size),
+            scratch_volume("cache", cache),
         ],
     }
     if spec.run_policy.priority_class_name:

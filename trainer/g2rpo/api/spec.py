@@ -93,6 +93,8 @@ KEY_MAX = 256
 """Column names, revisions, splits, tier names, label keys and values."""
 PROMPT_MAX = 32768
 """The system prompt."""
+OBJECT_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+"""A Kubernetes object name that is a DNS-1123 subdomain (Secrets, ServiceAccounts)."""
 
 
 class SpecModel(BaseModel):
@@ -454,8 +456,8 @@ class PodPlacementSpec(SpecModel):
     node_selector: dict[str, Annotated[str, Field(max_length=KEY_MAX)]] | None = Field(
         None,
         max_length=64,
-        description="Node selector. Default: the operator's (A100 nodes via nvidia.com/gpu.product for GPU "
-        "components, none for the controller); {} selects any node.",
+        description="Node selector, on top of gpuProducts. Default: the operator's (none unless the install "
+        "sets one); {} selects any node.",
     )
     tolerations: list[Toleration] | None = Field(
         None,
@@ -491,11 +493,72 @@ class GpuPlacementSpec(PodPlacementSpec):
 
     gpu_products: list[Annotated[str, Field(max_length=63)]] | None = Field(
         None,
-        max_length=32,
-        description="Values of the node label nvidia.com/gpu.product (set by NVIDIA GPU feature discovery) the pods "
-        "may run on, as a required node affinity. Default: the operator's (the A100 variants); [] puts no "
-        "constraint on the product (clusters without GPU feature discovery).",
+        max_length=64,
+        description="The GPU nodes the pods may run on (a required node affinity): a node qualifies when one of "
+        "its labels nvidia.com/gpu.product (GPU feature discovery, the GPU operator), "
+        "cloud.google.com/gke-accelerator (GKE) or node.kubernetes.io/instance-type (EKS, AKS, GCE) has one of "
+        "these values, e.g. [NVIDIA-H100-80GB-HBM3, nvidia-h100-80gb, p5.48xlarge]. Default: the operator's "
+        "(every A100 name under these labels); [] puts no constraint (then select the GPU nodes with "
+        "nodeSelector).",
     )
+    cache_size: Quantity | None = Field(
+        None,
+        description="Size limit of the pods' cache volume (HOME and HF_HOME: the model download, DeepSpeed's "
+        "op builds, Triton's and vLLM's compile caches); the kubelet evicts a pod that writes more. Default: "
+        "the operator's (24Gi: a 7B model's bf16 weights and the compiled kernels).",
+    )
+    request_cache_storage: bool | None = Field(
+        None,
+        description="Also request cacheSize as the pods' ephemeral-storage, so that they go only to nodes with "
+        "that much allocatable disk (under Kueue the ClusterQueue must then cover ephemeral-storage). Default: "
+        "the operator's (false: not requested).",
+    )
+
+
+Capability = Literal[
+    "AUDIT_CONTROL",
+    "AUDIT_READ",
+    "AUDIT_WRITE",
+    "BLOCK_SUSPEND",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "KILL",
+    "LEASE",
+    "LINUX_IMMUTABLE",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "MKNOD",
+    "NET_ADMIN",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_RAW",
+    "PERFMON",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_CHROOT",
+    "SYS_MODULE",
+    "SYS_NICE",
+    "SYS_PACCT",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "SYSLOG",
+    "WAKE_ALARM",
+]
+"""A Linux capability as Kubernetes names it (capabilities(7) without CAP_); ALL is not offered."""
 
 
 class TrainerPlacementSpec(GpuPlacementSpec):
@@ -503,6 +566,23 @@ class TrainerPlacementSpec(GpuPlacementSpec):
     gpus_per_replica: PositiveInt = Field(8, description="GPUs (ranks) per trainer pod.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     shared_memory: Quantity = Field("16Gi", description="Size of /dev/shm (NCCL and data loaders need more than 64Mi).")
+    capabilities: list[Capability] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Linux capabilities added to the trainer container, e.g. [IPC_LOCK] for RDMA (InfiniBand, "
+        "RoCE) memory registration. Kubernetes gives added capabilities to a non-root process only in its "
+        "bounding set (no ambient capabilities), so with any capability the trainer container runs as root "
+        "(uid 0, group 1000). Pod Security: only baseline's list (AUDIT_WRITE, CHOWN, DAC_OVERRIDE, FOWNER, "
+        "FSETID, KILL, MKNOD, NET_BIND_SERVICE, SETFCAP, SETGID, SETPCAP, SETUID, SYS_CHROOT) passes the "
+        "baseline level; IPC_LOCK and the others need a namespace at the privileged level.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_capabilities(self) -> TrainerPlacementSpec:
+        twice = sorted({c for c in self.capabilities if self.capabilities.count(c) > 1})
+        if twice:
+            raise ValueError(f"capabilities lists {', '.join(twice)} more than once")
+        return self
 
 
 DATA_PARALLEL_REASON = (
@@ -616,6 +696,23 @@ class G2RPOJobSpec(SpecModel):
         max_length=NAME_MAX,
         description="A Secret in the job's namespace whose keys become environment variables of the trainer and "
         "rollout pods (e.g. HF_TOKEN for gated models and datasets).",
+    )
+    image_pull_secrets: list[Annotated[str, Field(min_length=1, max_length=NAME_MAX, pattern=OBJECT_NAME)]] | None = (
+        Field(
+            None,
+            max_length=16,
+            description="Secrets (type kubernetes.io/dockerconfigjson, in the job's namespace) for pulling the "
+            "images of the trainer, rollout and controller pods. Default: the operator's (chart "
+            "jobDefaults.imagePullSecrets); [] none.",
+        )
+    )
+    service_account_name: str | None = Field(
+        None,
+        max_length=NAME_MAX,
+        pattern=OBJECT_NAME,
+        description="ServiceAccount of the trainer and rollout pods, e.g. one bound to a cloud IAM role (GKE "
+        "Workload Identity, EKS IRSA or Pod Identity, AKS Workload Identity) for object storage. Default: the "
+        "operator's (chart jobDefaults.serviceAccountName), else the namespace's default ServiceAccount.",
     )
     suspend: bool = Field(False, description="Scale the job to zero; resuming continues from the newest checkpoint.")
 
