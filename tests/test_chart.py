@@ -178,8 +178,27 @@ def test_defaults_install_the_crds_the_operator_and_cluster_wide_rbac():
         {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "g2rpo-system"}
     ]
     crds = {d["metadata"]["name"]: d for d in by_kind(documents, "CustomResourceDefinition")}
-    assert set(crds) == {"g2rpojobs.g2rpo.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
-    assert all(c["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"} for c in crds.values())
+    assert set(crds) == {"g2rpojobs.g2rpo.dev"}
+    assert crds["g2rpojobs.g2rpo.dev"]["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+
+PEERING_CRDS = {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+
+
+def test_kopf_peering_crds_are_created_only_if_absent():
+    """kopf's peering CRDs belong to every kopf operator of the cluster: in crds/, Helm creates them
+    before the release and skips one that exists (helm/helm pkg/action/install.go installCRDs), and they
+    are no part of the release's manifest, so another operator's copy fails no ownership check and
+    `helm uninstall` never deletes them. The G2RPOJob CRD stays a template (upgraded with the chart)."""
+    release = {d["metadata"]["name"] for d in by_kind(template(), "CustomResourceDefinition")}
+    assert release == {"g2rpojobs.g2rpo.dev"} and not release & PEERING_CRDS
+    shipped = helm("show", "crds", str(CHART))
+    assert shipped.returncode == 0, shipped.stderr
+    crds = [d for d in yaml.safe_load_all(shipped.stdout) if d]
+    assert {d["metadata"]["name"] for d in crds} == PEERING_CRDS
+    assert all("annotations" not in d["metadata"] for d in crds)  # no Helm ownership or resource policy
+    with_crds = {d["metadata"]["name"] for d in by_kind(template("--include-crds"), "CustomResourceDefinition")}
+    assert with_crds == release | PEERING_CRDS  # what tools/render_manifests.py puts into manifests/crd/
 
 
 def test_one_replica_gets_no_disruption_budget_that_would_block_drains():
