@@ -17,6 +17,7 @@ import aiohttp
 import kmock
 import pytest
 import yaml
+from rbac_support import owner_reference_checks
 
 from g2rpo.api.spec import parse_spec
 from g2rpo.controller.http_client import HttpGuidanceClient
@@ -701,14 +702,15 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
             *yaml.safe_load((rbac / "kueue-cluster.yaml").read_text()),
         ]
     )
+    kueue_requests = cluster.emulator[
+        lambda r: (
+            r.resource is not None and r.resource.plural and not r.headers.get("User-Agent", "").startswith("kmock")
+        )
+    ]
     used = {
         (r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""), _verb(r))
-        for r in cluster.emulator[
-            lambda r: (
-                r.resource is not None and r.resource.plural and not r.headers.get("User-Agent", "").startswith("kmock")
-            )
-        ]
-    }
+        for r in kueue_requests
+    } | _admission_needs(kueue_requests)
     kueue_used = {u for u in used if u[0] in ("kueue.x-k8s.io", "scheduling.k8s.io")}
     assert used <= granted, f"not granted: {sorted(used - granted)}"
     assert kueue_used == {
@@ -881,6 +883,24 @@ async def test_operator_killed_mid_reconcile_converges_without_duplicates_or_orp
     assert creates == dict.fromkeys(EXPECTED, 1)  # the lost create was recognised, never repeated
 
 
+def _admission_needs(requests) -> set[tuple[str, str, str]]:
+    """What the OwnerReferencesPermissionEnforcement plugin (tests/rbac_support.py) authorizes for the
+    operator's writes: each create with ownerReferences, and each patch that names ownerReferences (taken
+    as a change: KMock cannot say what the object held before)."""
+    owners = {("g2rpo.dev", "G2RPOJob"): "g2rpojobs"}
+    needs = set()
+    for r in requests:
+        body = r.data if isinstance(r.data, dict) else {}
+        refs = (body.get("metadata") or {}).get("ownerReferences")
+        if r.method not in ("POST", "PATCH", "PUT") or refs is None:
+            continue
+        obj = {**body, "metadata": {"name": r.name or body["metadata"].get("name"), **body["metadata"]}}
+        old = None if r.method == "POST" else {"metadata": {"ownerReferences": []}}
+        for check in owner_reference_checks(obj, r.resource.group, r.resource.plural, owners, old=old):
+            needs.add((check.group, check.qualified, check.verb))
+    return needs
+
+
 def _verb(request) -> str:
     if request.method == "GET":
         return "get" if request.name else ("watch" if request.params.get("watch") == "true" else "list")
@@ -907,11 +927,10 @@ def _granted_in_namespaced_mode() -> set[tuple[str, str, str]]:
     return _granted([*rules, *yaml.safe_load((rbac / "peering-namespaced.yaml").read_text())])
 
 
-# Granted but not exercised against KMock: kopf's Events (off: KMock lacks generateName), peering
-# (test_two_replicas_do_not_fight), and the finalizers permission an admission plugin checks.
+# Granted but not exercised against KMock: kopf's Events (off: KMock lacks generateName) and peering
+# (test_two_replicas_do_not_fight).
 NOT_EXERCISED = {
     ("", "events", "create"),
-    ("g2rpo.dev", "g2rpojobs/finalizers", "update"),
     *(
         ("kopf.dev", kind, verb)
         for kind in ("clusterkopfpeerings", "kopfpeerings")
@@ -921,8 +940,9 @@ NOT_EXERCISED = {
 
 
 async def test_the_operator_uses_exactly_the_rbac_it_is_granted(cluster, start_operator):
-    """Every request the operator makes over a whole lifecycle (volcano gang, restart, edit, suspend)
-    is allowed by manifests/rbac/cluster-role.yaml, and the role grants nothing it does not use."""
+    """Every request the operator makes over a whole lifecycle (volcano gang, restart, edit, suspend),
+    and what the OwnerReferencesPermissionEnforcement admission plugin checks of each (the finalizers of
+    the owning job), is allowed by manifests/rbac/cluster-role.yaml, and the role grants nothing else."""
     await start_operator()  # no claim: the operator creates it from checkpoint.volumeSize
     await cluster.apply(
         job_manifest(runPolicy={"backoffLimit": 2, "gangScheduler": "volcano"}, checkpoint={"volumeSize": "1Ti"})
@@ -950,7 +970,7 @@ async def test_the_operator_uses_exactly_the_rbac_it_is_granted(cluster, start_o
     used = {
         (r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""), _verb(r))
         for r in operator_requests
-    }
+    } | _admission_needs(operator_requests)
     granted = _granted()
     assert used <= granted, f"not granted: {sorted(used - granted)}"
     assert granted - NOT_EXERCISED <= used, f"granted but never used: {sorted(granted - NOT_EXERCISED - used)}"
