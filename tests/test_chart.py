@@ -74,10 +74,19 @@ def operator_env(documents: list[dict]) -> dict[str, str]:
     }
 
 
+def settings_namespace(documents: list[dict]) -> str:
+    return OperatorSettings.from_env(operator_env(documents)).operator_namespace
+
+
 def rule_triples(role: dict) -> set[tuple[str, str, str]]:
     return {
         (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
     }
+
+
+def job_roles(documents: list[dict], kind: str = "Role") -> list[dict]:
+    """The Roles (or RoleBindings) of the watched namespaces: all but the token signing key's."""
+    return [d for d in by_kind(documents, kind) if not d["metadata"]["name"].endswith("-token-key")]
 
 
 def test_lint_strict():
@@ -132,6 +141,8 @@ def test_defaults_install_the_crds_the_operator_and_cluster_wide_rbac():
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",  # the token signing key's, in the release namespace
+        "RoleBinding",
         "Deployment",
         "Service",
         "PodDisruptionBudget",
@@ -173,6 +184,9 @@ def test_defaults_install_the_crds_the_operator_and_cluster_wide_rbac():
     assert (settings.metrics_port, settings.health_port, settings.namespaces) == (9090, 8081, ())
     role = by_kind(documents, "ClusterRole")[0]
     assert ("kopf.dev", "clusterkopfpeerings", "create") in rule_triples(role)
+    (key_role,) = by_kind(documents, "Role")  # the one Secret the operator reads is the one it is told to
+    assert key_role["metadata"]["namespace"] == "g2rpo-system" == settings_namespace(documents)
+    assert [r["resourceNames"] for r in key_role["rules"] if r.get("resourceNames")] == [[settings.token_key_secret]]
     binding = by_kind(documents, "ClusterRoleBinding")[0]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "g2rpo-system"}
@@ -208,8 +222,8 @@ def test_one_replica_gets_no_disruption_budget_that_would_block_drains():
 def test_watch_namespaces_gives_a_role_per_namespace_with_namespaced_peering():
     documents = template("--set", "watchNamespaces={team-a,team-b}")
     assert not by_kind(documents, "ClusterRole") and not by_kind(documents, "ClusterRoleBinding")
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(documents, "Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in by_kind(documents, "RoleBinding")}
+    roles = {r["metadata"]["namespace"]: r for r in job_roles(documents)}
+    bindings = {b["metadata"]["namespace"]: b for b in job_roles(documents, "RoleBinding")}
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     cluster_role = by_kind(template(), "ClusterRole")[0]
     peering = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch", "create")}
@@ -285,7 +299,7 @@ def test_kueue_integration_turns_on_the_workload_watch_and_its_rbac():
     (cluster_role,) = by_kind(on, "ClusterRole")
     assert (kueue_rules | cluster_reads) <= rule_triples(cluster_role)
     namespaced = template("--set", "kueue.enabled=true", "--set", "watchNamespaces={team-a}")
-    (role,) = by_kind(namespaced, "Role")
+    (role,) = job_roles(namespaced)
     assert kueue_rules <= rule_triples(role) and not cluster_reads & rule_triples(role)
     (reads_role,) = by_kind(namespaced, "ClusterRole")
     assert rule_triples(reads_role) == cluster_reads

@@ -524,8 +524,8 @@ class LateAnswers(KubeApi):
     the cache after the watch event of the Job's pods becoming ready, and the job never became Running.
     Here every write's answer is held back long enough for the test's next status change to overtake it."""
 
-    def create(self, manifest: dict) -> dict:
-        answer = super().create(manifest)
+    def create(self, manifest: dict, dry_run: bool = False) -> dict:
+        answer = super().create(manifest, dry_run)
         time.sleep(LATE_ANSWER_SECONDS)
         return answer
 
@@ -698,6 +698,7 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     granted = _granted(
         [
             *yaml.safe_load((ROOT / "manifests" / "rbac" / "cluster-role.yaml").read_text())["rules"],
+            *TOKEN_KEY_RULES,
             *yaml.safe_load((rbac / "kueue-rules.yaml").read_text()),
             *yaml.safe_load((rbac / "kueue-cluster.yaml").read_text()),
         ]
@@ -880,7 +881,10 @@ async def test_operator_killed_mid_reconcile_converges_without_duplicates_or_orp
         for request in cluster.emulator[lambda request: request.method == "POST" and request.resource != JOBS]
     )
     assert creates.pop(("persistentvolumeclaims", "g2rpo-checkpoints")) == 1
-    assert creates == dict.fromkeys(EXPECTED, 1)  # the lost create was recognised, never repeated
+    assert creates.pop(("secrets", "g2rpo-operator-token-key")) == 1  # the signing key, in the operator's namespace
+    # The token Secret is never read back (tokens.py): each operator's first pass creates it, 409 once it exists.
+    assert creates.pop(("secrets", "demo-token")) >= 1
+    assert creates == dict.fromkeys(EXPECTED - {("secrets", "demo-token")}, 1)  # the lost create recognised
 
 
 def _admission_needs(requests) -> set[tuple[str, str, str]]:
@@ -907,10 +911,18 @@ def _verb(request) -> str:
     return {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[request.method]
 
 
+TOKEN_KEY_RULES = yaml.safe_load((ROOT / "manifests" / "rbac" / "token-key-role.yaml").read_text())["rules"]
+"""The Role in the operator's namespace: get of the token signing key's Secret, by name, and create."""
+
+
 def _granted(rules: list[dict] | None = None) -> set[tuple[str, str, str]]:
-    """What the installed role grants: the cluster-wide ClusterRole (manifests/, the chart's default), or `rules`."""
+    """What the installed roles grant: the cluster-wide ClusterRole (manifests/, the chart's default) with
+    the token key's Role, or `rules`."""
     if rules is None:
-        rules = yaml.safe_load((ROOT / "manifests" / "rbac" / "cluster-role.yaml").read_text())["rules"]
+        rules = [
+            *yaml.safe_load((ROOT / "manifests" / "rbac" / "cluster-role.yaml").read_text())["rules"],
+            *TOKEN_KEY_RULES,
+        ]
     return {
         (group, resource, verb)
         for rule in rules
@@ -974,6 +986,12 @@ async def test_the_operator_uses_exactly_the_rbac_it_is_granted(cluster, start_o
     granted = _granted()
     assert used <= granted, f"not granted: {sorted(used - granted)}"
     assert granted - NOT_EXERCISED <= used, f"granted but never used: {sorted(granted - NOT_EXERCISED - used)}"
+    # The one Secret read: the signing key, by the name its Role allows, in the operator's namespace.
+    (key_rule,) = [rule for rule in TOKEN_KEY_RULES if rule.get("resourceNames")]
+    secret_reads = {
+        (r.namespace, r.name) for r in operator_requests if r.resource.plural == "secrets" and r.method != "POST"
+    }
+    assert secret_reads == {("g2rpo-system", name) for name in key_rule["resourceNames"]}
 
 
 async def test_two_replicas_do_not_fight(cluster, start_operator):

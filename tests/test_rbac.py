@@ -179,3 +179,19 @@ def test_the_check_refuses_what_the_admission_plugin_refuses():
     namespaced = grants("--set", "watchNamespaces={team-a}")
     elsewhere = next(o for o in created("team-b", {}, kueue=False) if o["kind"] == "ConfigMap")
     assert not any(namespaced.allows(r) for r in needed(elsewhere))  # a Role grants only in its namespace
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_operator_can_read_no_secret_but_its_signing_key(mode):
+    """No rule lets the operator read a Secret's data (get, list, watch, and patch, update or delete,
+    whose answers carry the object), in a job's namespace or its own, but the token signing key's, by
+    name (g2rpo_operator/tokens.py); it may create Secrets (the job tokens, the key)."""
+    values, namespace = MODES[mode]
+    granted = grants(*values)
+    key = "g2rpo-operator-token-key"  # the chart's G2RPO_TOKEN_KEY_SECRET (tests/test_chart.py)
+    for where in (namespace, RELEASE_NAMESPACE):
+        for verb in ("get", "list", "watch", "patch", "update", "delete"):
+            assert not granted.allows(Request(verb, "", "secrets", where, "hf-token")), (verb, where)
+        assert granted.allows(Request("create", "", "secrets", where))
+    assert granted.allows(Request("get", "", "secrets", RELEASE_NAMESPACE, key))
+    assert not granted.allows(Request("get", "", "secrets", namespace, key))  # only in its own namespace

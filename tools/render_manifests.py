@@ -35,6 +35,8 @@ TARGETS = {
     ("templates/serviceaccount.yaml", "ServiceAccount"): "rbac/service-account.yaml",
     ("templates/rbac.yaml", "ClusterRole"): "rbac/cluster-role.yaml",
     ("templates/rbac.yaml", "ClusterRoleBinding"): "rbac/cluster-role-binding.yaml",
+    ("templates/rbac.yaml", "Role"): "rbac/token-key-role.yaml",
+    ("templates/rbac.yaml", "RoleBinding"): "rbac/token-key-role-binding.yaml",
     ("templates/deployment.yaml", "Deployment"): "operator/deployment.yaml",
     ("templates/service.yaml", "Service"): "operator/service.yaml",
     ("templates/poddisruptionbudget.yaml", "PodDisruptionBudget"): "operator/pod-disruption-budget.yaml",
