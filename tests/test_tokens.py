@@ -10,13 +10,16 @@ import base64
 import re
 
 import pytest
-from test_operator_kmock import all_children, condition, token, wait_for
+from test_operator_kmock import all_children, condition, make_available, token, wait_for
 
+from g2rpo.api.spec import parse_spec
+from g2rpo.controller.service import GuidanceService, ServiceConfig, start_server
+from g2rpo.guidance.schedule import ScheduleParams
 from g2rpo_operator.kube import KubeApi, KubeError
 from g2rpo_operator.settings import OperatorSettings
 from g2rpo_operator.tokens import KEY_BYTES, job_token, key_secret, load_signing_key
 
-from kmock_support import SECRETS
+from kmock_support import SECRETS, free_port
 from operator_fixtures import NAMESPACE, job_manifest
 
 KEY = bytes(range(KEY_BYTES))
@@ -93,3 +96,29 @@ async def test_env_from_secret_is_found_without_reading_it(cluster, start_operat
     ]
     assert operator_asked and set(operator_asked) == {("POST", "All")}
     assert cluster.emulator.stored(SECRETS, NAMESPACE, "hf-token")["data"] == {"HF_TOKEN": "eA=="}
+
+
+async def test_a_foreign_token_secret_is_reported_as_a_conflict(cluster, start_operator, tmp_path):
+    """A Secret of the token's name that was there before the job: the operator cannot read it, but the
+    job's controller (the real service), started with the token it holds, refuses the operator's
+    derived token, and the job says which object is in the way."""
+    port = free_port()
+    labels = {"app.kubernetes.io/instance": "demo"}  # e.g. left by a tool copying an old job's objects
+    foreign = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-token", "labels": labels}}
+    foreign["data"] = {"token": base64.b64encode(b"xyz").decode()}
+    await cluster.emulator.create_object(SECRETS, NAMESPACE, foreign)
+    await cluster.create_claim()
+    await start_operator(controller_url_template=f"http://127.0.0.1:{port}")
+    manifest = job_manifest()
+    await cluster.apply(manifest)
+    await all_children(cluster)
+    params = ScheduleParams.from_spec(parse_spec(manifest["spec"]).guidance)
+    config = ServiceConfig(job="demo", params=params, token=token(cluster), state_dir=tmp_path)
+    assert token(cluster) == "xyz"  # the kubelet mounts the Secret that is there
+    server = await start_server(GuidanceService(config), "127.0.0.1", port)
+    try:
+        await make_available(cluster, "demo-controller", "demo-rollout")
+        await wait_for(lambda: condition(cluster, "Ready").get("reason") == "ChildConflict", what="the conflict")
+        assert "Secret demo-token exists and is not owned by this job" in condition(cluster, "Ready")["message"]
+    finally:
+        await server.close()

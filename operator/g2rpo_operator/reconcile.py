@@ -45,7 +45,7 @@ from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
 from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.conditions import Facts, claim_problems, invalid_status, job_status, pod_problems, status_patch
-from g2rpo_operator.controller_client import ControllerReport, read_controller
+from g2rpo_operator.controller_client import ControllerReport, TokenRefused, read_controller
 from g2rpo_operator.kube import (
     CONFIGMAPS,
     DEPLOYMENTS,
@@ -153,7 +153,7 @@ class Reconciler:
             self._release_when_stopped(view, ctx, observed, workload, now)
         elif kueue and kueue.admitted and workload is not None and prog.active:
             self._patch_workload_status(view, workload, pods_ready(workload, prog.phase == "Running", now))
-        report = self._read_controller(ctx, observed, token)
+        report, foreign = self._read_controller(ctx, observed, token)
         facts = Facts(
             progress=prog,
             spec=ctx.spec,
@@ -162,7 +162,7 @@ class Reconciler:
             spec_errors=errors,
             refused=refused,
             missing=missing,
-            conflicts=conflicts,
+            conflicts=conflicts + foreign,
             storage=storage,
             problems=pod_problems(pods) if prog.active else [],
             waiting_for=waiting_for if job is None else [],
@@ -231,13 +231,18 @@ class Reconciler:
 
     def _read_controller(
         self, ctx: JobContext, observed: dict[tuple[str, str], Manifest], token: str
-    ) -> ControllerReport | None:
-        """The controller's report, asked only once its Deployment is available (no pointless timeouts)."""
+    ) -> tuple[ControllerReport | None, list[str]]:
+        """The controller's report, asked only once its Deployment is available (no pointless timeouts),
+        and the conflict a refused token reveals: a Secret of the token's name that was there before the
+        job (its create answered 409), which the operator cannot read to tell."""
         if not deployment_available(observed.get(_key(DEPLOYMENTS, ctx.child("controller")))):
-            return None
+            return None, []
         template = self.settings.controller_url_template
         url = template.format(name=ctx.name, namespace=ctx.namespace) if template else ctx.controller_url
-        return read_controller(url, token, self.settings.http_timeout_seconds)
+        try:
+            return read_controller(url, token, self.settings.http_timeout_seconds), []
+        except TokenRefused:
+            return None, [f"Secret {ctx.token_name}"]
 
     def _accepted(self, name: str, namespace: str, configmap: Manifest | None) -> JobContext | None:
         document = config.accepted_spec(configmap) if configmap else None
