@@ -25,6 +25,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp.web
 import jsonpatch
 import kmock
 from kmock._internal import enums
@@ -97,6 +98,8 @@ class Emulator(kmock.KubernetesEmulator):
             if matches(request):
                 seen.append(time.monotonic())
                 raise error
+        if request.action == enums.action.CREATE and request.params.get("dryRun") == "All":
+            return self._dry_run_create(request)
         request = self._stamped(request)
         try:
             return await super()._handle(request)
@@ -112,6 +115,15 @@ class Emulator(kmock.KubernetesEmulator):
                 await self._collect_garbage()
             if not self.record_requests:
                 self._requests[:] = [r for r in self._requests if r is not request]
+
+    def _dry_run_create(self, request: Any) -> Any:
+        """A create with dryRun=All, as the API server answers it (k8s.io/apiserver
+        pkg/registry/generic/registry/dryrun.go): 409 if the name is taken, else the object as it would
+        be created; nothing is stored (KMock itself ignores dryRun and would create it)."""
+        meta = request.data.get("metadata") or {}
+        if self.stored(request.resource, request.namespace or meta.get("namespace"), meta.get("name")) is not None:
+            raise kmock.KubernetesError(status=409, reason="AlreadyExists", message=f"{meta.get('name')!r} exists")
+        return aiohttp.web.json_response(request.data, status=201)
 
     def _stamped(self, request: Any) -> Any:
         if request.resource is None:

@@ -74,10 +74,19 @@ def operator_env(documents: list[dict]) -> dict[str, str]:
     }
 
 
+def settings_namespace(documents: list[dict]) -> str:
+    return OperatorSettings.from_env(operator_env(documents)).operator_namespace
+
+
 def rule_triples(role: dict) -> set[tuple[str, str, str]]:
     return {
         (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
     }
+
+
+def job_roles(documents: list[dict], kind: str = "Role") -> list[dict]:
+    """The Roles (or RoleBindings) of the watched namespaces: all but the token signing key's."""
+    return [d for d in by_kind(documents, kind) if not d["metadata"]["name"].endswith("-token-key")]
 
 
 def test_lint_strict():
@@ -132,6 +141,8 @@ def test_defaults_install_the_crds_the_operator_and_cluster_wide_rbac():
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",  # the token signing key's, in the release namespace
+        "RoleBinding",
         "Deployment",
         "Service",
         "PodDisruptionBudget",
@@ -173,13 +184,35 @@ def test_defaults_install_the_crds_the_operator_and_cluster_wide_rbac():
     assert (settings.metrics_port, settings.health_port, settings.namespaces) == (9090, 8081, ())
     role = by_kind(documents, "ClusterRole")[0]
     assert ("kopf.dev", "clusterkopfpeerings", "create") in rule_triples(role)
+    (key_role,) = by_kind(documents, "Role")  # the one Secret the operator reads is the one it is told to
+    assert key_role["metadata"]["namespace"] == "g2rpo-system" == settings_namespace(documents)
+    assert [r["resourceNames"] for r in key_role["rules"] if r.get("resourceNames")] == [[settings.token_key_secret]]
     binding = by_kind(documents, "ClusterRoleBinding")[0]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "g2rpo-system"}
     ]
     crds = {d["metadata"]["name"]: d for d in by_kind(documents, "CustomResourceDefinition")}
-    assert set(crds) == {"g2rpojobs.g2rpo.dev", "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
-    assert all(c["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"} for c in crds.values())
+    assert set(crds) == {"g2rpojobs.g2rpo.dev"}
+    assert crds["g2rpojobs.g2rpo.dev"]["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+
+
+PEERING_CRDS = {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
+
+
+def test_kopf_peering_crds_are_created_only_if_absent():
+    """kopf's peering CRDs belong to every kopf operator of the cluster: in crds/, Helm creates them
+    before the release and skips one that exists (helm/helm pkg/action/install.go installCRDs), and they
+    are no part of the release's manifest, so another operator's copy fails no ownership check and
+    `helm uninstall` never deletes them. The G2RPOJob CRD stays a template (upgraded with the chart)."""
+    release = {d["metadata"]["name"] for d in by_kind(template(), "CustomResourceDefinition")}
+    assert release == {"g2rpojobs.g2rpo.dev"} and not release & PEERING_CRDS
+    shipped = helm("show", "crds", str(CHART))
+    assert shipped.returncode == 0, shipped.stderr
+    crds = [d for d in yaml.safe_load_all(shipped.stdout) if d]
+    assert {d["metadata"]["name"] for d in crds} == PEERING_CRDS
+    assert all("annotations" not in d["metadata"] for d in crds)  # no Helm ownership or resource policy
+    with_crds = {d["metadata"]["name"] for d in by_kind(template("--include-crds"), "CustomResourceDefinition")}
+    assert with_crds == release | PEERING_CRDS  # what tools/render_manifests.py puts into manifests/crd/
 
 
 def test_one_replica_gets_no_disruption_budget_that_would_block_drains():
@@ -189,8 +222,8 @@ def test_one_replica_gets_no_disruption_budget_that_would_block_drains():
 def test_watch_namespaces_gives_a_role_per_namespace_with_namespaced_peering():
     documents = template("--set", "watchNamespaces={team-a,team-b}")
     assert not by_kind(documents, "ClusterRole") and not by_kind(documents, "ClusterRoleBinding")
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(documents, "Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in by_kind(documents, "RoleBinding")}
+    roles = {r["metadata"]["namespace"]: r for r in job_roles(documents)}
+    bindings = {b["metadata"]["namespace"]: b for b in job_roles(documents, "RoleBinding")}
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     cluster_role = by_kind(template(), "ClusterRole")[0]
     peering = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch", "create")}
@@ -291,7 +324,7 @@ def test_kueue_integration_turns_on_the_workload_watch_and_its_rbac():
     (cluster_role,) = by_kind(on, "ClusterRole")
     assert (kueue_rules | cluster_reads) <= rule_triples(cluster_role)
     namespaced = template("--set", "kueue.enabled=true", "--set", "watchNamespaces={team-a}")
-    (role,) = by_kind(namespaced, "Role")
+    (role,) = job_roles(namespaced)
     assert kueue_rules <= rule_triples(role) and not cluster_reads & rule_triples(role)
     (reads_role,) = by_kind(namespaced, "ClusterRole")
     assert rule_triples(reads_role) == cluster_reads
@@ -471,3 +504,34 @@ def test_manifests_are_the_charts_rendering():
         if p.read_text().startswith("# Generated by tools/render_manifests.py")
     }
     assert generated <= set(kustomization["resources"])
+
+
+def requirements_table() -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("### Cluster requirements")
+    return readme[start : min(i for i in (readme.find("\n### ", start), readme.find("\n## ", start)) if i != -1)]
+
+
+def test_the_requirements_in_readme_and_notes_are_the_codes():
+    """The README's requirements table and the chart's NOTES state the facts the code and the chart
+    depend on: a change to one of them (the minimum Kubernetes, the GPU products, the uid, vLLM's
+    startup timeout, the Kueue framework name) fails here until both texts follow."""
+    from g2rpo.api.spec import API_GROUP, API_VERSION, KIND, RolloutPlacementSpec
+    from g2rpo_operator.builders.common import RUN_AS_USER
+
+    table = requirements_table()
+    done = helm("install", "--dry-run=client", "g2rpo", str(CHART), "-n", "g2rpo-system")
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout[done.stdout.index("NOTES:") :]
+    minimum = re.fullmatch(r">=(\d+\.\d+)\.0-0", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"])
+    assert minimum, "Chart.yaml kubeVersion is not of the form >=X.Y.0-0"
+    framework = f"{KIND}.{API_VERSION}.{API_GROUP}"
+    startup = RolloutPlacementSpec.model_fields["startup_timeout_seconds"].default
+    for text in (table, notes):
+        assert f"{minimum[1]}" in text and "R580" in text and framework in text and "restricted" in text
+        assert f"{RUN_AS_USER}" in text and "ReadWriteMany" in text
+        for label in ("nvidia.com/gpu.product", "cloud.google.com/gke-accelerator", "node.kubernetes.io/instance-type"):
+            assert label in text, label
+    assert f"{startup} s" in table and f"default {startup // 60}m" in notes
+    assert all(product in table for product in DEFAULT_GPU_PRODUCTS)
+    assert all(t in table for t in ("p4d.24xlarge", "p4de.24xlarge", "nvidia-tesla-a100", "nvidia-a100-80gb"))

@@ -81,7 +81,13 @@ def namespace() -> Iterator[str]:
 
 
 def start(namespace: str) -> RunningOperator:
-    settings = OperatorSettings(namespaces=(namespace,), standalone=True, resync_seconds=5.0, poll_seconds=1.0)
+    settings = OperatorSettings(
+        namespaces=(namespace,),
+        operator_namespace=namespace,  # the token signing key goes there too
+        standalone=True,
+        resync_seconds=5.0,
+        poll_seconds=1.0,
+    )
     return launch(KubeApi.from_environment(), settings)
 
 

@@ -19,6 +19,7 @@ import aiohttp
 import kmock
 import pytest
 import yaml
+from rbac_support import owner_reference_checks
 
 from g2rpo.api.spec import parse_spec
 from g2rpo.controller.http_client import HttpGuidanceClient
@@ -529,8 +530,8 @@ class LateAnswers(KubeApi):
     the cache after the watch event of the Job's pods becoming ready, and the job never became Running.
     Here every write's answer is held back long enough for the test's next status change to overtake it."""
 
-    def create(self, manifest: dict) -> dict:
-        answer = super().create(manifest)
+    def create(self, manifest: dict, dry_run: bool = False) -> dict:
+        answer = super().create(manifest, dry_run)
         time.sleep(LATE_ANSWER_SECONDS)
         return answer
 
@@ -703,18 +704,20 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     granted = _granted(
         [
             *yaml.safe_load((ROOT / "manifests" / "rbac" / "cluster-role.yaml").read_text())["rules"],
+            *TOKEN_KEY_RULES,
             *yaml.safe_load((rbac / "kueue-rules.yaml").read_text()),
             *yaml.safe_load((rbac / "kueue-cluster.yaml").read_text()),
         ]
     )
+    kueue_requests = cluster.emulator[
+        lambda r: (
+            r.resource is not None and r.resource.plural and not r.headers.get("User-Agent", "").startswith("kmock")
+        )
+    ]
     used = {
         (r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""), _verb(r))
-        for r in cluster.emulator[
-            lambda r: (
-                r.resource is not None and r.resource.plural and not r.headers.get("User-Agent", "").startswith("kmock")
-            )
-        ]
-    }
+        for r in kueue_requests
+    } | _admission_needs(kueue_requests)
     kueue_used = {u for u in used if u[0] in ("kueue.x-k8s.io", "scheduling.k8s.io")}
     assert used <= granted, f"not granted: {sorted(used - granted)}"
     assert kueue_used == {
@@ -886,7 +889,28 @@ async def test_operator_killed_mid_reconcile_converges_without_duplicates_or_orp
         for request in cluster.emulator[lambda request: request.method == "POST" and request.resource != JOBS]
     )
     assert creates.pop(("persistentvolumeclaims", "g2rpo-checkpoints")) == 1
-    assert creates == dict.fromkeys(EXPECTED, 1)  # the lost create was recognised, never repeated
+    assert creates.pop(("secrets", "g2rpo-operator-token-key")) == 1  # the signing key, in the operator's namespace
+    # The token Secret is never read back (tokens.py): each operator's first pass creates it, 409 once it exists.
+    assert creates.pop(("secrets", "demo-token")) >= 1
+    assert creates == dict.fromkeys(EXPECTED - {("secrets", "demo-token")}, 1)  # the lost create recognised
+
+
+def _admission_needs(requests) -> set[tuple[str, str, str]]:
+    """What the OwnerReferencesPermissionEnforcement plugin (tests/rbac_support.py) authorizes for the
+    operator's writes: each create with ownerReferences, and each patch that names ownerReferences (taken
+    as a change: KMock cannot say what the object held before)."""
+    owners = {("g2rpo.dev", "G2RPOJob"): "g2rpojobs"}
+    needs = set()
+    for r in requests:
+        body = r.data if isinstance(r.data, dict) else {}
+        refs = (body.get("metadata") or {}).get("ownerReferences")
+        if r.method not in ("POST", "PATCH", "PUT") or refs is None:
+            continue
+        obj = {**body, "metadata": {"name": r.name or body["metadata"].get("name"), **body["metadata"]}}
+        old = None if r.method == "POST" else {"metadata": {"ownerReferences": []}}
+        for check in owner_reference_checks(obj, r.resource.group, r.resource.plural, owners, old=old):
+            needs.add((check.group, check.qualified, check.verb))
+    return needs
 
 
 def _verb(request) -> str:
@@ -895,10 +919,18 @@ def _verb(request) -> str:
     return {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[request.method]
 
 
+TOKEN_KEY_RULES = yaml.safe_load((ROOT / "manifests" / "rbac" / "token-key-role.yaml").read_text())["rules"]
+"""The Role in the operator's namespace: get of the token signing key's Secret, by name, and create."""
+
+
 def _granted(rules: list[dict] | None = None) -> set[tuple[str, str, str]]:
-    """What the installed role grants: the cluster-wide ClusterRole (manifests/, the chart's default), or `rules`."""
+    """What the installed roles grant: the cluster-wide ClusterRole (manifests/, the chart's default) with
+    the token key's Role, or `rules`."""
     if rules is None:
-        rules = yaml.safe_load((ROOT / "manifests" / "rbac" / "cluster-role.yaml").read_text())["rules"]
+        rules = [
+            *yaml.safe_load((ROOT / "manifests" / "rbac" / "cluster-role.yaml").read_text())["rules"],
+            *TOKEN_KEY_RULES,
+        ]
     return {
         (group, resource, verb)
         for rule in rules
@@ -916,12 +948,11 @@ def _granted_in_namespaced_mode() -> set[tuple[str, str, str]]:
 
 
 # Granted but not exercised against KMock: kopf's Events (off: KMock lacks generateName), peering
-# (test_two_replicas_do_not_fight), the finalizers permission an admission plugin checks, and a PodGroup
-# patched back, which only a full pass does (test_edits_no_watch_reports_are_undone_by_the_next_full_pass).
+# (test_two_replicas_do_not_fight), and a PodGroup patched back, which only a full pass does
+# (test_edits_no_watch_reports_are_undone_by_the_next_full_pass).
 NOT_EXERCISED = {
     ("", "events", "create"),
     ("scheduling.volcano.sh", "podgroups", "patch"),
-    ("g2rpo.dev", "g2rpojobs/finalizers", "update"),
     *(
         ("kopf.dev", kind, verb)
         for kind in ("clusterkopfpeerings", "kopfpeerings")
@@ -931,8 +962,9 @@ NOT_EXERCISED = {
 
 
 async def test_the_operator_uses_exactly_the_rbac_it_is_granted(cluster, start_operator):
-    """Every request the operator makes over a whole lifecycle (volcano gang, restart, edit, suspend)
-    is allowed by manifests/rbac/cluster-role.yaml, and the role grants nothing it does not use."""
+    """Every request the operator makes over a whole lifecycle (volcano gang, restart, edit, suspend),
+    and what the OwnerReferencesPermissionEnforcement admission plugin checks of each (the finalizers of
+    the owning job), is allowed by manifests/rbac/cluster-role.yaml, and the role grants nothing else."""
     await start_operator()  # no claim: the operator creates it from checkpoint.volumeSize
     await cluster.apply(
         job_manifest(runPolicy={"backoffLimit": 2, "gangScheduler": "volcano"}, checkpoint={"volumeSize": "1Ti"})
@@ -970,10 +1002,16 @@ async def test_the_operator_uses_exactly_the_rbac_it_is_granted(cluster, start_o
     used = {
         (r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""), _verb(r))
         for r in operator_requests
-    }
+    } | _admission_needs(operator_requests)
     granted = _granted()
     assert used <= granted, f"not granted: {sorted(used - granted)}"
     assert granted - NOT_EXERCISED <= used, f"granted but never used: {sorted(granted - NOT_EXERCISED - used)}"
+    # The one Secret read: the signing key, by the name its Role allows, in the operator's namespace.
+    (key_rule,) = [rule for rule in TOKEN_KEY_RULES if rule.get("resourceNames")]
+    secret_reads = {
+        (r.namespace, r.name) for r in operator_requests if r.resource.plural == "secrets" and r.method != "POST"
+    }
+    assert secret_reads == {("g2rpo-system", name) for name in key_rule["resourceNames"]}
 
 
 async def test_two_replicas_do_not_fight(cluster, start_operator):

@@ -64,7 +64,7 @@ def test_the_example_renders_every_child_the_operator_creates(capsys):
     assert "  job.yaml: |\n" in out
     secret = next(d for d in documents if d["kind"] == "Secret")
     assert base64.b64decode(secret["data"]["token"]).decode() == RENDERED_TOKEN
-    assert "# Not a secret: the operator generates a random token at creation" in out
+    assert "# Not a secret: the operator derives each job's token" in out
 
 
 def test_namespace_is_applied_everywhere(capsys, tmp_path):

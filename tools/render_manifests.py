@@ -1,9 +1,9 @@
 """Write manifests/ (kustomize) from the Helm chart, so that the two never disagree.
 
 The chart is the source: `helm template` with the default values (release `g2rpo`, namespace
-`g2rpo-system`), minus Helm's own labels, gives manifests/rbac, manifests/operator and the kopf
-peering CRDs; the alert rules are copied from the chart. The G2RPOJob CRD is rendered from the job
-model into the chart (`g2rpo crd`); manifests/crd/g2rpojob.yaml is the same output (tests/test_crd.py).
+`g2rpo-system`, --include-crds), minus Helm's own labels, gives manifests/rbac, manifests/operator
+and the kopf peering CRDs (the chart's crds/); the alert rules are copied from the chart. The G2RPOJob
+CRD is rendered from the job model into the chart (`g2rpo crd`); manifests/crd/g2rpojob.yaml is the same output (tests/test_crd.py).
 
     .venv/bin/python tools/render_manifests.py          # rewrite the files
     .venv/bin/python tools/render_manifests.py --check  # exit 1 and name the stale files (tests do this too)
@@ -30,11 +30,13 @@ HELM_ONLY_LABELS = ("helm.sh/chart:", "app.kubernetes.io/managed-by:")
 
 # (chart template, kind) -> file under manifests/; documents of one file are joined with ---.
 TARGETS = {
-    ("templates/crds.yaml", "ClusterKopfPeering"): "crd/kopf-peering.yaml",
-    ("templates/crds.yaml", "KopfPeering"): "crd/kopf-peering.yaml",
+    ("crds/clusterkopfpeerings.kopf.dev.yaml", "ClusterKopfPeering"): "crd/kopf-peering.yaml",
+    ("crds/kopfpeerings.kopf.dev.yaml", "KopfPeering"): "crd/kopf-peering.yaml",
     ("templates/serviceaccount.yaml", "ServiceAccount"): "rbac/service-account.yaml",
     ("templates/rbac.yaml", "ClusterRole"): "rbac/cluster-role.yaml",
     ("templates/rbac.yaml", "ClusterRoleBinding"): "rbac/cluster-role-binding.yaml",
+    ("templates/rbac.yaml", "Role"): "rbac/token-key-role.yaml",
+    ("templates/rbac.yaml", "RoleBinding"): "rbac/token-key-role-binding.yaml",
     ("templates/deployment.yaml", "Deployment"): "operator/deployment.yaml",
     ("templates/service.yaml", "Service"): "operator/service.yaml",
     ("templates/poddisruptionbudget.yaml", "PodDisruptionBudget"): "operator/pod-disruption-budget.yaml",
@@ -67,7 +69,17 @@ def crd_text() -> str:
 def rendered() -> dict[Path, str]:
     """Every generated file and its expected text."""
     out = subprocess.run(
-        [helm(), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--set", "crds.keep=false"],
+        [
+            helm(),
+            "template",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            NAMESPACE,
+            "--set",
+            "crds.keep=false",
+            "--include-crds",
+        ],
         check=True,
         capture_output=True,
         text=True,

@@ -33,6 +33,7 @@ from g2rpo_operator.kube import (
     PVCS,
     SERVICES,
     KubeApi,
+    KubeError,
     Manifest,
     Resource,
     compare_versions,
@@ -133,6 +134,28 @@ class View:
         for obj in found:
             self.cache.store(res, obj)
         return found
+
+    def exists_unread(self, manifest: Manifest, create: bool) -> bool:
+        """Whether an object of `manifest`'s kind and name exists, for a kind the operator may create but
+        never read (Secrets, see tokens.py); `create` creates it if absent, else a dry-run create asks.
+        Either answers 409 for a taken name and never carries the existing object. The cache keeps a
+        stub (name only) of one known to exist, so a cached view asks again only after a fresh one."""
+        res, meta = resource_of(manifest), manifest["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        if not self.fresh and self.cache.knows(res, namespace, name):
+            return True
+        try:
+            self.api.create(manifest, dry_run=not create)
+            existed = False
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+            existed = True
+        if existed or create:
+            self.cache.store(res, {"metadata": {"namespace": namespace, "name": name}})
+        else:
+            self.cache.forget(res, namespace, name)
+        return existed
 
     def create(self, manifest: Manifest) -> Manifest:
         created = self.api.create(manifest)

@@ -213,9 +213,12 @@ class KubeApi:
         items = self._call("GET", res.path(namespace), query=[("labelSelector", selector)]).get("items") or []
         return [item for item in items if matches(item, labels)]
 
-    def create(self, manifest: Manifest) -> Manifest:
+    def create(self, manifest: Manifest, dry_run: bool = False) -> Manifest:
+        """Create; `dry_run` only asks whether the API server would (it answers 409 when the name is
+        taken: k8s.io/apiserver pkg/registry/generic/registry/dryrun.go checks storage), storing nothing."""
         res = resource_of(manifest)
-        return self._call("POST", res.path(manifest["metadata"].get("namespace")), body=manifest)
+        query = [("dryRun", "All")] if dry_run else None
+        return self._call("POST", res.path(manifest["metadata"].get("namespace")), body=manifest, query=query)
 
     def patch(
         self, res: Resource, namespace: str, name: str, body: Manifest, subresource: str | None = None

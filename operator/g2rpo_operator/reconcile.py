@@ -35,9 +35,8 @@ Rules worth knowing (the decisions' own are in their modules):
 
 from __future__ import annotations
 
-import base64
 import logging
-import secrets
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -45,7 +44,6 @@ from datetime import UTC, datetime
 from kopf import append_owner_reference
 from pydantic import ValidationError
 
-from g2rpo.api.names import TOKEN_KEY
 from g2rpo.api.spec import G2RPOJobSpec
 from g2rpo_operator.admission import refused_edits, validate
 from g2rpo_operator.builders import JobContext, child_keys, children, config
@@ -54,7 +52,7 @@ from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
 from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.cache import ObjectCache, View
 from g2rpo_operator.conditions import Facts, claim_problems, invalid_status, job_status, pod_problems, status_patch
-from g2rpo_operator.controller_client import ControllerReport, read_controller
+from g2rpo_operator.controller_client import ControllerReport, TokenRefused, read_controller
 from g2rpo_operator.drift import drift_patch
 from g2rpo_operator.kube import (
     CONFIGMAPS,
@@ -84,6 +82,7 @@ from g2rpo_operator.kueue import (
 )
 from g2rpo_operator.lifecycle import Progress, deployment_available, progress, ready_count
 from g2rpo_operator.settings import OperatorSettings
+from g2rpo_operator.tokens import job_token, load_signing_key
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +116,8 @@ class Reconciler:
         self.cache = cache if cache is not None else ObjectCache()
         self.workloads = workloads(settings.kueue_api_version)
         self.flavors = resource_flavors(settings.kueue_api_version)
+        self._signing_key: bytes | None = None
+        self._signing_key_lock = threading.Lock()
 
     def reconcile(self, body: Manifest, fresh: bool = True) -> Manifest | None:
         """Bring the job's children one step closer to its spec; returns the status patch (None: unchanged).
@@ -149,7 +150,7 @@ class Reconciler:
         kueue = admission_of(workload, kueue_queue(ctx)) if ctx.spec.run_policy.gang_scheduler == "kueue" else None
         prog = progress(ctx.spec, prev, job, trainer_pods, now, evicted=kueue.evicted if kueue else None)
         waiting_for = self._waiting_for(ctx, observed, prog.gang_epoch)
-        token = self._token(observed.get(_key(SECRETS, ctx.token_name)), body["metadata"]["uid"])
+        token = job_token(self.signing_key(), namespace, name, body["metadata"]["uid"])
         blocked = bool(missing) or (storage is not None and storage[0] == "ClaimNotShared")
         conflicts = self._apply(
             view,
@@ -157,7 +158,7 @@ class Reconciler:
             body,
             observed,
             prog,
-            token or secrets.token_urlsafe(32),
+            token,
             create=not blocked,
             with_trainer=trainer_waits_in_process(ctx) or not waiting_for,
             admitted=self._admitted(view, workload, kueue),
@@ -167,7 +168,7 @@ class Reconciler:
             self._release_when_stopped(view, ctx, observed, workload, now, refusals)
         elif kueue and kueue.admitted and workload is not None and prog.active:
             self._patch_workload_status(view, workload, pods_ready(workload, prog.phase == "Running", now), refusals)
-        report = self._read_controller(ctx, observed, token)
+        report, foreign = self._read_controller(ctx, observed, token)
         facts = Facts(
             progress=prog,
             spec=ctx.spec,
@@ -176,7 +177,7 @@ class Reconciler:
             spec_errors=errors,
             refused=refused,
             missing=missing,
-            conflicts=conflicts,
+            conflicts=conflicts + foreign,
             storage=storage,
             problems=pod_problems(pods, placement_hints(ctx)) if prog.active else [],
             waiting_for=waiting_for if job is None else [],
@@ -246,15 +247,28 @@ class Reconciler:
         refused = refused_edits(accepted.spec, proposed.spec)
         return (accepted, refused) if refused else (proposed, [])
 
+    def signing_key(self) -> bytes:
+        """The key the controller tokens are derived from (tokens.py), read once (created if absent)."""
+        with self._signing_key_lock:
+            if self._signing_key is None:
+                settings = self.settings
+                self._signing_key = load_signing_key(self.api, settings.operator_namespace, settings.token_key_secret)
+            return self._signing_key
+
     def _read_controller(
-        self, ctx: JobContext, observed: dict[tuple[str, str], Manifest], token: str | None
-    ) -> ControllerReport | None:
-        """The controller's report, asked only once its Deployment is available (no pointless timeouts)."""
-        if not token or not deployment_available(observed.get(_key(DEPLOYMENTS, ctx.child("controller")))):
-            return None
+        self, ctx: JobContext, observed: dict[tuple[str, str], Manifest], token: str
+    ) -> tuple[ControllerReport | None, list[str]]:
+        """The controller's report, asked only once its Deployment is available (no pointless timeouts),
+        and the conflict a refused token reveals: a Secret of the token's name that was there before the
+        job (its create answered 409), which the operator cannot read to tell."""
+        if not deployment_available(observed.get(_key(DEPLOYMENTS, ctx.child("controller")))):
+            return None, []
         template = self.settings.controller_url_template
         url = template.format(name=ctx.name, namespace=ctx.namespace) if template else ctx.controller_url
-        return read_controller(url, token, self.settings.http_timeout_seconds)
+        try:
+            return read_controller(url, token, self.settings.http_timeout_seconds), []
+        except TokenRefused:
+            return None, [f"Secret {ctx.token_name}"]
 
     def _accepted(self, name: str, namespace: str, configmap: Manifest | None) -> JobContext | None:
         document = config.accepted_spec(configmap) if configmap else None
@@ -272,7 +286,7 @@ class Reconciler:
         found = {_key(CONFIGMAPS, ctx.config_name): configmap} if configmap else {}
         for key in child_keys(ctx, active=True):
             res = resource_of_kind(key[0], self.settings.kueue_api_version)
-            if key not in found and res is not CONFIGMAPS:
+            if key not in found and res is not CONFIGMAPS and res is not SECRETS:  # Secrets: never read
                 obj = view.get(res, ctx.namespace, key[1])
                 if obj is not None:
                     found[key] = obj
@@ -308,24 +322,19 @@ class Reconciler:
                     refusals.append(refusal("create", PVCS.kind, checkpoint.volume_claim, exc))
                 elif exc.status != 409:
                     raise
-        wanted = [
-            (PVCS, checkpoint.volume_claim, "spec.checkpoint.volumeClaim"),
-            (SECRETS, ctx.spec.env_from_secret, "spec.envFromSecret"),
-        ]
+        missing = []
+        if checkpoint.volume_claim and view.get(PVCS, ctx.namespace, checkpoint.volume_claim) is None:
+            missing.append(("PersistentVolumeClaim", checkpoint.volume_claim, "spec.checkpoint.volumeClaim"))
+        secret = ctx.spec.env_from_secret
+        # Asked by a dry-run create, the operator having no read access to Secrets (tokens.py).
+        probe = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret, "namespace": ctx.namespace}}
+        if secret and not view.exists_unread(probe, create=False):
+            missing.append(("Secret", secret, "spec.envFromSecret"))
         return [
-            f"{res.kind} {name!r} ({field}) not found in namespace {ctx.namespace!r}; "
+            f"{kind} {name!r} ({field}) not found in namespace {ctx.namespace!r}; "
             f"retrying every {self.settings.poll_seconds:g} s"
-            for res, name, field in wanted
-            if name and view.get(res, ctx.namespace, name) is None
+            for kind, name, field in missing
         ]
-
-    @staticmethod
-    def _token(secret: Manifest | None, uid: str) -> str | None:
-        """The controller token from the job's own Secret (never from a same-named foreign one)."""
-        if secret is None or not owned_by(secret, uid):
-            return None
-        encoded = (secret.get("data") or {}).get(TOKEN_KEY)
-        return base64.b64decode(encoded).decode() if encoded else None
 
     @staticmethod
     def _waiting_for(ctx: JobContext, observed: dict[tuple[str, str], Manifest], gang_epoch: int) -> list[str]:
@@ -380,6 +389,12 @@ class Reconciler:
             name = manifest["metadata"]["name"]
             current = observed.get(_key(res, name))
             try:
+                if res is SECRETS:  # the token: created, never read back (its value is derived, tokens.py)
+                    if create:
+                        verb = "create"
+                        append_owner_reference(manifest, owner=owner)  # type: ignore[arg-type]  # as in _create
+                        view.exists_unread(manifest, create=True)
+                    continue
                 if current is None:
                     if not create:
                         continue

@@ -22,7 +22,7 @@ from g2rpo_operator.builders import JobContext, children
 from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.settings import OperatorSettings
 
-RENDERED_TOKEN = "placeholder-the-operator-generates-a-random-token"
+RENDERED_TOKEN = "placeholder-the-operator-derives-the-token"
 
 
 def add_verb(verbs: argparse._SubParsersAction) -> Callable[[G2RPOJob, argparse.Namespace], int]:
@@ -69,7 +69,9 @@ def render_children(job: G2RPOJob, namespace: str | None = None, env: Mapping[st
     for manifest in [*claim, *children(ctx, RENDERED_TOKEN, active=not spec.suspend)]:
         out.append("---")
         if manifest["kind"] == "Secret":
-            out.append("# Not a secret: the operator generates a random token at creation; this is a placeholder.")
+            out.append(
+                "# Not a secret: the operator derives each job's token (a keyed hash of its uid) at creation; this is a placeholder."
+            )
         if manifest["kind"] == "Workload" and spec.run_policy.priority_class_name:
             out.append(
                 f"# At creation the operator adds spec.priority, the value of PriorityClass "

@@ -117,7 +117,11 @@ class OperatorSettings:
     """StorageClass of checkpoint claims the operator creates (checkpoint.volumeSize) that name none;
     None leaves it to the cluster's default class."""
     operator_namespace: str = "g2rpo-system"
-    """Where the operator's pods run: the jobs' NetworkPolicies admit its pods to the controllers' API."""
+    """Where the operator's pods run: the jobs' NetworkPolicies admit its pods to the controllers' API,
+    and its token signing key (token_key_secret) is kept there."""
+    token_key_secret: str = "g2rpo-operator-token-key"
+    """The Secret in operator_namespace holding the key the jobs' controller tokens are derived from
+    (tokens.py); the operator reads only this Secret, by name, and creates it if absent."""
     operator_pod_labels: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_OPERATOR_POD_LABELS))
     """Labels selecting the operator's pods (in operator_namespace) in the jobs' NetworkPolicies."""
     monitoring_namespace: str = "monitoring"
@@ -218,6 +222,7 @@ _ENV: dict[str, Any] = {
     "kueue_queue": str,
     "storage_class_name": str,
     "operator_namespace": str,
+    "token_key_secret": str,
     "operator_pod_labels": _json_mapping,
     "monitoring_namespace": str,
     "controller_url_template": str,

@@ -4,6 +4,11 @@
 {{- printf "%s-operator" .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The Secret holding the key the jobs' controller tokens are derived from (G2RPO_TOKEN_KEY_SECRET). */}}
+{{- define "g2rpo.tokenKeySecret" -}}
+{{- printf "%s-token-key" (include "g2rpo.operatorName" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "g2rpo.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "g2rpo.operatorName" .) .Values.serviceAccount.name -}}

