@@ -71,3 +71,19 @@ any: true
 {{- fail "monitoring.serviceMonitor.enabled and monitoring.podMonitor.enabled are both true: enable one of them (each scrapes the same endpoints; both would scrape every job twice)" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Non-empty when a ServiceMonitor or PodMonitor scrapes the jobs' vLLM rollouts. */}}
+{{- define "g2rpo.scrapeRollout" -}}
+{{- if and .Values.monitoring.rollout.enabled (or .Values.monitoring.serviceMonitor.enabled .Values.monitoring.podMonitor.enabled) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* vLLM's metrics carry no job name: copy the pod's instance label (the G2RPOJob's name) into
+g2rpo_job, the label every dashboard query filters on. */}}
+{{- define "g2rpo.rolloutRelabelings" -}}
+relabelings:
+- sourceLabels: [__meta_kubernetes_pod_label_app_kubernetes_io_instance]
+  targetLabel: g2rpo_job
+  action: replace
+{{- end -}}
