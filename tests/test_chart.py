@@ -347,7 +347,7 @@ def test_jobs_network_policies_admit_the_installed_operator_and_prometheus():
 def test_monitoring_objects_select_the_controllers_and_the_operator():
     documents = template(*MONITORING_ON)
     monitors = {m["metadata"]["name"]: m for m in by_kind(documents, "ServiceMonitor")}
-    assert set(monitors) == {"g2rpo-operator", "g2rpo-operator-controllers"}
+    assert set(monitors) == {"g2rpo-operator", "g2rpo-operator-controllers", "g2rpo-operator-rollouts"}
     controllers = monitors["g2rpo-operator-controllers"]["spec"]
     assert controllers["namespaceSelector"] == {"any": True}
     assert controllers["selector"]["matchLabels"] == {
@@ -401,6 +401,62 @@ def test_monitoring_objects_are_valid_for_the_prometheus_operator(tmp_path):
     next(d for d in broken if d["kind"] == "PrometheusRule")["spec"]["groups"][0]["rules"][0]["for"] = 5
     done = validate(broken)
     assert done.returncode == 1 and "rules/0/for must be string" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("monitor", ["serviceMonitor", "podMonitor"])
+def test_rollout_monitors_scrape_the_builders_vllm_pod_and_the_network_policy_admits_them(monitor):
+    """With monitoring on, a ServiceMonitor or PodMonitor scrapes every rollout's vLLM /metrics on the port the
+    builders name, copies the job name (the pod's instance label) into g2rpo_job for the dashboard, and the
+    operator, configured by the same chart, opens the rollout's NetworkPolicy to the monitoring namespace on
+    exactly vLLM's port. Off (no monitor, or monitoring.rollout.enabled=false), that port stays closed."""
+    from g2rpo.api.names import ROLLOUT_PORT
+    from g2rpo.api.spec import parse_spec
+    from g2rpo_operator.builders import network, rollout
+    from g2rpo_operator.builders.common import INSTANCE_LABEL, JobContext
+
+    spec = parse_spec({"model": {"name": "m"}, "dataset": {"name": "builtin:arithmetic"}})
+    kind = monitor[0].upper() + monitor[1:]
+    documents = template("--set", f"monitoring.{monitor}.enabled=true", "--set", "jobDefaults.monitoringNamespace=obs")
+    (scraper,) = [m for m in by_kind(documents, kind) if m["metadata"]["name"] == "g2rpo-operator-rollouts"]
+    ctx = JobContext.resolve("demo", "team-a", spec, OperatorSettings.from_env(operator_env(documents)))
+    service, deployment = rollout.service(ctx), rollout.deployment(ctx)
+    pod = deployment["spec"]["template"]
+    assert scraper["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert scraper["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = scraper["spec"]["endpoints" if monitor == "serviceMonitor" else "podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    (relabel,) = endpoint["relabelings"]
+    assert relabel["targetLabel"] == "g2rpo_job"
+    source = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", INSTANCE_LABEL)
+    assert relabel["sourceLabels"] == [source] and pod["metadata"]["labels"][INSTANCE_LABEL] == "demo"
+
+    def monitoring_ingress(settings: OperatorSettings) -> list[dict]:
+        ctx = JobContext.resolve("demo", "team-a", spec, settings)
+        rules = network.policy(ctx, "rollout")["spec"]["ingress"]
+        return [
+            r
+            for r in rules
+            if {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}}} in r["from"]
+        ]
+
+    assert monitoring_ingress(ctx.settings) == [
+        {
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}}}],
+            "ports": [{"protocol": "TCP", "port": ROLLOUT_PORT}],
+        }
+    ]
+    for off in (
+        template("--set", "jobDefaults.monitoringNamespace=obs"),
+        template(
+            *["--set", f"monitoring.{monitor}.enabled=true", "--set", "monitoring.rollout.enabled=false"],
+            "--set",
+            "jobDefaults.monitoringNamespace=obs",
+        ),
+    ):
+        assert not [m for m in by_kind(off, kind) if m["metadata"]["name"].endswith("-rollouts")]
+        assert monitoring_ingress(OperatorSettings.from_env(operator_env(off))) == []
 
 
 def test_the_controller_labels_the_monitors_select_are_the_builders_labels():

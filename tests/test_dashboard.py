@@ -22,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "charts" / "g2rpo" / "dashboards" / "g2rpo.json"
 SCHEMA_DIR = ROOT / "tools" / "node"
+VLLM_METRICS = ROOT / "tests" / "fixtures" / "vllm-metrics.json"
 TSC = SCHEMA_DIR / "node_modules" / ".bin" / "tsc"
 PANEL_TYPES = {
     "timeseries": "Panel<TimeSeriesOptions, TimeSeriesFieldConfig>",
@@ -183,3 +184,33 @@ def test_panels_cover_the_training_signals_with_units_and_axis_labels():
         mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
         assert not cells & mine, panel["title"]
         cells |= mine
+
+
+def test_rollout_row_reads_the_metrics_vllm_exports_by_their_exposed_names():
+    """The rollout row's queries name only metrics that vLLM 0.31 registers (tests/fixtures/vllm-metrics.json,
+    read from the wheel's vllm/v1/metrics/loggers.py by tools/vllm_metrics.py), each with the suffix its
+    type gets in the exposition: prometheus_client exposes a Counter `x` as `x_total` and a Histogram's
+    buckets as `x_bucket`; a gauge keeps its name."""
+    exported = {m["name"]: m["type"] for m in json.loads(VLLM_METRICS.read_text())["metrics"]}
+    board = dashboard()
+    start = next(i for i, p in enumerate(board["panels"]) if p["title"] == "Rollout (vLLM)")
+    row = board["panels"][start + 1 :]
+    assert {p["title"] for p in row} == {
+        "Generation throughput",
+        "KV-cache usage",
+        "Requests running and waiting",
+        "Prefix-cache hit rate",
+        "Request latency",
+    }
+    suffix = {"counter": "_total", "histogram": "_bucket", "gauge": ""}
+    used = set()
+    for panel in row:
+        for target in panel["targets"]:
+            names = re.findall(r"vllm:\w+", target["expr"])
+            assert names, (panel["title"], target["expr"])
+            for name in names:
+                base = next((n for n in exported if name == n + suffix[exported[n]]), None)
+                assert base, f"{panel['title']}: {name} is not a series vLLM 0.31 exposes"
+                used.add(base)
+    assert {"vllm:generation_tokens", "vllm:kv_cache_usage_perc", "vllm:num_requests_running"} <= used
+    assert {"vllm:num_requests_waiting", "vllm:prefix_cache_hits", "vllm:e2e_request_latency_seconds"} <= used

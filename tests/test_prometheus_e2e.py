@@ -14,6 +14,14 @@ operator's first create of a ConfigMap, a Service and a Deployment with a 500, s
 reconcile-error series exist and move (the operator retries with backoff and goes on). The
 controller gets two requests without the token (401s), for its error panel. The scrape config adds the `namespace` label a ServiceMonitor or
 PodMonitor would (the dashboard filters on it).
+The rollout row reads vLLM's own metrics, and vLLM cannot run here (CUDA only): a stand-in exporter
+serves every per-engine metric that vLLM 0.31 registers, under its name, type and labels as read from
+the wheel's source (tests/fixtures/vllm-metrics.json, tools/vllm_metrics.py), with values that move;
+it is scraped with the `g2rpo_job` label the chart's rollout PodMonitor/ServiceMonitor relabelling
+adds and with the chart's own metric relabelling: this Prometheus 2 negotiates OpenMetrics, for which
+prometheus_client 0.26 (vLLM's) writes `vllm:x` samples as `vllm_x` (prometheus/client_python#1177),
+so the dashboard only gets data when that rule renames them back. It proves the queries and names,
+not vLLM's values.
 Each panel's result over the run is drawn with matplotlib; with G2RPO_WRITE_DOCS=1 the PNGs are
 written to docs/dashboard/ (committed, so a person can see what the dashboard shows).
 """
@@ -66,6 +74,62 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Prometheus: `make tools` installs it"),
 ]
+
+
+def _vllm_stand_in(stack: contextlib.ExitStack) -> int:
+    """Serve vLLM 0.31's per-engine metrics (names, types, labels from its source) with moving values until
+    `stack` closes; the port."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+    registry = CollectorRegistry()
+    kinds = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
+    recorded = json.loads((ROOT / "tests" / "fixtures" / "vllm-metrics.json").read_text())["metrics"]
+    metrics = [
+        (m["type"], kinds[m["type"]](m["name"], m["help"] or m["name"], m["labels"], registry=registry))
+        for m in recorded
+        if m["labels"] == ["model_name", "engine"]
+    ]
+    assert len(metrics) >= 20
+    port = _free_port()
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    stack.callback(server.shutdown)
+    stop = threading.Event()
+    stack.callback(stop.set)
+
+    def tick() -> None:
+        while not stop.wait(0.2):
+            for kind, metric in metrics:
+                child = metric.labels(model_name="tiny", engine="0")
+                if kind == "counter":
+                    child.inc(random.randint(1, 50))
+                elif kind == "gauge":
+                    child.set(random.random())
+                else:
+                    child.observe(random.random())
+
+    threading.Thread(target=tick, daemon=True).start()
+    return port
+
+
+def _chart_rollout_metric_relabelings() -> list[dict]:
+    """The chart's rollout PodMonitor `metricRelabelings`, as the Prometheus Operator writes them into the
+    scrape config (camelCase keys to Prometheus' snake_case)."""
+    helm = ROOT / ".tools" / "bin" / "helm"
+    args = [
+        str(helm),
+        "template",
+        "g2rpo",
+        str(ROOT / "charts" / "g2rpo"),
+        "--set",
+        "monitoring.podMonitor.enabled=true",
+    ]
+    rendered = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    (monitor,) = [d for d in yaml.safe_load_all(rendered) if d and d["metadata"]["name"].endswith("-rollouts")]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    keys = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    return [{keys.get(k, k): v for k, v in rule.items()} for rule in endpoint["metricRelabelings"]]
 
 
 @contextlib.contextmanager
@@ -313,12 +377,19 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
         # Prometheus scrapes through the whole run, so rates and the PNGs show the run as it went.
         target = {"targets": [f"127.0.0.1:{controller_port}"], "labels": {"namespace": NAMESPACE}}
         operator_target = {"targets": [f"127.0.0.1:{operator_port}"], "labels": {"namespace": "g2rpo-system"}}
+        rollout_labels = {"namespace": NAMESPACE, "g2rpo_job": JOB}  # what the chart's relabelling adds
+        rollout_target = {"targets": [f"127.0.0.1:{_vllm_stand_in(stack)}"], "labels": rollout_labels}
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
             "scrape_configs": [
                 {"job_name": "g2rpo-controller", "static_configs": [target]},
                 {"job_name": "g2rpo-operator", "static_configs": [operator_target]},
+                {
+                    "job_name": "g2rpo-rollout",
+                    "static_configs": [rollout_target],
+                    "metric_relabel_configs": _chart_rollout_metric_relabelings(),
+                },
             ],
         }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))

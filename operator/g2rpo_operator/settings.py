@@ -126,6 +126,9 @@ class OperatorSettings:
     """Labels selecting the operator's pods (in operator_namespace) in the jobs' NetworkPolicies."""
     monitoring_namespace: str = "monitoring"
     """The namespace whose pods (Prometheus) may scrape the controllers' /metrics through the NetworkPolicy."""
+    scrape_rollout: bool = False
+    """Admit monitoring_namespace to the rollout's port too, where vLLM serves /metrics. The same port
+    serves vLLM's development endpoints (weight pushes), so it opens only when a Pod/ServiceMonitor scrapes it."""
     controller_url_template: str | None = None
     """Where the operator reaches a job's controller ({name} and {namespace} filled in); unset: the
     job's controller Service, as the trainer reaches it. Tests point it at loopback."""
@@ -225,6 +228,7 @@ _ENV: dict[str, Any] = {
     "token_key_secret": str,
     "operator_pod_labels": _json_mapping,
     "monitoring_namespace": str,
+    "scrape_rollout": _flag,
     "controller_url_template": str,
     "resync_seconds": float,
     "poll_seconds": float,

@@ -76,3 +76,27 @@ any: true
 {{- fail "monitoring.serviceMonitor.enabled and monitoring.podMonitor.enabled are both true: enable one of them (each scrapes the same endpoints; both would scrape every job twice)" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Non-empty when a ServiceMonitor or PodMonitor scrapes the jobs' vLLM rollouts. */}}
+{{- define "g2rpo.scrapeRollout" -}}
+{{- if and .Values.monitoring.rollout.enabled (or .Values.monitoring.serviceMonitor.enabled .Values.monitoring.podMonitor.enabled) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* vLLM's metrics carry no job name: copy the pod's instance label (the G2RPOJob's name) into
+g2rpo_job, the label every dashboard query filters on. And prometheus_client 0.26 (vLLM's) writes
+`vllm:x` samples as `vllm_x` when a Prometheus 2 negotiates OpenMetrics without `escaping=allow-utf-8`
+(prometheus/client_python#1177): the second rule renames them back, a no-op where the colon arrives. */}}
+{{- define "g2rpo.rolloutRelabelings" -}}
+relabelings:
+- sourceLabels: [__meta_kubernetes_pod_label_app_kubernetes_io_instance]
+  targetLabel: g2rpo_job
+  action: replace
+metricRelabelings:
+- sourceLabels: [__name__]
+  regex: vllm_(.+)
+  targetLabel: __name__
+  replacement: vllm:$1
+  action: replace
+{{- end -}}

@@ -6,7 +6,9 @@ controller's API changes the guidance state, so neither may be reachable from th
 
 - rollout (`<job>-rollout`): only the job's own trainer pods, on every port. Port 8000 is the HTTP
   API; the weight sync then forms an NCCL communicator between trainer rank 0 and the vLLM workers,
-  and NCCL listens on ephemeral ports on both sides, so no narrower port list can work.
+  and NCCL listens on ephemeral ports on both sides, so no narrower port list can work. With rollout
+  scraping on (settings scrape_rollout), the monitoring namespace may reach port 8000 too: vLLM serves
+  /metrics there, beside its development endpoints, and has no separate metrics port.
 - trainer (`<job>-trainer`): the job's other trainer pods (DeepSpeed rendezvous on 29500, then
   NCCL on ephemeral ports) and the job's rollout pod (TRL's weight-sync rendezvous on rank 0's port
   51216, then NCCL as above).
@@ -20,7 +22,7 @@ Kubelet probes come from the node and are not subject to these policies on commo
 
 from __future__ import annotations
 
-from g2rpo.api.names import CONTROLLER_PORT
+from g2rpo.api.names import CONTROLLER_PORT, ROLLOUT_PORT
 from g2rpo_operator.builders.common import JobContext, Manifest, job_labels, metadata, selector_labels
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -64,6 +66,7 @@ def policy(ctx: JobContext, component: str) -> Manifest:
 def _ingress(ctx: JobContext) -> dict[str, list[Manifest]]:
     settings = ctx.settings
     api_port = [{"protocol": "TCP", "port": CONTROLLER_PORT}]
+    rollout_port = [{"protocol": "TCP", "port": ROLLOUT_PORT}]
     operator = {
         **_namespace(settings.operator_namespace),
         "podSelector": {"matchLabels": dict(settings.operator_pod_labels)},
@@ -73,6 +76,13 @@ def _ingress(ctx: JobContext) -> dict[str, list[Manifest]]:
             {"from": [_job_pods(ctx), operator], "ports": api_port},
             {"from": [_namespace(settings.monitoring_namespace)], "ports": api_port},
         ],
-        "rollout": [{"from": [_job_pods(ctx, "trainer")]}],
+        "rollout": [
+            {"from": [_job_pods(ctx, "trainer")]},
+            *(
+                [{"from": [_namespace(settings.monitoring_namespace)], "ports": rollout_port}]
+                if settings.scrape_rollout
+                else []
+            ),
+        ],
         "trainer": [{"from": [_job_pods(ctx, "trainer"), _job_pods(ctx, "rollout")]}],
     }
