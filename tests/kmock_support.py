@@ -19,10 +19,11 @@ import copy
 import datetime
 import itertools
 import socket
+import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp.web
@@ -259,6 +260,31 @@ def new_emulator() -> Emulator:
 async def serving(emulator: Emulator) -> AsyncIterator[str]:
     async with emulator, kmock.Server(emulator) as server:
         yield str(server.url).rstrip("/")
+
+
+@contextlib.contextmanager
+def serving_in_thread(emulator: Emulator | None = None) -> Iterator[tuple[Emulator, str, Callable[[Awaitable], Any]]]:
+    """KMock serving on loopback from its own thread and event loop, for synchronous clients (a
+    subprocess, the Kubernetes Python client); yields (emulator, url, run) where run(coroutine)
+    executes on that loop and returns its result."""
+    emulator = emulator or new_emulator()
+    loop = asyncio.new_event_loop()
+    ready, stop, box = threading.Event(), asyncio.Event(), {}
+
+    async def serve() -> None:
+        async with serving(emulator) as url:
+            box["url"] = url
+            ready.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(30), "KMock did not start"
+    try:
+        yield emulator, box["url"], lambda coroutine: asyncio.run_coroutine_threadsafe(coroutine, loop).result(30)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
 
 
 def free_port() -> int:

@@ -6,13 +6,14 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from g2rpo.cli import EXIT_BROKEN_PIPE, build_parser
 from g2rpo.controller.__main__ import parser as controller_parser
 
-VERBS = ("validate", "run", "render", "eval", "crd", "controller")
+VERBS = ("validate", "run", "render", "eval", "submit", "status", "logs", "list", "delete", "crd", "controller")
 
 
 def _cli(*args, **kwargs):
@@ -51,3 +52,10 @@ def test_a_closed_pipe_ends_the_output_quietly(args):
         os.close(write_end)
     assert result.stderr == ""
     assert result.returncode == EXIT_BROKEN_PIPE
+
+
+def test_the_readmes_command_table_lists_every_verb():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    listed = {line.split("`g2rpo ", 1)[1].split()[0].rstrip("`") for line in table.splitlines() if "| `g2rpo " in line}
+    assert listed == set(_verb_parsers()), set(_verb_parsers()) ^ listed

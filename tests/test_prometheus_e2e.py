@@ -28,7 +28,6 @@ written to docs/dashboard/ (committed, so a person can see what the dashboard sh
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -130,32 +129,6 @@ def _chart_rollout_metric_relabelings() -> list[dict]:
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     keys = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
     return [{keys.get(k, k): v for k, v in rule.items()} for rule in endpoint["metricRelabelings"]]
-
-
-@contextlib.contextmanager
-def _kmock_api():
-    """KMock serving on loopback from its own thread and event loop; yields (emulator, url, run)
-    where run(coroutine) executes on that loop."""
-    from kmock_support import new_emulator, serving
-
-    emulator = new_emulator()
-    loop = asyncio.new_event_loop()
-    ready, stop, box = threading.Event(), asyncio.Event(), {}
-
-    async def serve() -> None:
-        async with serving(emulator) as url:
-            box["url"] = url
-            ready.set()
-            await stop.wait()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert ready.wait(30), "KMock did not start"
-    try:
-        yield emulator, box["url"], lambda coroutine: asyncio.run_coroutine_threadsafe(coroutine, loop).result(30)
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
 
 
 def _start_operator(api_url: str, controller_port: int, tmp_path: Path) -> tuple[subprocess.Popen, int]:
@@ -349,9 +322,9 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
         )
         _wait_for(lambda: _get(f"{controller}/readyz"), 30, "the controller")
 
-        from kmock_support import JOBS, PVCS, SECRETS
+        from kmock_support import JOBS, PVCS, SECRETS, serving_in_thread
 
-        api = stack.enter_context(_kmock_api())
+        api = stack.enter_context(serving_in_thread())
         emulator, api_url, on_api = api
         # Injected faults (see the docstring): the API server fails the operator's first create of
         # each of three kinds of children, so reconciles fail, back off, and succeed.

@@ -1,4 +1,5 @@
-"""The `g2rpo` command: validate, run, eval, render, crd, controller."""
+"""The `g2rpo` command: validate, run, eval, render, crd, controller, and the cluster verbs (submit, status,
+logs, list, delete: g2rpo.client.command)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from g2rpo.api.spec import G2RPOJob, SpecError, load_job
+from g2rpo.client import command as cluster_command
 from g2rpo.eval.command import add_arguments as add_eval_arguments
 
 VERB_ENTRY_POINTS = "g2rpo.verbs"
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("eval", help="pass@1 of a model, checkpoint or job's final model (math, HumanEval)")
     add_eval_arguments(evaluate)
 
+    cluster_command.add_verbs(verbs)
+
     verbs.add_parser("crd", help="print the G2RPOJob CustomResourceDefinition (YAML)")
     verbs.add_parser("controller", help="serve a job's guidance controller", add_help=False)
     return parser
@@ -94,6 +98,8 @@ def _main(argv: list[str] | None) -> int:
         from g2rpo.eval.command import run as run_eval
 
         return run_eval(args)
+    if args.verb in cluster_command.VERBS:
+        return cluster_command.run(args)
     if args.verb == "crd":
         from g2rpo.api.crd import render_crd_yaml
 
