@@ -21,6 +21,7 @@ from g2rpo.api.status import (
     SANDBOX_ISOLATED,
     SPEC_APPLIED,
     SPEC_VALID,
+    STALLED,
     STORAGE_READY,
     SUSPENDED,
     JobStatus,
@@ -205,6 +206,21 @@ def _sandbox(facts: Facts, previous: list[dict]) -> Verdict | None:
     return True, "AllLayersHold", "every layer of the code sandbox holds: " + ", ".join(sorted(layers))
 
 
+def _stalled(facts: Facts, prev: Manifest) -> Verdict | None:
+    """Whether the trainer hung (no condition without runPolicy.stallTimeoutSeconds): True from the pass that
+    saw the stall until a later step completes, so the reason outlives the restart it caused."""
+    timeout = facts.spec.run_policy.stall_timeout_seconds
+    if not timeout:
+        return None
+    p = facts.progress
+    if p.stalled is not None:
+        return True, "NoStepCompleted", p.message  # names the stall, and the restart or the failure it causes
+    before = next((c for c in prev.get("conditions") or [] if c.get("type") == STALLED), None)
+    if before is not None and before.get("status") == "True" and p.last_step_time == prev.get("lastStepTime"):
+        return True, before["reason"], before["message"]
+    return False, "StepsCompleting", f"steps complete within runPolicy.stallTimeoutSeconds ({timeout} s)"
+
+
 def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
     p = facts.progress
     errors, missing = "; ".join(facts.spec_errors), "; ".join(facts.missing)
@@ -222,6 +238,9 @@ def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
     sandbox = _sandbox(facts, old)
     if sandbox is not None:
         verdicts[SANDBOX_ISOLATED] = sandbox
+    stalled = _stalled(facts, prev)
+    if stalled is not None:
+        verdicts[STALLED] = stalled
     conditions = [condition(t, *verdicts[t], old, now, facts.generation) for t in CONDITION_TYPES if t in verdicts]
     report = facts.report
     step = report.step if report else prev.get("step")
@@ -237,6 +256,8 @@ def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
         last_checkpoint=f"{facts.checkpoint_dir}/checkpoint-{reached}" if reached else prev.get("lastCheckpoint"),
         start_time=p.start_time,
         completion_time=p.completion_time,
+        running_since=p.running_since,
+        last_step_time=p.last_step_time,
         restarts=p.restarts,
         disruptions=p.disruptions,
         last_failed_trainer=p.last_failed_trainer,

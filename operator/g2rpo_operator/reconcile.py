@@ -133,9 +133,18 @@ class Reconciler:
         trainer_pods = [pod for pod in pods if job is not None and owned_by(pod, job["metadata"]["uid"])]
         workload = observed.get(_key(self.workloads, ctx.child("gang")))
         kueue = admission_of(workload, kueue_queue(ctx)) if ctx.spec.run_policy.gang_scheduler == "kueue" else None
-        prog = progress(ctx.spec, prev, job, trainer_pods, now, evicted=kueue.evicted if kueue else None)
-        waiting_for = self._waiting_for(ctx, observed, prog.gang_epoch)
         token = self._token(observed.get(_key(SECRETS, ctx.token_name)), body["metadata"]["uid"])
+        report = self._read_controller(ctx, observed, token)
+        prog = progress(
+            ctx.spec,
+            prev,
+            job,
+            trainer_pods,
+            now,
+            evicted=kueue.evicted if kueue else None,
+            step=report.step if report else None,
+        )
+        waiting_for = self._waiting_for(ctx, observed, prog.gang_epoch)
         blocked = bool(missing) or (storage is not None and storage[0] == "ClaimNotShared")
         conflicts = self._apply(
             view,
@@ -152,7 +161,6 @@ class Reconciler:
             self._release_when_stopped(view, ctx, observed, workload, now)
         elif kueue and kueue.admitted and workload is not None and prog.active:
             self._patch_workload_status(view, workload, pods_ready(workload, prog.phase == "Running", now))
-        report = self._read_controller(ctx, observed, token)
         facts = Facts(
             progress=prog,
             spec=ctx.spec,

@@ -132,6 +132,9 @@ def _pod_spec(ctx: JobContext) -> Manifest:
     pod: Manifest = {
         "subdomain": ctx.child(COMPONENT),
         "restartPolicy": "Never",
+        # SIGTERM asks the trainer to finish its step and save (g2rpo.train.lifecycle); the kubelet, Kueue's
+        # preemption and `kubectl drain` wait this long before SIGKILL (30 s by default: too short for a save).
+        "terminationGracePeriodSeconds": spec.run_policy.termination_grace_period_seconds,
         "automountServiceAccountToken": False,
         "securityContext": pod_security_context(),
         **gpu_placement(placement, ctx),

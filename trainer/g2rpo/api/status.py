@@ -26,6 +26,8 @@ COMPLETE = "Complete"
 FAILED = "Failed"
 SANDBOX_ISOLATED = "SandboxIsolated"
 """Jobs with a code reward only: whether every layer of the code sandbox holds on the trainer's node."""
+STALLED = "Stalled"
+"""Jobs with runPolicy.stallTimeoutSeconds only: True from a stall until the next step completes."""
 CONDITION_TYPES = (
     SPEC_VALID,
     SPEC_APPLIED,
@@ -36,6 +38,7 @@ CONDITION_TYPES = (
     COMPLETE,
     FAILED,
     SANDBOX_ISOLATED,
+    STALLED,
 )
 
 
@@ -70,6 +73,16 @@ class JobStatus(StatusModel):
         "runPolicy.activeDeadlineSeconds counts from it.",
     )
     completion_time: str | None = Field(None, description="When the job succeeded or failed.")
+    running_since: str | None = Field(
+        None,
+        description="When every pod of the current trainer attempt became ready (null unless Running); "
+        "runPolicy.stallTimeoutSeconds counts from it until the first step.",
+    )
+    last_step_time: str | None = Field(
+        None,
+        description="When the operator first saw `step` at its current value (within a poll of the step's end); "
+        "runPolicy.stallTimeoutSeconds counts from it.",
+    )
     restarts: int = Field(0, description="Trainer restarts from a checkpoint after a failure (runPolicy.backoffLimit).")
     disruptions: int = Field(
         0,
