@@ -79,17 +79,14 @@ def test_every_probe_tolerates_a_busy_server(scheduler):
     assert probes >= 5
 
 
-def test_vllm_startup_probe_allows_the_startup_timeout_and_the_service_keeps_its_endpoint():
+def test_vllm_startup_probe_allows_the_startup_timeout_and_readiness_survives_a_busy_minute():
     spec = {**SPEC, "rollout": {"startupTimeoutSeconds": 1805}}
     vllm = rendered_pods(spec)["rollout"]["containers"][0]
     startup = vllm["startupProbe"]
     assert startup["httpGet"]["path"] == "/health"  # vLLM's own route: `trl vllm-serve` 1.16 execs `vllm serve`
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1805
-    ctx = JobContext.resolve("demo", NAMESPACE, parse_spec(spec), OperatorSettings())
-    service = next(
-        m for m in children(ctx, "t", True) if m["metadata"]["name"] == "demo-rollout" and m["kind"] == "Service"
-    )
-    assert service["spec"]["publishNotReadyAddresses"] is True
+    readiness = vllm["readinessProbe"]  # the Service's only endpoint
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] >= 60
 
 
 # --- item 9: stall detection, pure ---------------------------------------------------------------------
@@ -316,3 +313,41 @@ def test_trl_still_builds_its_vllm_session_where_the_bound_finds_it():
     assert "self.session = requests.Session()" in client and "HTTPAdapter(max_retries=retry_strategy" in client
     assert "read=5" in client
     assert not re.search(r"self\.session\.(get|post)\([^)]*timeout=", client)  # else the bound would be moot
+
+
+# --- item 8: vLLM outlives the trainer's last step -----------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_the_rollout_serves_until_the_stopping_trainer_is_gone(cluster, start_operator):
+    """Suspend a Running job whose trainer pods take their grace period to stop (played by a finalizer that
+    keeps the deleted Job, as the foreground deletion's does until its pods are gone): vLLM keeps running
+    for the trainer's last step, and is scaled to zero only once the Job is gone."""
+    from kmock_support import DEPLOYMENTS, JOBS
+
+    await cluster.create_claim()
+    await start_operator()
+    await cluster.apply(job_manifest())
+    await all_children(cluster)
+    await start_trainer_pods(cluster)
+    await wait_for(phase_is(cluster, "Running"), what="phase Running")
+    hold = {"metadata": {"finalizers": ["test.g2rpo.dev/pods-terminating"]}}
+    await cluster.emulator.patch_object(BATCH_JOBS, NAMESPACE, "demo-trainer", hold)
+    await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": True}})
+
+    def rollout_replicas() -> int:
+        return cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")["spec"]["replicas"]
+
+    await wait_for(
+        lambda: (
+            (cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer") or {})
+            .get("metadata", {})
+            .get("deletionTimestamp")
+        ),
+        what="the trainer Job being deleted",
+    )
+    await asyncio.sleep(0.6)  # several passes
+    assert rollout_replicas() == 1 and cluster.status()["phase"] == "Suspended"
+    assert cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-controller")["spec"]["replicas"] == 0
+    await cluster.emulator.patch_object(BATCH_JOBS, NAMESPACE, "demo-trainer", {"metadata": {"finalizers": []}})
+    await wait_for(lambda: rollout_replicas() == 0, what="the rollout scaled to zero once the trainer is gone")

@@ -29,7 +29,7 @@ from g2rpo.api.status import (
 )
 from g2rpo_operator.builders.common import Manifest
 from g2rpo_operator.controller_client import ControllerReport
-from g2rpo_operator.kueue import Admission
+from g2rpo_operator.kueue import PODS_READY_TIMEOUT, Admission
 from g2rpo_operator.lifecycle import Progress
 
 IMAGE_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
@@ -110,6 +110,8 @@ class Facts:
     report: ControllerReport | None
     kueue: Admission | None = None
     """The Workload's state under Kueue; None without it."""
+    queued_by_kueue: str | None = None
+    """Children Kueue queued as jobs of their own, and the fix (kueue.queued_by_kueue); None when none."""
 
 
 Verdict = tuple[bool | None, str, str]
@@ -145,13 +147,10 @@ def _ready(facts: Facts) -> Verdict:
         return False, "ChildConflict", owned
     if facts.storage:
         return False, *facts.storage
+    if facts.queued_by_kueue:
+        return False, "QueuedByKueue", facts.queued_by_kueue
     if facts.kueue and facts.kueue.evicted is not None:
-        return (
-            False,
-            "Evicted",
-            f"Kueue evicted the gang ({facts.kueue.evicted}): stopping the rollout and the trainer, then the "
-            "Workload is queued again and the gang resumes from the newest checkpoint once admitted",
-        )
+        return False, "Evicted", _evicted(facts)
     if facts.kueue and not facts.kueue.admitted:
         return False, "Queued", facts.kueue.waiting
     if facts.problems:
@@ -162,13 +161,30 @@ def _ready(facts: Facts) -> Verdict:
         return (
             False,
             "WaitingForRollout",
-            "the trainer Job is created once these are Available: "
+            "the trainer starts once these are Available: "
             + ", ".join(facts.waiting_for)
             + " (vLLM may take up to spec.rollout.startupTimeoutSeconds to load the model)",
         )
     if facts.trainer_ready:
         return False, "Waiting", f"waiting for the trainer pods to become ready ({facts.trainer_ready} ready)"
     return False, "Waiting", "waiting for the trainer Job"
+
+
+def _evicted(facts: Facts) -> str:
+    """Kueue's eviction, with its reason; a pods-ready timeout names the settings that must agree."""
+    assert facts.kueue is not None
+    reason = facts.kueue.eviction_reason or "Evicted"
+    message = (
+        f"Kueue evicted the gang ({reason}: {facts.kueue.evicted}): stopping the rollout and the trainer, then "
+        "the Workload is queued again and the gang resumes from the newest checkpoint once admitted"
+    )
+    if reason == PODS_READY_TIMEOUT:
+        message += (
+            ". The gang must be ready within Kueue's waitForPodsReady.timeout: raise it above image pulls plus "
+            f"spec.rollout.startupTimeoutSeconds ({facts.spec.rollout.startup_timeout_seconds} s), or lower the "
+            "latter if vLLM loads faster"
+        )
+    return message
 
 
 def _in_phase(p: Progress, phase: str, otherwise: str) -> Verdict:

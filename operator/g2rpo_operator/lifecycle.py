@@ -12,7 +12,8 @@ Rules worth knowing:
 - A trainer pod disrupted by the cluster (condition DisruptionTarget: preemption, drain, eviction)
   restarts the gang the same way but counts in status.disruptions, not against backoffLimit; a pod
   that exits with EXIT_INVALID_SPEC fails the job at once (InvalidConfiguration).
-- Phase Running means every trainer pod is ready (Job status.ready), not merely created: until then
+- Phase Running means every trainer pod is ready (Job status.ready), not merely created, and the rollout
+  is Available (it may still be loading where the trainer is created with it, under volcano or kueue): until then
   the phase is Pending and Ready says why (claim not Bound, Unschedulable with the scheduler's
   message, image pull errors, waiting for the rollout). status.startTime is the first time every
   rank was ready; runPolicy.activeDeadlineSeconds counts from it (the Job's own deadline would count
@@ -136,10 +137,12 @@ def progress(
     now: datetime,
     evicted: str | None = None,
     step: int | None = None,
+    rollout_ready: bool = True,
 ) -> Progress:
     """The phase and the trainer's fate, from the previous status, the trainer Job, its pods and the clock
     (and `evicted`, Kueue's message while it evicts the job's Workload; `step`, the steps completed as the
-    guidance controller reports them, None when it did not answer).
+    guidance controller reports them, None when it did not answer; `rollout_ready`, whether the rollout of
+    the current gang epoch is Available: where the trainer waits for it in process, Running needs it too).
 
     Precedence: a finished job stays finished; then the trainer's success; then suspend (which
     wins over a failure, so a suspended job is never restarted); then a configuration error, a
@@ -238,7 +241,8 @@ def progress(
     if base.last_failed_trainer and job is not None and job["metadata"]["uid"] == base.last_failed_trainer:
         # Counted already (a failure, a disruption or a stall): never Running again, only removed.
         return replace(base, reason="Restarting", message="the failed trainer is being removed", delete_trainer=True)
-    if job is not None and not job["metadata"].get("deletionTimestamp") and ready_count(job) >= spec.trainer.replicas:
+    gang_ready = rollout_ready and ready_count(job) >= spec.trainer.replicas
+    if job is not None and not job["metadata"].get("deletionTimestamp") and gang_ready:
         running_since = prev.get("runningSince") if prev.get("phase") == "Running" else None
         running = replace(
             base,

@@ -114,7 +114,8 @@ def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manif
                 "ports": [{"name": PORT_NAME, "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
                 # Downloading, loading and compiling a model takes minutes (rollout.startupTimeoutSeconds).
                 "startupProbe": {**health, "failureThreshold": startup_failure_threshold(ctx)},
-                # Readiness gates the trainer's start (the Deployment's availability) and the Service's endpoint.
+                # Readiness gates the trainer's start and holds the Service's only endpoint: a minute of late
+                # answers under load, not three seconds, takes it away.
                 "readinessProbe": {**health, "failureThreshold": 6},
                 "livenessProbe": {
                     **health,
@@ -151,9 +152,6 @@ def service(ctx: JobContext) -> Manifest:
         "metadata": metadata(ctx, COMPONENT),
         "spec": {
             "selector": selector_labels(ctx, COMPONENT),
-            # One vLLM pod and no other to fail over to: a /health that answers late must not take the only
-            # endpoint away mid-step (TRL's client checks /health itself before its first request).
-            "publishNotReadyAddresses": True,
             "ports": [{"name": PORT_NAME, "port": ROLLOUT_PORT, "targetPort": PORT_NAME, "protocol": "TCP"}],
         },
     }
