@@ -60,7 +60,7 @@ def bound_vllm_requests(session: requests.Session, spec: G2RPOJobSpec) -> float:
             self.default_timeout = timeout
             super().__init__(**kwargs)
 
-        def send(self, request, timeout=None, **kwargs):  # type: ignore[no-untyped-def, override]  # requests' signature
+        def send(self, request, timeout=None, **kwargs):  # type: ignore[override]  # requests' signature
             return super().send(request, timeout=self.default_timeout if timeout is None else timeout, **kwargs)
 
     read = 0.0
