@@ -503,8 +503,12 @@ async def test_suspend_scales_to_zero_and_resume_brings_the_trainer_back(cluster
     await wait_for(
         lambda: cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer") is None, what="trainer deleted"
     )
+    # The rollout goes once the trainer is gone (it served the trainer's last step), on the next pass.
     for name in ("demo-controller", "demo-rollout"):
-        assert cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, name)["spec"]["replicas"] == 0
+        await wait_for(
+            lambda n=name: cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, n)["spec"]["replicas"] == 0,
+            what=f"{name} scaled to zero",
+        )
     assert "startTime" not in cluster.status() and condition(cluster, "Suspended")["status"] == "True"
     await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": False}})
     await wait_for(
@@ -696,7 +700,7 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": True}})
     await wait_for(lambda: _workload(cluster, version) is None, what="the Workload deleted")
     await wait_for(lambda: trainer_uid(cluster) is None, what="the trainer deleted")
-    assert ("deployments", "demo-rollout") not in children(cluster)
+    await wait_for(lambda: ("deployments", "demo-rollout") not in children(cluster), what="the rollout deleted")
     await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": False}})
     await wait_for(lambda: _workload(cluster, version), what="a new Workload on resume")
 

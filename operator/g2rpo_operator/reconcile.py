@@ -23,10 +23,10 @@ Rules worth knowing (the decisions' own are in their modules):
   Deployment and the trainer Job exist only while Kueue admits it (Ready=False Queued until then),
   and an eviction stops the gang as a disruption, then hands the quota back (kueue.py). A suspended
   or finished job's Workload is deleted, which returns its quota.
-- Stopping keeps vLLM for the trainer's last step: while a trainer Job exists (being deleted in the
-  foreground, its pods finishing a step and a save within runPolicy.terminationGracePeriodSeconds),
-  the rollout Deployment is neither scaled down, deleted nor replaced (a new gang epoch); that
-  happens on the pass after the Job is gone.
+- Stopping keeps vLLM for the trainer's last step: while an unfinished trainer Job exists (being
+  deleted in the foreground, its pods finishing a step and a save within
+  runPolicy.terminationGracePeriodSeconds), the rollout Deployment is neither scaled down, deleted nor
+  replaced (a new gang epoch); that happens on the pass after the Job is gone (or has finished).
 - Passes read through a watch-fed cache (cache.py) except every settings.resync_seconds, when they
   read everything from the API.
 """
@@ -80,7 +80,7 @@ from g2rpo_operator.kueue import (
     queued_by_kueue,
     release_quota,
 )
-from g2rpo_operator.lifecycle import Progress, deployment_available, progress, ready_count
+from g2rpo_operator.lifecycle import Progress, deployment_available, progress, ready_count, trainer_outcome
 from g2rpo_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -356,7 +356,8 @@ class Reconciler:
             ]
         # The trainer finishes its step and saves on SIGTERM (runPolicy.terminationGracePeriodSeconds), and a
         # step needs vLLM: the rollout is neither stopped nor replaced while a trainer Job is still there.
-        hold_rollout = _key(JOBS, ctx.child("trainer")) in observed
+        trainer = observed.get(_key(JOBS, ctx.child("trainer")))
+        hold_rollout = trainer is not None and trainer_outcome(trainer) is None
         for res, name in retired:
             if hold_rollout and (res, name) == (DEPLOYMENTS, ctx.child("rollout")):
                 continue
