@@ -535,6 +535,7 @@ def test_kueue_workload_states_and_the_quota_handed_back():
         "QuotaReserved": ("False", "Pending"),
         "Admitted": ("False", "NoReservation"),
         "Evicted": ("True", None),
+        "Requeued": ("False", "evicted"),  # not Preempted (no reason here): Kueue's backoff requeues it
     }
     # PodsReady follows the gang (Kueue's waitForPodsReady); no write when it already says so.
     starting = pods_ready(admitted_wl, False, NOW)["status"]["conditions"]

@@ -510,8 +510,12 @@ async def test_suspend_scales_to_zero_and_resume_brings_the_trainer_back(cluster
     await wait_for(
         lambda: cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer") is None, what="trainer deleted"
     )
+    # The rollout goes once the trainer is gone (it served the trainer's last step), on the next pass.
     for name in ("demo-controller", "demo-rollout"):
-        assert cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, name)["spec"]["replicas"] == 0
+        await wait_for(
+            lambda n=name: cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, n)["spec"]["replicas"] == 0,
+            what=f"{name} scaled to zero",
+        )
     assert "startTime" not in cluster.status() and condition(cluster, "Suspended")["status"] == "True"
     await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": False}})
     await wait_for(
@@ -588,6 +592,11 @@ def _workload(cluster: Cluster, version: str = "v1beta2") -> dict | None:
     return cluster.emulator.stored(kueue_workloads(version), NAMESPACE, "demo-gang")
 
 
+def _pods_ready(cluster: Cluster, version: str) -> tuple[str, str] | None:
+    conditions = ((_workload(cluster, version) or {}).get("status") or {}).get("conditions") or []
+    return next(((c["status"], c["reason"]) for c in conditions if c["type"] == "PodsReady"), None)
+
+
 @pytest.mark.parametrize("version", ["v1beta2", "v1beta1"])
 async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disruption(cluster, start_operator, version):
     """The operator as Kueue's integration for G2RPOJobs, in either API version (KMock plays Kueue's
@@ -644,21 +653,21 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
         "kueue.x-k8s.io/queue-name"
         not in cluster.emulator.stored(DEPLOYMENTS, NAMESPACE, "demo-rollout")["metadata"]["labels"]
     )
-    await make_available(cluster, "demo-rollout")  # the rollout still gates the trainer
-    first = await wait_for(lambda: trainer_uid(cluster), what="the trainer Job")
+    # The trainer comes with the rollout (waitForPodsReady times the whole gang) and waits for vLLM in process.
+    first = await wait_for(lambda: trainer_uid(cluster), what="the trainer Job, with the rollout")
     trainer = cluster.emulator.stored(BATCH_JOBS, NAMESPACE, "demo-trainer")
     assert trainer["spec"]["template"]["spec"]["nodeSelector"]["cloud.example.com/pool"] == "a100-spot"
     assert "suspend" not in trainer["spec"]
     await start_trainer(cluster)
+    await wait_for(
+        lambda: _pods_ready(cluster, version) == ("False", "WaitForStart"), what="PodsReady False while vLLM loads"
+    )
+    await asyncio.sleep(0.5)  # trainer pods ready, vLLM still loading: not Running
+    assert cluster.status()["phase"] == "Pending" and condition(cluster, "Ready")["reason"] == "WaitingForRollout"
+    await make_available(cluster, "demo-rollout")
     await wait_for(phase_is(cluster, "Running"), what="phase Running")
     # Kueue's waitForPodsReady reads this; without it such a cluster would evict the job at its timeout.
-    await wait_for(
-        lambda: any(
-            c["type"] == "PodsReady" and c["status"] == "True"
-            for c in _workload(cluster, version)["status"]["conditions"]
-        ),
-        what="the Workload's PodsReady condition",
-    )
+    await wait_for(lambda: _pods_ready(cluster, version) == ("True", "Started"), what="the Workload's PodsReady")
 
     # Preempted: Kueue marks the Workload Evicted and waits for the integration to stop the gang.
     evicted = _kueue_admits(cluster)
@@ -680,14 +689,16 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     )
     reserved = next(c for c in released["status"]["conditions"] if c["type"] == "QuotaReserved")
     assert reserved["status"] == "False" and "higher priority" in reserved["message"]
+    requeued = next(c for c in released["status"]["conditions"] if c["type"] == "Requeued")
+    assert (requeued["status"], requeued["reason"]) == ("True", "Preempted")  # as Kueue's jobframework sets it
     await wait_for(lambda: condition(cluster, "Ready").get("reason") == "Queued", what="queued again")
     assert cluster.status()["phase"] == "Pending" and cluster.status()["restarts"] == 0
 
     # Admitted again: the gang comes back (a new rollout pod, of the next gang epoch) and resumes.
     await cluster.emulator.patch_object(workloads, NAMESPACE, "demo-gang", _kueue_admits(cluster), status=True)
     await wait_for(lambda: rollout_epoch(cluster) == "1", what="the rollout recreated for epoch 1")
-    await make_available(cluster, "demo-rollout")
     await wait_for(lambda: trainer_uid(cluster) not in (None, first), what="a new trainer Job")
+    await make_available(cluster, "demo-rollout")
     await start_trainer(cluster)
     await wait_for(phase_is(cluster, "Running"), what="Running again")
     assert cluster.status()["restarts"] == 0 and cluster.status()["disruptions"] == 1
@@ -696,7 +707,7 @@ async def test_kueue_admits_the_gang_as_one_workload_and_evicts_it_as_a_disrupti
     await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": True}})
     await wait_for(lambda: _workload(cluster, version) is None, what="the Workload deleted")
     await wait_for(lambda: trainer_uid(cluster) is None, what="the trainer deleted")
-    assert ("deployments", "demo-rollout") not in children(cluster)
+    await wait_for(lambda: ("deployments", "demo-rollout") not in children(cluster), what="the rollout deleted")
     await cluster.emulator.patch_object(JOBS, NAMESPACE, "demo", {"spec": {"suspend": False}})
     await wait_for(lambda: _workload(cluster, version), what="a new Workload on resume")
 

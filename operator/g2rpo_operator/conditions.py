@@ -24,6 +24,7 @@ from g2rpo.api.status import (
     SANDBOX_ISOLATED,
     SPEC_APPLIED,
     SPEC_VALID,
+    STALLED,
     STORAGE_READY,
     SUSPENDED,
     JobStatus,
@@ -31,7 +32,7 @@ from g2rpo.api.status import (
 )
 from g2rpo_operator.builders.common import COMPONENT_LABEL, Manifest
 from g2rpo_operator.controller_client import ControllerReport
-from g2rpo_operator.kueue import Admission
+from g2rpo_operator.kueue import PODS_READY_TIMEOUT, Admission
 from g2rpo_operator.lifecycle import Progress
 
 IMAGE_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
@@ -126,6 +127,8 @@ class Facts:
     """The Workload's state under Kueue; None without it."""
     api_refusals: tuple[str, ...] = ()
     """The writes of the job's children the API server refused in this pass (reconcile.refusal)."""
+    queued_by_kueue: str | None = None
+    """Children Kueue queued as jobs of their own, and the fix (kueue.queued_by_kueue); None when none."""
 
 
 Verdict = tuple[bool | None, str, str]
@@ -163,13 +166,10 @@ def _ready(facts: Facts) -> Verdict:
         return _children_synced(facts)
     if facts.storage:
         return False, *facts.storage
+    if facts.queued_by_kueue:
+        return False, "QueuedByKueue", facts.queued_by_kueue
     if facts.kueue and facts.kueue.evicted is not None:
-        return (
-            False,
-            "Evicted",
-            f"Kueue evicted the gang ({facts.kueue.evicted}): stopping the rollout and the trainer, then the "
-            "Workload is queued again and the gang resumes from the newest checkpoint once admitted",
-        )
+        return False, "Evicted", _evicted(facts)
     if facts.kueue and not facts.kueue.admitted:
         return False, "Queued", facts.kueue.waiting
     if facts.problems:
@@ -180,7 +180,7 @@ def _ready(facts: Facts) -> Verdict:
         return (
             False,
             "WaitingForRollout",
-            "the trainer Job is created once these are Available: "
+            "the trainer starts once these are Available: "
             + ", ".join(facts.waiting_for)
             + " (vLLM may take up to spec.rollout.startupTimeoutSeconds to load the model)",
         )
@@ -198,6 +198,23 @@ def _children_synced(facts: Facts) -> Verdict:
             "admission webhook or policy, a quota)",
         )
     return True, "Synced", "the API server took every write of the job's children"
+
+
+def _evicted(facts: Facts) -> str:
+    """Kueue's eviction, with its reason; a pods-ready timeout names the settings that must agree."""
+    assert facts.kueue is not None
+    reason = facts.kueue.eviction_reason or "Evicted"
+    message = (
+        f"Kueue evicted the gang ({reason}: {facts.kueue.evicted}): stopping the rollout and the trainer, then "
+        "the Workload is queued again and the gang resumes from the newest checkpoint once admitted"
+    )
+    if reason == PODS_READY_TIMEOUT:
+        message += (
+            ". The gang must be ready within Kueue's waitForPodsReady.timeout: raise it above image pulls plus "
+            f"spec.rollout.startupTimeoutSeconds ({facts.spec.rollout.startup_timeout_seconds} s), or lower the "
+            "latter if vLLM loads faster"
+        )
+    return message
 
 
 def _in_phase(p: Progress, phase: str, otherwise: str) -> Verdict:
@@ -235,6 +252,21 @@ def _sandbox(facts: Facts, previous: list[dict]) -> Verdict | None:
     return True, "AllLayersHold", "every layer of the code sandbox holds: " + ", ".join(sorted(layers))
 
 
+def _stalled(facts: Facts, prev: Manifest) -> Verdict | None:
+    """Whether the trainer hung (no condition without runPolicy.stallTimeoutSeconds): True from the pass that
+    saw the stall until a later step completes, so the reason outlives the restart it caused."""
+    timeout = facts.spec.run_policy.stall_timeout_seconds
+    if not timeout:
+        return None
+    p = facts.progress
+    if p.stalled is not None:
+        return True, "NoStepCompleted", p.message  # names the stall, and the restart or the failure it causes
+    before = next((c for c in prev.get("conditions") or [] if c.get("type") == STALLED), None)
+    if before is not None and before.get("status") == "True" and p.last_step_time == prev.get("lastStepTime"):
+        return True, before["reason"], before["message"]
+    return False, "StepsCompleting", f"steps complete within runPolicy.stallTimeoutSeconds ({timeout} s)"
+
+
 def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
     p = facts.progress
     errors, missing = "; ".join(facts.spec_errors), "; ".join(facts.missing)
@@ -253,6 +285,9 @@ def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
     sandbox = _sandbox(facts, old)
     if sandbox is not None:
         verdicts[SANDBOX_ISOLATED] = sandbox
+    stalled = _stalled(facts, prev)
+    if stalled is not None:
+        verdicts[STALLED] = stalled
     conditions = [condition(t, *verdicts[t], old, now, facts.generation) for t in CONDITION_TYPES if t in verdicts]
     report = facts.report
     step = report.step if report else prev.get("step")
@@ -268,6 +303,8 @@ def job_status(facts: Facts, prev: Manifest, now: datetime) -> JobStatus:
         last_checkpoint=f"{facts.checkpoint_dir}/checkpoint-{reached}" if reached else prev.get("lastCheckpoint"),
         start_time=p.start_time,
         completion_time=p.completion_time,
+        running_since=p.running_since,
+        last_step_time=p.last_step_time,
         restarts=p.restarts,
         disruptions=p.disruptions,
         last_failed_trainer=p.last_failed_trainer,

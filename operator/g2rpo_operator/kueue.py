@@ -10,10 +10,25 @@ assigned ResourceFlavors' node labels and tolerations, and any admission check's
 When Kueue evicts the Workload (preemption, an inactive Workload, a pods-ready timeout) it waits
 for the integration to stop the job: the operator deletes the trainer Job (a disruption, which
 does not spend runPolicy.backoffLimit) and the rollout Deployment, and once both are gone hands
-the quota back (`release_quota`), as Kueue's own integrations do. Kueue then requeues the Workload;
-the gang restarts from the newest checkpoint when it is admitted again. The operator also keeps the
-Workload's PodsReady condition (`pods_ready`), which Kueue's waitForPodsReady reads: without it,
-a cluster with that setting would evict every job at its timeout.
+the quota back (`release_quota`) with the conditions Kueue's own jobframework writes then
+(pkg/controller/jobframework/reconciler.go, "handle eviction"): QuotaReserved and Admitted False, and
+Requeued, True only for a preemption or a node failure; otherwise Kueue's workload controller sets
+it True itself after its requeuing backoff (PodsReadyTimeout, AdmissionCheck) or on reactivation
+(pkg/controller/core/workload_controller.go), and the Workload waits until then. The gang restarts
+from the newest checkpoint when it is admitted again. The operator also keeps the Workload's
+PodsReady condition (`pods_ready`, with the reasons of jobframework's generatePodsReadyCondition),
+which Kueue's waitForPodsReady reads: on by default from Kueue 0.19 (config v1beta2, timeout 30
+minutes; with config v1beta1 off by default, 5 minutes when on). The whole gang must be ready within
+that timeout, so the trainer Job is created with the rollout, not after it (builders/gang.py).
+
+Kueue also manages plain batch/v1 Jobs: its webhook labels a Job without a queue with the namespace's
+LocalQueue `default` when one exists (LocalQueueDefaulting: beta and on by default from 0.12, always on
+from 0.19; pkg/controller/jobframework/defaults.go) and suspends it, and `manageJobsWithoutQueueName`
+suspends every Job. The trainer Job would then be queued a second time, by itself. Kueue leaves alone
+a Job whose controller owner is a kind it manages, registered external frameworks included
+(IntegrationManager.IsOwnerManagedByKueueForObject, FindAncestorJobManagedByKueue): the trainer Job's
+controller ownerReference names its G2RPOJob, so registering `G2RPOJob.v1alpha1.g2rpo.dev` in
+Kueue's `integrations.externalFrameworks` prevents it. `queued_by_kueue` detects it when it happens.
 """
 
 from __future__ import annotations
@@ -32,6 +47,15 @@ QUOTA_RESERVED = "QuotaReserved"
 ADMITTED = "Admitted"
 EVICTED = "Evicted"
 PODS_READY = "PodsReady"
+REQUEUED = "Requeued"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+DEFAULT_LOCAL_QUEUE = "default"
+EXTERNAL_FRAMEWORK = "G2RPOJob.v1alpha1.g2rpo.dev"
+"""How Kueue's configuration names G2RPOJobs in integrations.externalFrameworks (Kind.version.group)."""
+REQUEUED_AT_ONCE = frozenset({"Preempted", "NodeFailures"})
+"""Eviction reasons after which jobframework sets Requeued=True itself; after the others Kueue's workload
+controller does, once its backoff ends (a Requeued=False Workload is not queued: cluster_queue.go)."""
+PODS_READY_TIMEOUT = "PodsReadyTimeout"
 
 
 def _condition(workload: Manifest, type_: str) -> dict[str, Any] | None:
@@ -62,6 +86,8 @@ class Admission:
     """Kueue's message while it waits for the gang to stop (quota still reserved); None otherwise."""
     waiting: str
     """Why the gang is not admitted (Kueue's own message where it gave one)."""
+    eviction_reason: str = ""
+    """The Evicted condition's reason while evicted (Preempted, PodsReadyTimeout, InactiveWorkload, ...)."""
 
 
 def admission_of(workload: Manifest | None, queue: str) -> Admission:
@@ -71,8 +97,8 @@ def admission_of(workload: Manifest | None, queue: str) -> Admission:
     reserved = bool((workload.get("status") or {}).get("admission")) and _is_true(workload, QUOTA_RESERVED)
     name = workload["metadata"]["name"]
     if reserved and _is_true(workload, EVICTED):
-        message = (_condition(workload, EVICTED) or {}).get("message") or "evicted"
-        return Admission(False, message, "")
+        evicted = _condition(workload, EVICTED) or {}
+        return Admission(False, evicted.get("message") or "evicted", "", evicted.get("reason") or "")
     if reserved and _is_true(workload, ADMITTED):
         return Admission(True, None, "")
     why = (_condition(workload, ADMITTED if reserved else QUOTA_RESERVED) or {}).get("message")
@@ -112,43 +138,99 @@ def _add_tolerations(placement: Placement, tolerations: list[dict[str, Any]]) ->
 
 
 def release_quota(workload: Manifest, reason: str, now: datetime) -> Manifest:
-    """The status patch that hands an evicted Workload's quota back once the gang has stopped: no admission,
-    QuotaReserved False (Admitted too), so Kueue requeues it. Kueue leaves this write to the integration."""
-    message = (_condition(workload, EVICTED) or {}).get("message") or reason
+    """The status patch that hands an evicted Workload's quota back once the gang has stopped, as Kueue's
+    jobframework writes it (reconciler.go, "handle eviction"): no admission, QuotaReserved False (reason
+    Pending, the fallback of PendingEvaluation, which only Kueue 0.19's UnadmittedWorkloadsObservability
+    gate uses), Admitted False (NoReservation), and Requeued with the eviction's reason: True after a
+    preemption or a node failure, else False so that Kueue's own backoff or reactivation requeues it."""
+    evicted = _condition(workload, EVICTED) or {}
+    message = evicted.get("message") or reason
+    why_evicted = evicted.get("reason") or reason
     stamp = timestamp(now)
     conditions = []
     for cond in (workload.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == REQUEUED:
+            continue
         if cond.get("type") in (QUOTA_RESERVED, ADMITTED) and cond.get("status") == "True":
             why = "Pending" if cond["type"] == QUOTA_RESERVED else "NoReservation"
             cond = {**cond, "status": "False", "reason": why, "message": message, "lastTransitionTime": stamp}
         conditions.append(cond)
-    return {"status": {"admission": None, "conditions": conditions}}
+    requeued = {
+        "type": REQUEUED,
+        "status": "True" if why_evicted in REQUEUED_AT_ONCE else "False",
+        "reason": why_evicted,
+        "message": message,
+        "lastTransitionTime": stamp,
+    }
+    return {"status": {"admission": None, "conditions": [*conditions, requeued]}}
+
+
+def pods_ready_reason(current: Manifest | None, ready: bool) -> str:
+    """PodsReady's reason as Kueue's jobframework derives it for an admitted Workload (reconciler.go,
+    generatePodsReadyCondition): Started, or Recovered after a recovery; while not ready WaitForStart,
+    or WaitForRecovery once the gang had been ready (Kueue's waitForPodsReady.recoveryTimeout then counts)."""
+    reason = (current or {}).get("reason")
+    if ready:
+        return "Recovered" if reason in ("WaitForRecovery", "Recovered") else "Started"
+    if current is not None and (current.get("status") == "True" or reason == "WaitForRecovery"):
+        return "WaitForRecovery"
+    return "WaitForStart"
+
+
+PODS_READY_MESSAGES = {
+    "Started": "All pods reached readiness and the workload is running",
+    "Recovered": "All pods reached readiness and the workload is running",
+    "WaitForStart": "Not all pods are ready or succeeded",
+    "WaitForRecovery": "At least one pod has failed, waiting for recovery",
+}
+"""Kueue's own messages for each reason (generatePodsReadyCondition)."""
 
 
 def pods_ready(workload: Manifest, ready: bool, now: datetime) -> Manifest | None:
-    """The status patch that sets PodsReady (every pod of the gang ready: the job Running), or None when
-    the condition already says so."""
+    """The status patch that sets PodsReady (the rollout and every trainer pod ready: the job Running), or
+    None when the condition already says so."""
     status = "True" if ready else "False"
     current = _condition(workload, PODS_READY)
-    if current is not None and current.get("status") == status:
+    reason = pods_ready_reason(current, ready)
+    if current is not None and current.get("status") == status and current.get("reason") == reason:
         return None
-    reason, message = (
-        ("PodsReady", "the rollout and every trainer pod are ready")
-        if ready
-        else (
-            "WaitingForPods",
-            "waiting for the rollout and the trainer pods to become ready",
-        )
-    )
+    since = current.get("lastTransitionTime") if current and current.get("status") == status else None
     new = {
         "type": PODS_READY,
         "status": status,
         "reason": reason,
-        "message": message,
-        "lastTransitionTime": timestamp(now),
+        "message": PODS_READY_MESSAGES[reason],
+        "lastTransitionTime": since or timestamp(now),
     }
     others = [c for c in (workload.get("status") or {}).get("conditions") or [] if c.get("type") != PODS_READY]
     return {"status": {"conditions": [*others, new]}}
+
+
+def queued_by_kueue(children: list[Manifest], namespace: str) -> str | None:
+    """Which of the job's own children Kueue took over as a job of its own (queue label set by its webhook,
+    or a trainer Job suspended: the operator never suspends one), and the fix; None when none was."""
+    found = []
+    for child in children:
+        meta = child["metadata"]
+        queue = (meta.get("labels") or {}).get(QUEUE_LABEL)
+        suspended = child.get("kind") == "Job" and (child.get("spec") or {}).get("suspend") is True
+        if queue is not None:
+            found.append(f"{child['kind']} {meta['name']} has label {QUEUE_LABEL}={queue}")
+        elif suspended:
+            found.append(f"Job {meta['name']} was suspended by Kueue (no queue label: manageJobsWithoutQueueName)")
+    if not found:
+        return None
+    why = (
+        f"Kueue's default LocalQueue (namespace {namespace!r} has a LocalQueue named {DEFAULT_LOCAL_QUEUE!r})"
+        if any(f"{QUEUE_LABEL}={DEFAULT_LOCAL_QUEUE}" in item for item in found)
+        else "Kueue's batch/Job integration"
+    )
+    return (
+        f"{'; '.join(found)}: {why} queues it a second time, outside the job's gang, and it waits there. "
+        f"Fix: add {EXTERNAL_FRAMEWORK!r} to integrations.externalFrameworks in Kueue's configuration (Kueue "
+        "then leaves a G2RPOJob's children alone), and with manageJobsWithoutQueueName use "
+        "spec.runPolicy.gangScheduler: kueue; then delete the child named here (the operator recreates it)"
+    )
 
 
 def served_version(api: KubeApi) -> str:

@@ -12,11 +12,16 @@ Rules worth knowing:
 - A trainer pod disrupted by the cluster (condition DisruptionTarget: preemption, drain, eviction)
   restarts the gang the same way but counts in status.disruptions, not against backoffLimit; a pod
   that exits with EXIT_INVALID_SPEC fails the job at once (InvalidConfiguration).
-- Phase Running means every trainer pod is ready (Job status.ready), not merely created: until then
+- Phase Running means every trainer pod is ready (Job status.ready), not merely created, and the rollout
+  is Available (it may still be loading where the trainer is created with it, under volcano or kueue): until then
   the phase is Pending and Ready says why (claim not Bound, Unschedulable with the scheduler's
   message, image pull errors, waiting for the rollout). status.startTime is the first time every
   rank was ready; runPolicy.activeDeadlineSeconds counts from it (the Job's own deadline would count
   queueing and image pulls, so the operator enforces it and leaves the Job's unset).
+- A Running job whose step does not advance for runPolicy.stallTimeoutSeconds (counted from the last
+  step the operator saw, or from when the current trainer's pods became ready, status.runningSince) has
+  hung (a weight-sync or NCCL wait that never raises): the gang restarts from the newest checkpoint as
+  after a failure, counted against backoffLimit, and `stalled` says which step was the last and when.
 - Suspend deletes the trainer Job and scales the Deployments to zero; resume recreates them. A
   finished job (status.completionTime set) is never restarted; its GPUs are released.
 """
@@ -46,6 +51,12 @@ class Progress:
     last_failed_trainer: str | None
     start_time: str | None
     completion_time: str | None
+    running_since: str | None = None
+    """When every pod of the current trainer Job was ready (None unless Running): the stall clock's start."""
+    last_step_time: str | None = None
+    """When the operator first saw the current step (status.step): the stall clock's restart."""
+    stalled: str | None = None
+    """Why the job counts as stalled on this pass (the last step and when it completed); None otherwise."""
 
     @property
     def gang_epoch(self) -> int:
@@ -125,15 +136,21 @@ def progress(
     pods: list[Manifest],
     now: datetime,
     evicted: str | None = None,
+    step: int | None = None,
+    rollout_ready: bool = True,
 ) -> Progress:
     """The phase and the trainer's fate, from the previous status, the trainer Job, its pods and the clock
-    (and `evicted`, Kueue's message while it evicts the job's Workload).
+    (and `evicted`, Kueue's message while it evicts the job's Workload; `step`, the steps completed as the
+    guidance controller reports them, None when it did not answer; `rollout_ready`, whether the rollout of
+    the current gang epoch is Available: where the trainer waits for it in process, Running needs it too).
 
     Precedence: a finished job stays finished; then the trainer's success; then suspend (which
     wins over a failure, so a suspended job is never restarted); then a configuration error, a
     disruption (a pod's, or Kueue's eviction), a failure; then the deadline. Running needs every
-    trainer pod ready.
+    trainer pod ready, and a step within runPolicy.stallTimeoutSeconds.
     """
+    stepped = step is not None and step != prev.get("step")
+    last_step_time = timestamp(now) if stepped else prev.get("lastStepTime")
     base = Progress(
         phase="Pending",
         reason="Starting",
@@ -145,6 +162,7 @@ def progress(
         last_failed_trainer=prev.get("lastFailedTrainer"),
         start_time=prev.get("startTime"),
         completion_time=prev.get("completionTime"),
+        last_step_time=last_step_time,
     )
     outcome = trainer_outcome(job)
     unfinished = job is not None and outcome is None
@@ -220,14 +238,62 @@ def progress(
             delete_trainer=unfinished,
             completion_time=stamp,
         )
-    if job is not None and not job["metadata"].get("deletionTimestamp") and ready_count(job) >= spec.trainer.replicas:
-        started = base.start_time or stamp
-        return replace(
-            base, phase="Running", reason="TrainerRunning", message="every trainer pod is ready", start_time=started
-        )
     if base.last_failed_trainer and job is not None and job["metadata"]["uid"] == base.last_failed_trainer:
+        # Counted already (a failure, a disruption or a stall): never Running again, only removed.
         return replace(base, reason="Restarting", message="the failed trainer is being removed", delete_trainer=True)
+    gang_ready = rollout_ready and ready_count(job) >= spec.trainer.replicas
+    if job is not None and not job["metadata"].get("deletionTimestamp") and gang_ready:
+        running_since = prev.get("runningSince") if prev.get("phase") == "Running" else None
+        running = replace(
+            base,
+            phase="Running",
+            reason="TrainerRunning",
+            message="every trainer pod is ready",
+            start_time=base.start_time or stamp,
+            running_since=running_since or stamp,
+        )
+        stalled = stall(spec, running, prev.get("step"), now)
+        if stalled is None:
+            return running
+        uid = job["metadata"]["uid"]
+        if base.restarts >= spec.run_policy.backoff_limit:
+            return replace(
+                base,
+                phase="Failed",
+                reason="Stalled",
+                message=f"{stalled}; the trainer failed or stalled {base.restarts + 1} times "
+                f"(runPolicy.backoffLimit {spec.run_policy.backoff_limit})",
+                active=False,
+                delete_trainer=True,
+                last_failed_trainer=uid,
+                completion_time=stamp,
+                stalled=stalled,
+            )
+        restart = _gang_restart(base, uid, stalled, disruption=False, limit=spec.run_policy.backoff_limit)
+        return replace(restart, stalled=stalled)
     return base
+
+
+def stall(spec: G2RPOJobSpec, running: Progress, step: int | None, now: datetime) -> str | None:
+    """Why a Running job counts as hung, or None: no step within runPolicy.stallTimeoutSeconds, counted from
+    the later of the last step the operator saw and the current trainer's pods becoming ready."""
+    timeout = spec.run_policy.stall_timeout_seconds
+    if not timeout or running.running_since is None:
+        return None
+    marks = [parse_timestamp(running.running_since)]
+    if running.last_step_time:
+        marks.append(parse_timestamp(running.last_step_time))
+    if now - max(marks) <= timedelta(seconds=timeout):
+        return None
+    if running.last_step_time and parse_timestamp(running.last_step_time) >= marks[0]:
+        last = f"the last, step {step}, completed at {running.last_step_time}"
+    else:
+        done = f"step {step} completed before it" if step else "no step completed yet"
+        last = f"none since the trainer pods became ready at {running.running_since} ({done})"
+    return (
+        f"no step completed within runPolicy.stallTimeoutSeconds ({timeout} s): {last}; a weight-sync or NCCL "
+        "wait that never returned is the usual cause (the trainer's log shows where it stopped)"
+    )
 
 
 def _gang_restart(base: Progress, uid: str, detail: str, disruption: bool, limit: int) -> Progress:

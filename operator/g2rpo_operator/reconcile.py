@@ -12,8 +12,9 @@ lifecycle.py (the phase, restarts, disruptions, the deadline), conditions.py (th
 Rules worth knowing (the decisions' own are in their modules):
 - The gang starts in order: the trainer Job is created only once the controller and the rollout
   Deployments are Available (with the current gang epoch), Ready=False WaitingForRollout until
-  then. Under Volcano the Job is created with the rollout (the PodGroup must see every pod) and the
-  trainer waits in process (vllm_server_timeout = rollout.startupTimeoutSeconds).
+  then. Under Volcano and Kueue the Job is created with the rollout (the PodGroup must see every pod;
+  Kueue's waitForPodsReady times the whole gang) and the trainer waits in process
+  (vllm_server_timeout = rollout.startupTimeoutSeconds); Running then also needs the rollout Available.
 - The checkpoint claim must exist (or is created from checkpoint.volumeSize), must request
   ReadWriteMany when trainer.replicas > 1 (nothing is created otherwise) and is reported until Bound
   (condition StorageReady; pods are still created, since WaitForFirstConsumer classes bind only
@@ -22,6 +23,10 @@ Rules worth knowing (the decisions' own are in their modules):
   Deployment and the trainer Job exist only while Kueue admits it (Ready=False Queued until then),
   and an eviction stops the gang as a disruption, then hands the quota back (kueue.py). A suspended
   or finished job's Workload is deleted, which returns its quota.
+- Stopping keeps vLLM for the trainer's last step: while an unfinished trainer Job exists (being
+  deleted in the foreground, its pods finishing a step and a save within
+  runPolicy.terminationGracePeriodSeconds), the rollout Deployment is neither scaled down, deleted nor
+  replaced (a new gang epoch); that happens on the pass after the Job is gone (or has finished).
 - Passes read through a watch-fed cache (cache.py) except every settings.resync_seconds, when they
   read everything from the API.
 - Every pass brings the owned children back to what the builders render, where the API allows it
@@ -78,9 +83,10 @@ from g2rpo_operator.kueue import (
     assigned_flavors,
     placements,
     pods_ready,
+    queued_by_kueue,
     release_quota,
 )
-from g2rpo_operator.lifecycle import Progress, deployment_available, progress, ready_count
+from g2rpo_operator.lifecycle import Progress, deployment_available, progress, ready_count, trainer_outcome
 from g2rpo_operator.settings import OperatorSettings
 from g2rpo_operator.tokens import job_token, load_signing_key
 
@@ -148,9 +154,22 @@ class Reconciler:
         trainer_pods = [pod for pod in pods if job is not None and owned_by(pod, job["metadata"]["uid"])]
         workload = observed.get(_key(self.workloads, ctx.child("gang")))
         kueue = admission_of(workload, kueue_queue(ctx)) if ctx.spec.run_policy.gang_scheduler == "kueue" else None
-        prog = progress(ctx.spec, prev, job, trainer_pods, now, evicted=kueue.evicted if kueue else None)
-        waiting_for = self._waiting_for(ctx, observed, prog.gang_epoch)
         token = job_token(self.signing_key(), namespace, name, body["metadata"]["uid"])
+        report, foreign = self._read_controller(ctx, observed, token)
+        in_process = trainer_waits_in_process(ctx)
+        epoch = int(prev.get("restarts") or 0) + int(prev.get("disruptions") or 0)
+        rollout = observed.get(_key(DEPLOYMENTS, ctx.child("rollout")))
+        prog = progress(
+            ctx.spec,
+            prev,
+            job,
+            trainer_pods,
+            now,
+            evicted=kueue.evicted if kueue else None,
+            step=report.step if report else None,
+            rollout_ready=not in_process or deployment_available(rollout, epoch),
+        )
+        waiting_for = self._waiting_for(ctx, observed, prog.gang_epoch)
         blocked = bool(missing) or (storage is not None and storage[0] == "ClaimNotShared")
         conflicts = self._apply(
             view,
@@ -160,7 +179,7 @@ class Reconciler:
             prog,
             token,
             create=not blocked,
-            with_trainer=trainer_waits_in_process(ctx) or not waiting_for,
+            with_trainer=in_process or not waiting_for,
             admitted=self._admitted(view, workload, kueue),
             refusals=refusals,
         )
@@ -168,7 +187,6 @@ class Reconciler:
             self._release_when_stopped(view, ctx, observed, workload, now, refusals)
         elif kueue and kueue.admitted and workload is not None and prog.active:
             self._patch_workload_status(view, workload, pods_ready(workload, prog.phase == "Running", now), refusals)
-        report, foreign = self._read_controller(ctx, observed, token)
         facts = Facts(
             progress=prog,
             spec=ctx.spec,
@@ -180,11 +198,14 @@ class Reconciler:
             conflicts=conflicts + foreign,
             storage=storage,
             problems=pod_problems(pods, placement_hints(ctx)) if prog.active else [],
-            waiting_for=waiting_for if job is None else [],
+            waiting_for=waiting_for if job is None or in_process else [],
             trainer_ready=f"{ready_count(job)}/{ctx.spec.trainer.replicas}" if job is not None else "",
             report=report,
             kueue=kueue if prog.active else None,
             api_refusals=tuple(refusals),
+            queued_by_kueue=queued_by_kueue(
+                [obj for key, obj in observed.items() if key[0] in ("Job", "Deployment")], namespace
+            ),
         )
         return status_patch(job_status(facts, prev, now), prev)
 
@@ -373,7 +394,13 @@ class Reconciler:
                 for res, name in ((DEPLOYMENTS, ctx.child("rollout")), (self.workloads, ctx.child("gang")))
                 if _key(res, name) not in wanted
             ]
+        # The trainer finishes its step and saves on SIGTERM (runPolicy.terminationGracePeriodSeconds), and a
+        # step needs vLLM: the rollout is neither stopped nor replaced while a trainer Job is still there.
+        trainer = observed.get(_key(JOBS, ctx.child("trainer")))
+        hold_rollout = trainer is not None and trainer_outcome(trainer) is None
         for res, name in retired:
+            if hold_rollout and (res, name) == (DEPLOYMENTS, ctx.child("rollout")):
+                continue
             current = observed.get(_key(res, name))
             if current is not None and owned_by(current, uid) and not current["metadata"].get("deletionTimestamp"):
                 try:
@@ -404,7 +431,7 @@ class Reconciler:
                         continue
                 if not owned_by(current, uid):
                     conflicts.append(f"{res.kind} {name}")
-                else:
+                elif not (hold_rollout and res is DEPLOYMENTS and name == ctx.child("rollout")):
                     verb = "update"
                     self._update(view, res, current, manifest)
             except KubeError as exc:

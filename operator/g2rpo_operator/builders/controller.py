@@ -79,7 +79,8 @@ def deployment(ctx: JobContext, replicas: int = 1) -> Manifest:
     """`replicas` is 0 while the job is suspended; never more than 1 (one state owner)."""
     placement = ctx.spec.controller
     settings = ctx.settings
-    probe = {"httpGet": {"path": HEALTH_PATH, "port": METRICS_PORT_NAME}, "periodSeconds": 10}
+    # 5 s, not the kubelet's 1 s: a busy node's answer is late, not missing.
+    probe = {"httpGet": {"path": HEALTH_PATH, "port": METRICS_PORT_NAME}, "periodSeconds": 10, "timeoutSeconds": 5}
     container: Manifest = {
         "name": COMPONENT,
         "image": placement.image or settings.controller_image,

@@ -12,8 +12,12 @@ whole gang or none of it. The operator acts as Kueue's integration for G2RPOJobs
 creates the rollout Deployment and the trainer Job only once the Workload is admitted, with the
 placement Kueue granted (`place`), and neither carries a queue label of its own. (Kueue's plain-pod
 groups cannot join a Deployment's pod and a Job's pods: Kueue leaves pods whose owner is a kind it
-integrates to that integration.) Without a gang scheduler, and under Kueue, the operator creates the
-trainer Job only once the rollout is Available (see reconcile.py).
+integrates to that integration.) As under Volcano, the trainer Job is created together with the
+rollout and waits for the server in process: Kueue's waitForPodsReady evicts a Workload whose pods
+are not all ready within its timeout, and creating the trainer only after vLLM is up would spend that
+timeout on vLLM's load and then on the trainer's image pull and start, one after the other.
+Without a gang scheduler the operator creates the trainer Job only once the rollout is Available
+(see reconcile.py).
 """
 
 from __future__ import annotations
@@ -122,5 +126,6 @@ def volcano_pod_group(ctx: JobContext) -> Manifest:
 
 
 def trainer_waits_in_process(ctx: JobContext) -> bool:
-    """Whether the trainer Job is created with the rollout (volcano: the gang must exist whole)."""
-    return ctx.spec.run_policy.gang_scheduler == "volcano"
+    """Whether the trainer Job is created with the rollout: volcano (the gang must exist whole) and kueue
+    (the whole gang must be ready within waitForPodsReady's timeout)."""
+    return ctx.spec.run_policy.gang_scheduler in ("volcano", "kueue")

@@ -74,6 +74,15 @@ def vllm_serve_command(ctx: JobContext) -> list[str]:
 
 
 PROBE_PERIOD_SECONDS = 10
+PROBE_TIMEOUT_SECONDS = 10
+"""vLLM's /health (vllm/entrypoints/serve/instrumentator/health.py: 200, or 503 once the engine is dead) is
+answered by the same event loop as generation and weight updates: under load it can take seconds, and the
+kubelet's 1 s default would count that as a failure."""
+LIVENESS_PERIOD_SECONDS = 30
+LIVENESS_FAILURE_THRESHOLD = 6
+"""Restarting vLLM restarts the whole gang (the trainer loses its NCCL weight-sync group), so liveness only
+acts on a server that has not answered for 3 minutes; a dead engine answers 503 at once and is restarted
+after the same 3 minutes. A slower hang is the trainer's stall (runPolicy.stallTimeoutSeconds)."""
 
 
 def startup_failure_threshold(ctx: JobContext) -> int:
@@ -88,7 +97,11 @@ def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manif
     spec = ctx.spec
     placement = spec.rollout
     settings = ctx.settings
-    health = {"httpGet": {"path": "/health", "port": PORT_NAME}, "periodSeconds": PROBE_PERIOD_SECONDS}
+    health = {
+        "httpGet": {"path": "/health", "port": PORT_NAME},
+        "periodSeconds": PROBE_PERIOD_SECONDS,
+        "timeoutSeconds": PROBE_TIMEOUT_SECONDS,
+    }
     cache = cache_size(placement, ctx)
     pod_spec: Manifest = {
         **pod_identity(ctx, with_service_account=True),
@@ -105,8 +118,15 @@ def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manif
                 "ports": [{"name": PORT_NAME, "containerPort": ROLLOUT_PORT, "protocol": "TCP"}],
                 # Downloading, loading and compiling a model takes minutes (rollout.startupTimeoutSeconds).
                 "startupProbe": {**health, "failureThreshold": startup_failure_threshold(ctx)},
-                "readinessProbe": {**health, "failureThreshold": 3},
-                "livenessProbe": {**health, "failureThreshold": 6},
+                # Readiness gates the trainer's start and holds the Service's only endpoint: a minute of late
+                # answers under load, not three seconds, takes it away.
+                "readinessProbe": {**health, "failureThreshold": 6},
+                "livenessProbe": {
+                    **health,
+                    "periodSeconds": LIVENESS_PERIOD_SECONDS,
+                    "timeoutSeconds": LIVENESS_PERIOD_SECONDS // 2,
+                    "failureThreshold": LIVENESS_FAILURE_THRESHOLD,
+                },
                 "resources": resources(
                     placement,
                     settings.rollout_cpu,

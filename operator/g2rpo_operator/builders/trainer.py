@@ -155,6 +155,9 @@ def _pod_spec(ctx: JobContext) -> Manifest:
         "subdomain": ctx.child(COMPONENT),
         "restartPolicy": "Never",
         **pod_identity(ctx, with_service_account=True),
+        # SIGTERM asks the trainer to finish its step and save (g2rpo.train.lifecycle); the kubelet, Kueue's
+        # preemption and `kubectl drain` wait this long before SIGKILL (30 s by default: too short for a save).
+        "terminationGracePeriodSeconds": spec.run_policy.termination_grace_period_seconds,
         "securityContext": pod_security_context(),
         **gpu_placement(placement, ctx),
         "initContainers": [

@@ -667,6 +667,24 @@ class RunPolicySpec(SpecModel):
     priority_class_name: str | None = Field(
         None, max_length=NAME_MAX, description="PriorityClass of the trainer and rollout pods."
     )
+    termination_grace_period_seconds: int = Field(
+        300,
+        ge=30,
+        le=3600,
+        description="How long a trainer pod may take to stop after SIGTERM (preemption, suspend, node drain, Kueue "
+        "eviction) before it is killed: it finishes the current step and saves a checkpoint in this time. Kueue "
+        "preemption and `kubectl drain` wait for it; the cluster autoscaler's scale-down waits at most its "
+        "--max-graceful-termination-sec (600 s by default).",
+    )
+    stall_timeout_seconds: int | None = Field(
+        3600,
+        ge=60,
+        le=86400,
+        description="While the job is Running, restart the gang from the newest checkpoint (counted against "
+        "backoffLimit, condition Stalled) when no step completes for this long, counted from the last step or "
+        "from when the trainer pods became ready (which includes loading the model and the data). The trainer's "
+        "collective (ddp_timeout) and vLLM request timeouts derive from it. null: never.",
+    )
 
 
 # --- the job ------------------------------------------------------------------------------------

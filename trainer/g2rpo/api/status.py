@@ -29,6 +29,8 @@ SANDBOX_ISOLATED = "SandboxIsolated"
 CHILDREN_SYNCED = "ChildrenSynced"
 """Whether the API server took the operator's last writes of the job's children; False (APIRefused) names
 each refused object and the API server's message."""
+STALLED = "Stalled"
+"""Jobs with runPolicy.stallTimeoutSeconds only: True from a stall until the next step completes."""
 CONDITION_TYPES = (
     SPEC_VALID,
     SPEC_APPLIED,
@@ -40,6 +42,7 @@ CONDITION_TYPES = (
     COMPLETE,
     FAILED,
     SANDBOX_ISOLATED,
+    STALLED,
 )
 
 
@@ -74,6 +77,16 @@ class JobStatus(StatusModel):
         "runPolicy.activeDeadlineSeconds counts from it.",
     )
     completion_time: str | None = Field(None, description="When the job succeeded or failed.")
+    running_since: str | None = Field(
+        None,
+        description="When every pod of the current trainer attempt became ready (null unless Running); "
+        "runPolicy.stallTimeoutSeconds counts from it until the first step.",
+    )
+    last_step_time: str | None = Field(
+        None,
+        description="When the operator first saw `step` at its current value (within a poll of the step's end); "
+        "runPolicy.stallTimeoutSeconds counts from it.",
+    )
     restarts: int = Field(0, description="Trainer restarts from a checkpoint after a failure (runPolicy.backoffLimit).")
     disruptions: int = Field(
         0,

@@ -21,6 +21,7 @@ from g2rpo.api.spec import G2RPOJob, G2RPOJobSpec, SpecError, check_batch_layout
 from g2rpo.controller.client import GuidanceClient
 from g2rpo.guidance.schedule import ScheduleParams
 from g2rpo.train.config import Generation, grpo_config
+from g2rpo.train.timeouts import bound_vllm_requests, collective_timeout
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def build_trainer(
 
     spec = job.spec
     training = spec.training
-    world = PartialState()
+    world = PartialState(timeout=collective_timeout(spec))  # the first PartialState builds the process group
     _check_batch_layout(spec, world.num_processes)
 
     model_path = resolve_model_path(spec.model)
@@ -130,6 +131,9 @@ def build_trainer(
         model_card=model_card(job),
         callbacks=[MetricsFileCallback(layout.metrics_file), *(extra_callbacks or [])],
     )
+    vllm = getattr(getattr(trainer, "vllm_generation", None), "vllm_client", None)  # rank 0 in server mode
+    if vllm is not None:
+        log.info("vLLM requests time out after %.0f s each", bound_vllm_requests(vllm.session, spec))
     return trainer
 
 

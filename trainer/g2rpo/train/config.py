@@ -15,6 +15,7 @@ import torch
 
 from g2rpo.api.names import ROLLOUT_GROUP_PORT
 from g2rpo.api.spec import G2RPOJobSpec, max_model_len
+from g2rpo.train.timeouts import collective_timeout_seconds
 
 if TYPE_CHECKING:
     from trl import GRPOConfig
@@ -89,6 +90,8 @@ def grpo_config_arguments(
         # As long as the rollout's startup probe allows vLLM to come up: a restarted gang meets a new server.
         "vllm_server_timeout": float(spec.rollout.startup_timeout_seconds),
         "vllm_max_model_length": max_model_len(spec),
+        # A collective that outlasts a stalled step is a hang: raise instead of waiting forever (timeouts.py).
+        "ddp_timeout": collective_timeout_seconds(spec),
     }
 
 
