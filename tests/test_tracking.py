@@ -23,7 +23,7 @@ import yaml
 
 from g2rpo.api.spec import SpecError, load_job, parse_spec
 from g2rpo.train.config import Generation, grpo_config_arguments
-from g2rpo.train.tracking import TENSORBOARD_FOLDER, tracking_environment
+from g2rpo.train.tracking import TENSORBOARD_FOLDER, apply_tracking_environment, tracking_environment
 from g2rpo_operator.builders import JobContext, config, trainer
 from g2rpo_operator.settings import OperatorSettings
 
@@ -103,13 +103,31 @@ def test_tracking_environment_of_each_backend(tmp_path):
         "MLFLOW_EXPERIMENT_NAME": "g2rpo-math",
         "MLFLOW_TAGS": json.dumps({"team": "rl", "baseline": "", "g2rpo.job": "math-7"}),
         "WANDB_PROJECT": "rl",
-        "WANDB_MODE": "online",
         "WANDB_ENTITY": "team",
         "WANDB_TAGS": "team:rl,baseline,g2rpo.job:math-7",
         "WANDB_DIR": str(tmp_path),
     }
     assert not any("SECRET" in value or "api-key" in value for value in env.values())
     assert tracking_environment(job_with({}), tmp_path) == {}
+
+
+def test_the_environment_keeps_what_the_spec_leaves_unset(tmp_path, monkeypatch):
+    """spec.trainer.env, envFromSecret or the shell may set what the spec does not; the spec's values win."""
+    for name in tracking_environment(job_with({"backends": ["tensorboard", "wandb", "mlflow"], **SECRETS}), tmp_path):
+        monkeypatch.delenv(name, raising=False)  # restored after the test, whatever apply_... sets
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "from-the-shell")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-the-shell")
+    apply_tracking_environment(job_with({"backends": ["wandb", "mlflow"], **SECRETS}), tmp_path / "run")
+    assert os.environ["WANDB_MODE"] == "offline" and os.environ["WANDB_PROJECT"] == "rl"
+    assert os.environ["MLFLOW_EXPERIMENT_NAME"] == "g2rpo-math"
+    assert (tmp_path / "run").is_dir(), "WANDB_DIR exists before wandb.init"
+    monkeypatch.delenv("WANDB_PROJECT")
+    apply_tracking_environment(job_with({"backends": ["wandb"]}), tmp_path / "run")
+    assert os.environ["WANDB_PROJECT"] == "g2rpo", "not transformers' default, huggingface"
+    monkeypatch.setenv("WANDB_PROJECT", "from-the-shell")
+    apply_tracking_environment(job_with({"backends": ["wandb"]}), tmp_path / "run")
+    assert os.environ["WANDB_PROJECT"] == "from-the-shell"
 
 
 # --- the cluster path: credentials from Secrets, the rest from the spec ---------------------------

@@ -414,9 +414,10 @@ class WandbTrackingSpec(SpecModel):
         None, max_length=KEY_MAX, description="WANDB_PROJECT. Default: 'g2rpo' (transformers' own is 'huggingface')."
     )
     entity: str | None = Field(None, max_length=KEY_MAX, description="WANDB_ENTITY: the team or user. Default: yours.")
-    mode: Literal["online", "offline"] = Field(
-        "online",
-        description="WANDB_MODE. offline writes the run's files only (upload them later with `wandb sync`).",
+    mode: Literal["online", "offline"] | None = Field(
+        None,
+        description="WANDB_MODE. offline writes the run's files only (upload them later with `wandb sync`). "
+        "Default: wandb's (online).",
     )
     api_key_secret: SecretKeySelector | None = Field(
         None, description="WANDB_API_KEY, from a Secret (cluster). Online mode needs a key."

@@ -53,8 +53,10 @@ def tracking_environment(job: G2RPOJob, run_dir: Path) -> dict[str, str]:
         env["MLFLOW_TAGS"] = json.dumps(tags)
     if "wandb" in tracking.backends:
         wandb = tracking.wandb
-        env["WANDB_PROJECT"] = (wandb.project if wandb else None) or DEFAULT_WANDB_PROJECT
-        env["WANDB_MODE"] = wandb.mode if wandb else "online"
+        if wandb is not None and wandb.project:
+            env["WANDB_PROJECT"] = wandb.project
+        if wandb is not None and wandb.mode:
+            env["WANDB_MODE"] = wandb.mode
         if wandb is not None and wandb.entity:
             env["WANDB_ENTITY"] = wandb.entity
         env["WANDB_TAGS"] = ",".join(f"{key}:{value}" if value else key for key, value in tags.items())
@@ -65,11 +67,14 @@ def tracking_environment(job: G2RPOJob, run_dir: Path) -> dict[str, str]:
 def apply_tracking_environment(job: G2RPOJob, run_dir: Path) -> dict[str, str]:
     """Set tracking_environment in this process (the callbacks read it when training begins); returns it.
 
-    The spec's values win over inherited ones; variables it does not set (WANDB_ENTITY when unset, the
+    The spec's values win over inherited ones; variables it does not set (WANDB_MODE when unset, the
     secrets) are left as they are, so spec.trainer.env, envFromSecret or a local shell can supply them.
+    A project nobody named is g2rpo's, not transformers' "huggingface".
     """
     env = tracking_environment(job, run_dir)
     if "wandb" in job.spec.tracking.backends:
-        run_dir.mkdir(parents=True, exist_ok=True)  # WANDB_DIR must exist before the run starts
+        env.setdefault("WANDB_PROJECT", os.environ.get("WANDB_PROJECT", DEFAULT_WANDB_PROJECT))
+        # wandb.init moves to the temp folder when WANDB_DIR is not writable (wandb/sdk/wandb_init.py): make it exist.
+        run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.update(env)
     return env
