@@ -111,6 +111,21 @@ def test_tracking_environment_of_each_backend(tmp_path):
     assert tracking_environment(job_with({}), tmp_path) == {}
 
 
+def test_a_backend_whose_client_is_missing_is_a_spec_error_naming_the_field(monkeypatch):
+    """find_spec stands in for an install without the wandb client (a fake: the test venv has every client)."""
+    from g2rpo.train import tracking
+
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    tracking.check_clients_installed(job_with({"backends": ["tensorboard"]}))
+    with pytest.raises(SpecError) as error:
+        tracking.check_clients_installed(job_with({"backends": ["tensorboard", "wandb"]}))
+    assert (
+        str(error.value)
+        == "spec.tracking.backends: wandb selected but not installed here: pip install 'g2rpo[tracking]'"
+    )
+
+
 def test_the_environment_keeps_what_the_spec_leaves_unset(tmp_path, monkeypatch):
     """spec.trainer.env, envFromSecret or the shell may set what the spec does not; the spec's values win."""
     for name in tracking_environment(job_with({"backends": ["tensorboard", "wandb", "mlflow"], **SECRETS}), tmp_path):

@@ -88,11 +88,12 @@ def build_trainer(
     from g2rpo.rewards import build_reward_functions
     from g2rpo.train.callbacks import MetricsFileCallback
     from g2rpo.train.model_card import model_card
-    from g2rpo.train.tracking import apply_tracking_environment, run_name
+    from g2rpo.train.tracking import apply_tracking_environment, check_clients_installed, run_name
     from g2rpo.train.trainer import G2RPOTrainer
 
     spec = job.spec
     training = spec.training
+    check_clients_installed(job)
     world = PartialState()
     _check_batch_layout(spec, world.num_processes)
 

@@ -21,15 +21,18 @@ Secrets never pass through here: on a cluster the operator sets them from Secret
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
-from g2rpo.api.spec import G2RPOJob
+from g2rpo.api.spec import G2RPOJob, SpecError
 
 TENSORBOARD_FOLDER = "tensorboard"
 """Under the run folder: the local run's output folder, or the job's folder on the checkpoint volume."""
 DEFAULT_WANDB_PROJECT = "g2rpo"
+CLIENT_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+"""The module each backend's transformers callback imports (transformers' is_*_available checks)."""
 JOB_TAG = "g2rpo.job"
 
 
@@ -62,6 +65,22 @@ def tracking_environment(job: G2RPOJob, run_dir: Path) -> dict[str, str]:
         env["WANDB_TAGS"] = ",".join(f"{key}:{value}" if value else key for key, value in tags.items())
         env["WANDB_DIR"] = str(run_dir)  # wandb writes <run folder>/wandb/<run>/ (offline: all of the run)
     return env
+
+
+def check_clients_installed(job: G2RPOJob) -> None:
+    """A SpecError naming tracking.backends when a selected backend's client is not installed here.
+
+    transformers would fail too, but only once the trainer is being built, naming its callback."""
+    missing = [name for name in job.spec.tracking.backends if importlib.util.find_spec(CLIENT_MODULES[name]) is None]
+    if missing:
+        raise SpecError(
+            [
+                (
+                    ("spec", "tracking", "backends"),
+                    f"{', '.join(missing)} selected but not installed here: pip install 'g2rpo[tracking]'",
+                )
+            ]
+        )
 
 
 def apply_tracking_environment(job: G2RPOJob, run_dir: Path) -> dict[str, str]:
