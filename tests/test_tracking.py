@@ -238,6 +238,8 @@ def mlflow_server(tmp_path):
     it is up in half the time."""
     if MLFLOW is None:
         pytest.skip("mlflow server not found: `make tools` installs it into .tools/mlflow")
+    for client in ("tensorboard", "mlflow", "wandb"):  # before the server's slow start
+        pytest.importorskip(client, reason="the tracking clients: pip install -c constraints/cpu.txt -e '.[tracking]'")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
