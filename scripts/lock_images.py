@@ -55,7 +55,7 @@ UV_PLATFORM = "x86_64-manylinux_2_36"
 # The CPU install's interpreter (`make install`; CI's python3).
 CPU_PYTHON_VERSION = "3.11"
 LOCKS = {
-    TRAINER_LOCK: ("train", "deepspeed", "vllm"),
+    TRAINER_LOCK: ("train", "tracking", "deepspeed", "vllm"),
     OPERATOR_LOCK: ("operator", "controller"),
 }
 INDEX = os.environ.get("G2RPO_LOCK_INDEX", "https://pypi.org/simple")
@@ -114,13 +114,16 @@ def compile_lock(uv: str, lock: Path, extras: tuple[str, ...], constraints: list
     """Resolve for the image's interpreter, move to versions that also install on the CPU's, relock.
 
     The CPU install (tests, `make run`) takes its versions from these locks, so every version must
-    also install on CPython 3.11. Three resolutions: the image's (newest versions); the CPU's,
-    keeping the image's versions wherever 3.11 allows them (networkx 3.7 needs 3.12, for example);
-    the image's again under the CPU's versions, adding what only 3.12 requires.
+    also install on CPython 3.11. Three resolutions: the image's (keeping the committed lock's
+    versions wherever the requirements still allow them, so that adding a package moves only what it
+    must; newest versions with G2RPO_LOCK_UPGRADE=1); the CPU's, keeping the image's versions
+    wherever 3.11 allows them (networkx 3.7 needs 3.12, for example); the image's again under the
+    CPU's versions, adding what only 3.12 requires.
     """
     image = scratch / f"{lock.stem}-cpython{PYTHON_VERSION}.txt"
     cpu = scratch / f"{lock.stem}-cpython{CPU_PYTHON_VERSION}.txt"
-    _uv_compile(uv, image, extras, PYTHON_VERSION, constraints)
+    committed = lock if lock.is_file() and os.environ.get("G2RPO_LOCK_UPGRADE") != "1" else None
+    _uv_compile(uv, image, extras, PYTHON_VERSION, constraints, prefer=committed)
     _uv_compile(uv, cpu, extras, CPU_PYTHON_VERSION, constraints, prefer=image)
     _uv_compile(uv, lock, extras, PYTHON_VERSION, [*constraints, cpu])
     # The scratch file is no source a reader can follow: drop it from the `# via` notes.

@@ -61,6 +61,13 @@ def test_two_ranks_share_guidance_length_and_rows(tiny_model_dir, tmp_path):
     assert ranks[0]["controller_lengths"] == expected[:4]
     assert ranks[0]["lengths_after_each_step"] == ranks[1]["lengths_after_each_step"] == expected[1:]
 
+    # The tracking backends get g2rpo's metrics from rank 0 only, once per step: one TensorBoard writer.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    logged = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("train/g2rpo/guidance_length")
+    assert [(p.step, p.value) for p in logged] == [(k + 1, float(length)) for k, length in enumerate(expected[:4])]
+
     # One group of 4 spans both ranks (2 rows each): only global row 0 (rank 0, row 0) is guided.
     for step in range(4):
         global_rows = ranks[0]["calls"][step]["completion_ids"] + ranks[1]["calls"][step]["completion_ids"]

@@ -68,6 +68,7 @@ def make_trainer(
     seed: int = 0,
     per_device_batch_size: int | None = None,
     sandbox_layers: dict[str, bool] | None = None,
+    report_to: list[str] | None = None,
 ):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -88,7 +89,7 @@ def make_trainer(
         logging_steps=1,
         save_strategy="steps",
         save_steps=save_steps,
-        report_to=[],
+        report_to=report_to or [],
         disable_tqdm=True,
         seed=seed,
         shuffle_dataset=False,

@@ -52,9 +52,21 @@ def main(model_dir: str, out_dir: str, stop_at: int | None = None) -> int:
     rank = int(os.environ["RANK"])
     signals = StopSignals().install()
     reward = ScriptedReward(REWARDS[rank])
+    # Every rank runs transformers' TensorBoard callback; only rank 0 may write (tests/test_two_ranks.py).
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(out_dir) / "tensorboard")
     trainer, _, tokenizer = make_trainer(
-        Path(model_dir), Path(out_dir) / "trainer", reward=reward, num_generations=4, per_device_batch_size=2,
-        guided_per_group=1, schedule="adaptive", initial_length=8, min_length=1, max_length=64, max_steps=4,
+        Path(model_dir),
+        Path(out_dir) / "trainer",
+        reward=reward,
+        num_generations=4,
+        per_device_batch_size=2,
+        guided_per_group=1,
+        schedule="adaptive",
+        initial_length=8,
+        min_length=1,
+        max_length=64,
+        max_steps=4,
+        report_to=["tensorboard"],
     )
     lengths: list[int] = []
     trainer.add_callback(LengthLog(trainer, lengths))

@@ -120,8 +120,19 @@ def trainer_env(ctx: JobContext) -> list[Manifest]:
         {"name": CONTROLLER_TOKEN_FILE_ENV, "value": TOKEN_FILE},
         {"name": ROLLOUT_URL_ENV, "value": ctx.rollout_url},
         {"name": ROLLOUT_GROUP_PORT_ENV, "value": str(ROLLOUT_GROUP_PORT)},
+        *tracking_secret_env(ctx),
         *cache_env(),
         *placement_env(trainer),
+    ]
+
+
+def tracking_secret_env(ctx: JobContext) -> list[Manifest]:
+    """The tracking clients' credentials (spec.tracking), read from Secrets by the kubelet: the ConfigMap holds
+    only the job spec, which names the Secrets. The rest of the tracking settings the trainer sets itself
+    from the spec (g2rpo.train.tracking), the same way locally and here."""
+    return [
+        {"name": env, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        for env, ref in ctx.spec.tracking.secret_references().items()
     ]
 
 

@@ -412,6 +412,111 @@ class CheckpointSpec(SpecModel):
     keep: PositiveInt | None = Field(3, description="Keep only the newest N checkpoints (None keeps all).")
 
 
+TrackingBackend = Literal["tensorboard", "mlflow", "wandb"]
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+
+
+class SecretKeySelector(SpecModel):
+    """A key of a Secret in the job's namespace: on a cluster, the trainer pods get its value as an environment
+    variable (valueFrom.secretKeyRef); it never enters the job's ConfigMap."""
+
+    name: str = Field(min_length=1, max_length=NAME_MAX, description="The Secret's name.")
+    key: str = Field(
+        min_length=1, max_length=KEY_MAX, pattern=SECRET_KEY_PATTERN, description="The key within the Secret."
+    )
+
+
+class MlflowTrackingSpec(SpecModel):
+    """MLflow (transformers' MLflowCallback, which reads these as MLFLOW_* environment variables)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        max_length=REFERENCE_MAX,
+        description="MLFLOW_TRACKING_URI, e.g. http://mlflow.mlflow.svc:5000. Default: MLflow's own (a local store "
+        "in the working folder, lost with a cluster pod).",
+    )
+    experiment: str | None = Field(
+        None,
+        max_length=KEY_MAX,
+        description="MLFLOW_EXPERIMENT_NAME: the experiment the run goes to (created if missing). Default: MLflow's "
+        "'Default' experiment.",
+    )
+    token_secret: SecretKeySelector | None = Field(
+        None, description="MLFLOW_TRACKING_TOKEN (a bearer token), from a Secret (cluster)."
+    )
+    username_secret: SecretKeySelector | None = Field(
+        None, description="MLFLOW_TRACKING_USERNAME (basic auth), from a Secret (cluster)."
+    )
+    password_secret: SecretKeySelector | None = Field(
+        None, description="MLFLOW_TRACKING_PASSWORD (basic auth), from a Secret (cluster)."
+    )
+
+
+class WandbTrackingSpec(SpecModel):
+    """Weights & Biases (transformers' WandbCallback and wandb.init, which read these as WANDB_* variables)."""
+
+    project: str | None = Field(
+        None, max_length=KEY_MAX, description="WANDB_PROJECT. Default: 'g2rpo' (transformers' own is 'huggingface')."
+    )
+    entity: str | None = Field(None, max_length=KEY_MAX, description="WANDB_ENTITY: the team or user. Default: yours.")
+    mode: Literal["online", "offline"] | None = Field(
+        None,
+        description="WANDB_MODE. offline writes the run's files only (upload them later with `wandb sync`). "
+        "Default: wandb's (online).",
+    )
+    api_key_secret: SecretKeySelector | None = Field(
+        None, description="WANDB_API_KEY, from a Secret (cluster). Online mode needs a key."
+    )
+
+
+class TrackingSpec(SpecModel):
+    """Where the trainer's metrics also go: TRL's own and g2rpo's per-step ones (g2rpo/*), from rank 0, once."""
+
+    backends: list[TrackingBackend] = Field(
+        default_factory=list,
+        max_length=3,
+        description="Trackers to report to (TRL's report_to). tensorboard writes <run folder>/tensorboard (on a "
+        "cluster: beside the checkpoints, on the checkpoint volume).",
+    )
+    run_name: str | None = Field(
+        None, max_length=KEY_MAX, description="The run's name in every tracker. Default: the job's name."
+    )
+    tags: dict[str, Annotated[str, Field(max_length=KEY_MAX)]] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Run tags: MLflow gets them as they are, W&B as 'key:value' labels (a bare 'key' when the value "
+        "is empty). g2rpo adds g2rpo.job: <job name>.",
+    )
+    mlflow: MlflowTrackingSpec | None = Field(None, description="MLflow settings (backends lists mlflow).")
+    wandb: WandbTrackingSpec | None = Field(None, description="Weights & Biases settings (backends lists wandb).")
+
+    @model_validator(mode="after")
+    def _settings_for_selected_backends(self) -> TrackingSpec:
+        twice = sorted({name for name in self.backends if self.backends.count(name) > 1})
+        if twice:
+            raise ValueError(f"backends lists {', '.join(twice)} more than once")
+        for name in ("mlflow", "wandb"):
+            if getattr(self, name) is not None and name not in self.backends:
+                raise ValueError(f"{name} settings are given but backends does not list {name}")
+        return self
+
+    def secret_references(self) -> dict[str, SecretKeySelector]:
+        """Environment variable -> the Secret key it comes from, for the selected backends.
+
+        The names are the ones the clients read: mlflow/environment_variables.py (MLFLOW_TRACKING_TOKEN,
+        MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD) and wandb/env.py (WANDB_API_KEY);
+        tests/test_tracking.py checks them against the installed packages.
+        """
+        references: dict[str, SecretKeySelector | None] = {}
+        if self.mlflow is not None:
+            references["MLFLOW_TRACKING_TOKEN"] = self.mlflow.token_secret
+            references["MLFLOW_TRACKING_USERNAME"] = self.mlflow.username_secret
+            references["MLFLOW_TRACKING_PASSWORD"] = self.mlflow.password_secret
+        if self.wandb is not None:
+            references["WANDB_API_KEY"] = self.wandb.api_key_secret
+        return {env: ref for env, ref in references.items() if ref is not None}
+
+
 # --- placement part (read by the operator) -------------------------------------------------------
 #
 # None in a placement field means "the operator's default" (set per install, e.g. A100 nodes);
@@ -703,6 +808,9 @@ class G2RPOJobSpec(SpecModel):
     curriculum: CurriculumSpec | None = Field(None, description="Order training rows from easy to hard.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="GRPO optimisation knobs.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and resume.")
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment trackers: TensorBoard, MLflow, Weights & Biases."
+    )
     trainer: TrainerPlacementSpec = Field(default_factory=TrainerPlacementSpec, description="Trainer pods.")
     rollout: RolloutPlacementSpec = Field(default_factory=RolloutPlacementSpec, description="vLLM rollout server.")
     controller: ControllerPlacementSpec = Field(

@@ -89,10 +89,12 @@ def build_trainer(
     from g2rpo.rewards import build_reward_functions
     from g2rpo.train.callbacks import MetricsFileCallback
     from g2rpo.train.model_card import model_card
+    from g2rpo.train.tracking import apply_tracking_environment, check_clients_installed, run_name
     from g2rpo.train.trainer import G2RPOTrainer
 
     spec = job.spec
     training = spec.training
+    check_clients_installed(job)
     world = PartialState(timeout=collective_timeout(spec))  # the first PartialState builds the process group
     _check_batch_layout(spec, world.num_processes)
 
@@ -113,8 +115,14 @@ def build_trainer(
 
     use_cuda = torch.cuda.is_available()
     dtype = _torch_dtype(spec.model.dtype, use_cuda)
+    apply_tracking_environment(job, layout.run_dir)
     config = grpo_config(
-        spec, output_dir=layout.checkpoint_dir, dtype=dtype, use_cpu=not use_cuda, generation=generation
+        spec,
+        output_dir=layout.checkpoint_dir,
+        dtype=dtype,
+        use_cpu=not use_cuda,
+        generation=generation,
+        run_name=run_name(job),
     )
     model = AutoModelForCausalLM.from_pretrained(model_path, revision=_revision(spec, model_path), dtype=dtype)
     trainer = G2RPOTrainer(

@@ -39,13 +39,24 @@ DELIBERATELY_UNMAPPED: dict[str, str] = {
     "checkpoint.volumeSize": "cluster storage: the size of a claim the operator creates",
     "checkpoint.storageClassName": "cluster storage: the class of a claim the operator creates",
 }
-"""Spec fields (YAML paths under `spec`) that GRPOConfig does not see, with why."""
+"""Spec fields (YAML paths under `spec`) that GRPOConfig does not see, with why.
+
+Of `tracking`, only `backends` (report_to) and the run's name reach GRPOConfig; the rest is the tracking
+callbacks' environment (g2rpo.train.tracking)."""
 
 
 def grpo_config_arguments(
-    spec: G2RPOJobSpec, *, output_dir: Path, dtype: torch.dtype, use_cpu: bool, generation: Generation
+    spec: G2RPOJobSpec,
+    *,
+    output_dir: Path,
+    dtype: torch.dtype,
+    use_cpu: bool,
+    generation: Generation,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
-    """GRPOConfig's keyword arguments for `spec`, training in `dtype` and writing checkpoints to `output_dir`."""
+    """GRPOConfig's keyword arguments for `spec`, training in `dtype` and writing checkpoints to `output_dir`.
+
+    `run_name` names the run in the trackers of spec.tracking (TensorBoard, MLflow, W&B)."""
     training = spec.training
     return {
         "output_dir": str(output_dir),
@@ -81,7 +92,8 @@ def grpo_config_arguments(
         "save_total_limit": spec.checkpoint.keep,
         "reward_weights": [reward.weight for reward in spec.rewards],
         "shuffle_dataset": spec.curriculum is None,  # a curriculum's order is the point
-        "report_to": [],
+        "report_to": list(spec.tracking.backends),
+        "run_name": run_name,
         "disable_tqdm": True,
         "use_vllm": generation.vllm_server_url is not None,
         "vllm_mode": "server",
@@ -96,11 +108,19 @@ def grpo_config_arguments(
 
 
 def grpo_config(
-    spec: G2RPOJobSpec, *, output_dir: Path, dtype: torch.dtype, use_cpu: bool, generation: Generation
+    spec: G2RPOJobSpec,
+    *,
+    output_dir: Path,
+    dtype: torch.dtype,
+    use_cpu: bool,
+    generation: Generation,
+    run_name: str | None = None,
 ) -> GRPOConfig:
     """TRL's GRPOConfig for `spec` (see grpo_config_arguments)."""
     from trl import GRPOConfig
 
     return GRPOConfig(
-        **grpo_config_arguments(spec, output_dir=output_dir, dtype=dtype, use_cpu=use_cpu, generation=generation)
+        **grpo_config_arguments(
+            spec, output_dir=output_dir, dtype=dtype, use_cpu=use_cpu, generation=generation, run_name=run_name
+        )
     )
