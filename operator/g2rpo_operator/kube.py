@@ -52,6 +52,7 @@ CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
 SECRETS = Resource("", "v1", "secrets", "Secret")
 SERVICES = Resource("", "v1", "services", "Service")
 PODS = Resource("", "v1", "pods", "Pod")
+EVENTS = Resource("", "v1", "events", "Event")
 PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
 JOBS = Resource("batch", "v1", "jobs", "Job")
@@ -203,6 +204,16 @@ class KubeApi:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
         items = self._call("GET", res.path(namespace), query=[("labelSelector", selector)]).get("items") or []
         return [item for item in items if matches(item, labels)]
+
+    def list_events(self, namespace: str, pods: list[str]) -> list[Manifest]:
+        """The events about the named pods (one field-selected list per pod; the names are also checked here:
+        some API fakes ignore field selectors)."""
+        found: list[Manifest] = []
+        for name in pods:
+            query = [("fieldSelector", f"involvedObject.kind=Pod,involvedObject.name={name}")]
+            items = self._call("GET", EVENTS.path(namespace), query=query).get("items") or []
+            found += [item for item in items if (item.get("involvedObject") or {}).get("name") == name]
+        return found
 
     def create(self, manifest: Manifest) -> Manifest:
         res = resource_of(manifest)

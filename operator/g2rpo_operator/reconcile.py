@@ -42,11 +42,20 @@ from g2rpo.api.names import TOKEN_KEY
 from g2rpo.api.spec import G2RPOJobSpec
 from g2rpo_operator.admission import refused_edits, validate
 from g2rpo_operator.builders import JobContext, child_keys, children, config
-from g2rpo_operator.builders.common import GANG_EPOCH_ANNOTATION, child_name, job_labels
+from g2rpo_operator.builders.common import COMPONENT_LABEL, GANG_EPOCH_ANNOTATION, child_name, job_labels
 from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
 from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.cache import ObjectCache, View
-from g2rpo_operator.conditions import Facts, claim_problems, invalid_status, job_status, pod_problems, status_patch
+from g2rpo_operator.conditions import (
+    Facts,
+    claim_problems,
+    creating,
+    invalid_status,
+    job_status,
+    mount_problems,
+    pod_problems,
+    status_patch,
+)
 from g2rpo_operator.controller_client import ControllerReport, read_controller
 from g2rpo_operator.kube import (
     CONFIGMAPS,
@@ -131,9 +140,12 @@ class Reconciler:
         job = observed.get(_key(JOBS, ctx.child("trainer")))
         pods = view.list(PODS, namespace, job_labels(name))
         trainer_pods = [pod for pod in pods if job is not None and owned_by(pod, job["metadata"]["uid"])]
+        rollout_pods = [pod for pod in pods if pod["metadata"].get("labels", {}).get(COMPONENT_LABEL) == "rollout"]
         workload = observed.get(_key(self.workloads, ctx.child("gang")))
         kueue = admission_of(workload, kueue_queue(ctx)) if ctx.spec.run_policy.gang_scheduler == "kueue" else None
-        prog = progress(ctx.spec, prev, job, trainer_pods, now, evicted=kueue.evicted if kueue else None)
+        prog = progress(
+            ctx.spec, prev, job, trainer_pods, now, evicted=kueue.evicted if kueue else None, rollout_pods=rollout_pods
+        )
         waiting_for = self._waiting_for(ctx, observed, prog.gang_epoch)
         token = self._token(observed.get(_key(SECRETS, ctx.token_name)), body["metadata"]["uid"])
         blocked = bool(missing) or (storage is not None and storage[0] == "ClaimNotShared")
@@ -163,13 +175,22 @@ class Reconciler:
             missing=missing,
             conflicts=conflicts,
             storage=storage,
-            problems=pod_problems(pods) if prog.active else [],
+            problems=pod_problems(pods) + self._mount_problems(namespace, pods) if prog.active else [],
             waiting_for=waiting_for if job is None else [],
             trainer_ready=f"{ready_count(job)}/{ctx.spec.trainer.replicas}" if job is not None else "",
             report=report,
             kueue=kueue if prog.active else None,
         )
         return status_patch(job_status(facts, prev, now), prev)
+
+    def _mount_problems(self, namespace: str, pods: list[Manifest]) -> list[tuple[str, str]]:
+        """Why pods stay in ContainerCreating: their mount events, read (from the API, events are not
+        watched) only while some pod of the job is there."""
+        stuck = [pod for pod in pods if creating(pod)]
+        if not stuck:
+            return []
+        events = self.api.list_events(namespace, [pod["metadata"]["name"] for pod in stuck])
+        return [problem for pod in stuck for problem in mount_problems(pod, events)]
 
     def _admitted(self, view: View, workload: Manifest | None, kueue: Admission | None) -> dict[str, Placement] | None:
         """What `children` needs of Kueue: the placement per pod set once admitted, else None (no gang)."""

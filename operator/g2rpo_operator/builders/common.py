@@ -81,6 +81,7 @@ class JobContext:
 
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 """Names the job on each of its objects and pods (the watches wake the job it names)."""
+COMPONENT_LABEL = "app.kubernetes.io/component"
 
 
 def job_labels(name: str) -> dict[str, str]:
@@ -90,7 +91,7 @@ def job_labels(name: str) -> dict[str, str]:
 
 def selector_labels(ctx: JobContext, component: str) -> dict[str, str]:
     """The immutable subset used in Deployment/Service selectors."""
-    return {**job_labels(ctx.name), "app.kubernetes.io/component": component}
+    return {**job_labels(ctx.name), COMPONENT_LABEL: component}
 
 
 def labels(ctx: JobContext, component: str) -> dict[str, str]:
