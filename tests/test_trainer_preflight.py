@@ -275,7 +275,9 @@ def test_a_full_volume_stops_before_the_save_in_one_line_and_the_resume_is_exact
 
     reference = _run(reference_file, tmp_path / "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    assert _per_step(tmp_path / "out") == pytest.approx(_per_step(tmp_path / "reference"))
+    resumed_steps = _per_step(tmp_path / "out")
+    assert sorted(resumed_steps) == [1, 2, 3, 4], "step 3 (trained, not saved) was trained again, once"
+    assert resumed_steps == _per_step(tmp_path / "reference"), "steps 3-4 as in a run that never stopped"
 
 
 @pytest.mark.slow
@@ -295,3 +297,33 @@ def test_a_save_that_runs_out_of_space_midway_becomes_one_line_and_leaves_no_hal
     assert "free after removing the incomplete checkpoint-1" in line
     assert "newest complete checkpoint: none (a restarted trainer starts over)" in line
     assert not [p for p in (volume.path / "run").iterdir() if p.is_dir()]
+
+
+def test_the_requirements_are_stated_where_users_read_them_before_installing():
+    """README and the chart's NOTES name the driver the check enforces and what the claim needs."""
+    driver = f"R{preflight.MINIMUM_DRIVER_BRANCH[13]} or newer"
+    readme = (ROOT / "README.md").read_text()
+    notes = (ROOT / "charts" / "g2rpo" / "templates" / "NOTES.txt").read_text()
+    for text in (readme, " ".join(notes.split())):
+        assert (
+            driver in text
+            and "ReadWriteMany" in text
+            and "uid/gid 1000" in text.replace("uid 1000 or gid 1000", "uid/gid 1000")
+        )
+    assert "### Checkpoint storage" in readme and "### NVIDIA driver" in readme  # what the error lines point to
+
+
+def test_only_the_rank_that_found_a_problem_writes_the_termination_message(tmp_path):
+    """The ranks of a pod share /dev/termination-log: a rank stopped by another's finding must not overwrite it."""
+    from g2rpo.train.storage import CheckpointsFull
+
+    log = tmp_path / "termination-log"
+    log.write_text("")
+    found = CheckpointsFull("no room for checkpoint-3 in /checkpoints/x: 1 MiB free, the last checkpoint took 2 MiB")
+    assert preflight.report(found, log) == str(found)
+    assert log.read_text() == f"CheckpointsFull: {found}"
+    preflight.report(CheckpointsFull("no room (rank 0 has the details)", secondhand=True), log)
+    assert log.read_text() == f"CheckpointsFull: {found}"
+    absent = tmp_path / "no-termination-log"  # outside Kubernetes: nothing is created
+    preflight.report(found, absent)
+    assert not absent.exists()

@@ -87,7 +87,8 @@ class CheckpointRoomCallback(TrainerCallback):
             from g2rpo.train.storage import CheckpointsFull
 
             raise problem or CheckpointsFull(
-                f"no room for checkpoint-{state.global_step} in {args.output_dir} (rank 0 has the details)"
+                f"no room for checkpoint-{state.global_step} in {args.output_dir} (rank 0 has the details)",
+                secondhand=True,
             )
 
 

@@ -39,9 +39,14 @@ _NVRM_VERSION = re.compile(r"\b(\d{3,}\.\d+(?:\.\d+)?)\b")
 
 
 class FatalProblem(Exception):
-    """A problem another attempt cannot fix: str() is the one line to show, `exit_code` the process's code."""
+    """A problem another attempt cannot fix: str() is the one line to show, `exit_code` the process's code.
+    `secondhand`: this rank stops because another rank found the problem (that rank reports it)."""
 
     exit_code: int
+
+    def __init__(self, line: str, secondhand: bool = False):
+        super().__init__(line)
+        self.secondhand = secondhand
 
     @property
     def reason(self) -> str:
@@ -91,10 +96,11 @@ def check_node_driver() -> None:
 
 
 def report(problem: FatalProblem, termination_log: Path | None = None) -> str:
-    """The problem's line; written as `<reason>: <line>` to the termination message when the container has one."""
+    """The problem's line; written as `<reason>: <line>` to the termination message when the container has one
+    (not for a secondhand problem: the ranks of a pod share the file, and the rank that found it has the details)."""
     line = str(problem)
     log = termination_log or TERMINATION_LOG
-    if log.exists():
+    if log.exists() and not problem.secondhand:
         # Unwritable: the line still reaches stderr, and the exit code (where it survives) names the reason.
         with contextlib.suppress(OSError):
             log.write_text(f"{problem.reason}: {line}")
