@@ -15,7 +15,7 @@ Rules worth knowing (the decisions' own are in their modules):
   then. Under Volcano the Job is created with the rollout (the PodGroup must see every pod) and the
   trainer waits in process (vllm_server_timeout = rollout.startupTimeoutSeconds).
 - The checkpoint claim must exist (or is created from checkpoint.volumeSize), must request
-  ReadWriteMany when trainer.replicas > 1 (nothing is created otherwise) and is reported until Bound
+  ReadWriteMany (nothing is created otherwise: see claim_problems) and is reported until Bound
   (condition StorageReady; pods are still created, since WaitForFirstConsumer classes bind only
   for a pod).
 - Under Kueue (runPolicy.gangScheduler kueue) one Workload holds the GPU gang: the rollout

@@ -359,8 +359,8 @@ class CheckpointSpec(SpecModel):
     volume_claim: str | None = Field(
         None,
         max_length=NAME_MAX,
-        description="PersistentVolumeClaim holding checkpoints (cluster only). It must be Bound, and ReadWriteMany "
-        "when trainer.replicas > 1 (every trainer pod and the controller mount it).",
+        description="PersistentVolumeClaim holding checkpoints (cluster only). It must be Bound, ReadWriteMany "
+        "(every trainer pod and the controller mount it, from different nodes) and writable by uid or gid 1000.",
     )
     volume_size: Quantity | None = Field(
         None,
