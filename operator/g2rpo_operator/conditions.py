@@ -8,6 +8,7 @@ status equal to the previous one is not written (no write, no watch event).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -52,7 +53,7 @@ def creating(pod: Manifest) -> bool:
     return any(((c.get("state") or {}).get("waiting") or {}).get("reason") in CREATING for c in containers)
 
 
-def mount_problems(pod: Manifest, events: list[Manifest]) -> list[tuple[str, str]]:
+def mount_problems(pod: Manifest, events: Sequence[Manifest]) -> list[tuple[str, str]]:
     """(reason, message) of the newest mount event of each reason about `pod` (from the events of its
     namespace: the caller may pass more)."""
     name = pod["metadata"]["name"]

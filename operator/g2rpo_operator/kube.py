@@ -9,6 +9,7 @@ caller whether backing off and trying again can help (429, 5xx, no connection).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,15 +206,20 @@ class KubeApi:
         items = self._call("GET", res.path(namespace), query=[("labelSelector", selector)]).get("items") or []
         return [item for item in items if matches(item, labels)]
 
-    def list_events(self, namespace: str, pods: list[str]) -> list[Manifest]:
+    def list_events(self, namespace: str, pods: Sequence[str]) -> Sequence[Manifest]:
         """The events about the named pods (one field-selected list per pod; the names are also checked here:
         some API fakes ignore field selectors)."""
-        found: list[Manifest] = []
-        for name in pods:
-            query = [("fieldSelector", f"involvedObject.kind=Pod,involvedObject.name={name}")]
-            items = self._call("GET", EVENTS.path(namespace), query=query).get("items") or []
-            found += [item for item in items if (item.get("involvedObject") or {}).get("name") == name]
-        return found
+        return [
+            item
+            for name in pods
+            for item in self._call(
+                "GET",
+                EVENTS.path(namespace),
+                query=[("fieldSelector", f"involvedObject.kind=Pod,involvedObject.name={name}")],
+            ).get("items")
+            or []
+            if (item.get("involvedObject") or {}).get("name") == name
+        ]
 
     def create(self, manifest: Manifest) -> Manifest:
         res = resource_of(manifest)
