@@ -952,3 +952,16 @@ def test_a_pod_stuck_in_container_creating_shows_its_mount_event():
             "pod qwen-controller-x: FailedMount: MountVolume.SetUp failed for volume pvc-1: mount.nfs: access denied",
         ),
     ]
+
+
+def test_a_job_waiting_for_its_pods_is_polled_for_their_mount_events():
+    """Events are not watched and a pod stuck mounting changes nothing that is: the waiting job is polled."""
+    from g2rpo_operator.handlers import needs_poll
+
+    def status(phase: str, reason: str) -> dict:
+        return {"phase": phase, "conditions": [{"type": "Ready", "status": "False", "reason": reason}]}
+
+    for reason in ("Waiting", "WaitingForRollout", "FailedMount", "FailedAttachVolume"):
+        assert needs_poll(status("Pending", reason)), reason
+    for phase, reason in (("Pending", "Queued"), ("Pending", "ClaimNotShared"), ("Failed", "DriverTooOld")):
+        assert not needs_poll(status(phase, reason)), reason  # watch events or nothing at all change these

@@ -10,6 +10,8 @@ ContainerStatus.state/lastState.terminated.{exitCode,message}, Event.involvedObj
 
 from __future__ import annotations
 
+import asyncio
+
 import kmock
 import pytest
 from test_operator_kmock import _granted, _verb, all_children, children_before_trainer, condition, phase_is
@@ -120,6 +122,13 @@ async def test_a_pod_stuck_in_container_creating_shows_its_mount_error(cluster, 
     await cluster.apply(job_manifest())
     found = await children_before_trainer(cluster)
     multi_attach = 'Multi-Attach error for volume "pvc-0d1f" Volume is already used by pod(s) demo-trainer-0-abcde'
+    creating = {"name": "controller", "state": {"waiting": {"reason": "ContainerCreating"}}}
+    pod = _pod("demo-controller-5d8c-x", found[("deployments", "demo-controller")], {"containerStatuses": [creating]})
+    pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}]
+    await cluster.emulator.create_object(PODS, NAMESPACE, pod)
+    await wait_for(lambda: condition(cluster, "Ready").get("reason") == "WaitingForRollout", what="waiting")
+    await asyncio.sleep(1.0)  # the passes the pod's creation and the status write caused are over
+    # Events are not watched: the job, waiting for its pods, is polled, and the poll reads them.
     event = {
         "apiVersion": "v1",
         "kind": "Event",
@@ -131,10 +140,6 @@ async def test_a_pod_stuck_in_container_creating_shows_its_mount_error(cluster, 
         "lastTimestamp": "2026-01-01T00:00:05Z",
     }
     await cluster.emulator.create_object(EVENTS, NAMESPACE, event)
-    creating = {"name": "controller", "state": {"waiting": {"reason": "ContainerCreating"}}}
-    pod = _pod("demo-controller-5d8c-x", found[("deployments", "demo-controller")], {"containerStatuses": [creating]})
-    pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}]
-    await cluster.emulator.create_object(PODS, NAMESPACE, pod)
     await wait_for(lambda: condition(cluster, "Ready").get("reason") == "FailedAttachVolume", what="the mount reason")
     assert condition(cluster, "Ready")["message"] == f"pod demo-controller-5d8c-x: FailedAttachVolume: {multi_attach}"
     assert cluster.status()["phase"] == "Pending"

@@ -44,6 +44,10 @@ MOUNT_EVENTS = frozenset({"FailedMount", "FailedAttachVolume"})
 event reasons for a volume a pod cannot get: only events say why a pod stays in ContainerCreating."""
 
 
+KUBELET_WAITS = frozenset({"Waiting", "WaitingForRollout", *MOUNT_EVENTS})
+"""Ready reasons of a job whose pods may wait on the kubelet (mounting volumes): such a job is polled."""
+
+
 def creating(pod: Manifest) -> bool:
     """A scheduled pod whose containers wait to be created (volumes are mounted first)."""
     status = pod.get("status") or {}
