@@ -15,7 +15,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from g2rpo.api.spec import EXIT_INVALID_SPEC, MUTABLE_FIELDS, parse_job, parse_spec
+from g2rpo.api.spec import (
+    EXIT_CHECKPOINTS_NOT_WRITABLE,
+    EXIT_DRIVER_TOO_OLD,
+    EXIT_INVALID_SPEC,
+    FAILURE_REASONS,
+    MUTABLE_FIELDS,
+    parse_job,
+    parse_spec,
+)
 from g2rpo.api.status import timestamp
 from g2rpo_operator.admission import spec_changes, validate
 from g2rpo_operator.builders import (
@@ -31,7 +39,7 @@ from g2rpo_operator.builders import (
 )
 from g2rpo_operator.builders.common import GPU_NODE_LABELS
 from g2rpo_operator.builders.storage import checkpoint_claim
-from g2rpo_operator.conditions import claim_problems, pod_problems
+from g2rpo_operator.conditions import Facts, claim_problems, creating, job_status, mount_problems, pod_problems
 from g2rpo_operator.kueue import Placement, admission_of, assigned_flavors, placements, pods_ready, release_quota
 from g2rpo_operator.lifecycle import deployment_available, progress
 from g2rpo_operator.settings import DEFAULT_GPU_PRODUCTS, OperatorSettings
@@ -325,17 +333,53 @@ def test_volumes_are_bounded_and_the_claim_keeps_its_ownership_cheap():
     assert cache["emptyDir"]["sizeLimit"] == OperatorSettings().gpu_cache_size
 
 
-def test_trainer_failure_policy_ignores_disruptions_and_fails_fast_on_bad_configuration():
+def test_trainer_failure_policy_ignores_disruptions_and_fails_fast_on_what_no_retry_fixes():
     job = trainer.job(ctx())
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    assert rules[1] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_INVALID_SPEC]}}
+    fail_job = {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2, 3, 4, 5]}}
+    assert rules[1] == fail_job
+    assert {EXIT_INVALID_SPEC, EXIT_DRIVER_TOO_OLD, EXIT_CHECKPOINTS_NOT_WRITABLE} <= set(
+        fail_job["onExitCodes"]["values"]
+    )
+    assert set(fail_job["onExitCodes"]["values"]) == set(FAILURE_REASONS)  # every code the trainer gives up with
     pod = pod_spec(job)
     assert pod["restartPolicy"] == "Never"  # the API server refuses a podFailurePolicy otherwise
     check = pod["initContainers"][0]
     assert check["command"] == ["python", "-m", "g2rpo.train", "--job", "/etc/g2rpo/config/job.yaml", "--check"]
     assert env(check)["WORLD_SIZE"] == "16"
     assert "activeDeadlineSeconds" not in job["spec"]  # the operator counts the deadline from Running
+
+
+def test_check_spec_mounts_the_claim_where_the_trainer_writes_its_checkpoints():
+    """The writable check runs in check-spec (its exit code reaches the podFailurePolicy; a rank's does not,
+    accelerate launch exits 1): it must see the claim at the trainer's mount, and the job file's
+    checkpoint.dir (what it creates) lies under that mount."""
+    c = ctx()
+    pod = pod_spec(trainer.job(c))
+    claim_volume = next(v for v in pod["volumes"] if v.get("persistentVolumeClaim"))
+    trainer_mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == claim_volume["name"])
+    check_mount = next(m for m in pod["initContainers"][0]["volumeMounts"] if m["name"] == claim_volume["name"])
+    assert check_mount == trainer_mount and not check_mount.get("readOnly")
+    job_file = yaml.safe_load(config.configmap(c)["data"]["job.yaml"])
+    assert job_file["spec"]["checkpoint"]["dir"] == f"{trainer_mount['mountPath']}/qwen"
+
+
+def test_the_rollout_checks_the_driver_first_when_it_runs_the_trainer_image():
+    """The rollout is the gang's first GPU pod; its init container runs the driver check of the image it
+    shares with the trainer (a module that must exist and pass where there is no driver), without a GPU."""
+    import subprocess
+    import sys
+
+    pod = pod_spec(rollout.deployment(ctx()))
+    check = pod["initContainers"][0]
+    assert check["name"] == "check-driver" and check["image"] == pod["containers"][0]["image"]
+    assert env(check)["NVIDIA_VISIBLE_DEVICES"] == "void" and "nvidia.com/gpu" not in check["resources"]["limits"]
+    assert check["command"][:2] == ["python", "-m"]
+    ran = subprocess.run([sys.executable, *check["command"][1:]], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr  # no NVIDIA driver here: nothing to refuse
+    custom = pod_spec(rollout.deployment(ctx(rollout={"image": "vllm/vllm-openai:v0.31.0"})))
+    assert "initContainers" not in custom  # another image brings its own CUDA
 
 
 def test_rollout_startup_probe_and_trainer_wait_come_from_one_field():
@@ -731,11 +775,30 @@ def test_pending_reasons_name_the_pod_and_the_cause():
     ]
 
 
-def test_claim_must_be_bound_and_shared_by_a_multi_node_trainer():
+def test_claim_must_be_bound_and_shared_by_every_pod_that_mounts_it():
+    """Even a one-node trainer needs ReadWriteMany: the controller pod mounts the claim from another node."""
     rwo = {"spec": {"accessModes": ["ReadWriteOnce"]}, "status": {"phase": "Bound", "accessModes": ["ReadWriteOnce"]}}
     reason, message = claim_problems(rwo, "ckpt", replicas=2)
     assert reason == "ClaimNotShared" and "'ckpt'" in message and "ReadWriteOnce" in message
-    assert claim_problems(rwo, "ckpt", replicas=1) is None
+    reason, message = claim_problems(rwo, "ckpt", replicas=1)
+    assert reason == "ClaimNotShared" and "controller pod" in message and "Multi-Attach" in message
+    rwop = {"spec": {"accessModes": ["ReadWriteOncePod"]}, "status": {"phase": "Pending"}}
+    assert claim_problems(rwop, "ckpt", replicas=1)[0] == "ClaimNotShared"
+    rwx = {"spec": {"accessModes": ["ReadWriteMany"]}, "status": {"phase": "Bound", "accessModes": ["ReadWriteMany"]}}
+    assert claim_problems(rwx, "ckpt", replicas=1) is None
+    c = ctx()
+    mounted_by = {
+        manifest["metadata"]["name"]: pod_spec(manifest)
+        for manifest in children(c, "t", active=True)
+        if manifest["kind"] in ("Deployment", "Job")
+        if any(v.get("persistentVolumeClaim") for v in pod_spec(manifest)["volumes"])
+    }
+    assert set(mounted_by) == {"qwen-controller", "qwen-trainer"}
+    gpus = {
+        name: [c["resources"]["limits"].get("nvidia.com/gpu") for c in pod["containers"]]
+        for name, pod in mounted_by.items()
+    }
+    assert gpus == {"qwen-controller": [None], "qwen-trainer": [8]}  # a CPU pod and a GPU pod: other nodes
     pending = {"spec": {"accessModes": ["ReadWriteMany"]}, "status": {"phase": "Pending"}}
     reason, message = claim_problems(pending, "ckpt", replicas=2)
     assert reason == "ClaimNotBound" and "Pending" in message
@@ -778,3 +841,125 @@ def test_the_trainer_waits_for_vllm_as_long_as_the_rollout_may_start(tiny_model_
         guidance_client_factory=lambda params: InProcessGuidanceClient(GuidanceController(params)),
     )
     assert trainer.args.vllm_server_timeout == 905
+
+
+def _terminated(exit_code: int, message: str = "", last: bool = False) -> dict:
+    ended = {"terminated": {"exitCode": exit_code, "reason": "Error", **({"message": message} if message else {})}}
+    if last:  # a crash-looping container: waiting now, its exit kept in lastState
+        return {"state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": ended}
+    return {"state": ended}
+
+
+def _pod(name: str, container: str, status: dict, init: bool = False) -> dict:
+    key = "initContainerStatuses" if init else "containerStatuses"
+    return {"metadata": {"name": name}, "status": {"phase": "Pending", key: [{"name": container, **status}]}}
+
+
+DRIVER_LINE = "NVIDIA driver 535.183.01 on this node is too old for this image's CUDA 13: it needs driver R580 or newer"
+
+
+def test_a_too_old_driver_in_the_rollouts_check_fails_the_job_at_once():
+    """A Deployment's init container crash-loops: its exit stays in lastState, and that is enough."""
+    spec = ctx().spec
+    rollout_pod = _pod(
+        "qwen-rollout-x", "check-driver", _terminated(3, f"DriverTooOld: {DRIVER_LINE}", last=True), init=True
+    )
+    p = progress(spec, {}, None, [], NOW, rollout_pods=[rollout_pod])
+    assert (p.phase, p.reason, p.active) == ("Failed", "DriverTooOld", False)
+    assert p.message.startswith(DRIVER_LINE) and "pod qwen-rollout-x, container check-driver, exit code 3" in p.message
+    assert "not retried" in p.message and p.completion_time
+    succeeded = _pod("qwen-rollout-y", "check-driver", _terminated(0), init=True)
+    assert progress(spec, {}, None, [], NOW, rollout_pods=[succeeded]).phase == "Pending"
+
+
+def test_storage_failures_fail_the_job_and_name_the_claim_and_its_fix():
+    spec = ctx().spec
+    job = {"metadata": {"uid": "u1", "name": "qwen-trainer"}, "status": {"conditions": []}}
+    # check-spec's own exit code (it runs python directly) ...
+    unwritable = _pod(
+        "qwen-trainer-0-a", "check-spec", _terminated(4, "CheckpointsNotWritable: /checkpoints/qwen"), init=True
+    )
+    p = progress(spec, {}, job, [unwritable], NOW)
+    assert (p.phase, p.reason) == ("Failed", "CheckpointsNotWritable")
+    assert f"checkpoint claim '{CLAIM}'" in p.message and "uid 1000" in p.message and p.last_failed_trainer == "u1"
+    # ... and a rank's termination message (accelerate launch turned its exit code into 1).
+    line = "no room for checkpoint-3 in /checkpoints/qwen: 1 MiB free, the last checkpoint took 3 MiB; ..."
+    full = _pod("qwen-trainer-0-b", "trainer", _terminated(1, f"CheckpointsFull: {line}"))
+    p = progress(spec, {}, job, [full], NOW)
+    assert (p.phase, p.reason) == ("Failed", "CheckpointsFull") and p.message.startswith(line)
+    assert f"checkpoint claim '{CLAIM}'" in p.message and "checkpoint.keep" in p.message
+    facts = Facts(
+        progress=p,
+        spec=spec,
+        checkpoint_dir="/checkpoints/qwen",
+        generation=1,
+        spec_errors=[],
+        refused=[],
+        missing=[],
+        conflicts=[],
+        storage=None,
+        problems=[],
+        waiting_for=[],
+        trainer_ready="",
+        report=None,
+    )
+    storage = next(c for c in job_status(facts, {}, NOW).conditions if c.type == "StorageReady")
+    assert (storage.status, storage.reason) == ("False", "CheckpointsFull") and CLAIM in storage.message
+    # An exit 1 that names no reason is an ordinary failure: retried within backoffLimit.
+    crash = _pod("qwen-trainer-0-c", "trainer", _terminated(1, "Traceback ..."))
+    assert progress(spec, {}, job, [crash], NOW).phase == "Pending"
+
+
+def test_a_pod_stuck_in_container_creating_shows_its_mount_event():
+    pod = _pod("qwen-controller-x", "controller", {"state": {"waiting": {"reason": "ContainerCreating"}}})
+    pod["metadata"]["uid"] = "p1"
+    running = _pod("qwen-rollout-y", "vllm", {"state": {"running": {}}})
+
+    def event(reason: str, message: str, at: str, name: str = "qwen-controller-x", uid: str = "p1") -> dict:
+        return {
+            "metadata": {"name": f"{name}.{at}"},
+            "involvedObject": {"kind": "Pod", "name": name, "uid": uid},
+            "reason": reason,
+            "message": message,
+            "lastTimestamp": at,
+        }
+
+    events = [
+        event("FailedMount", "MountVolume.SetUp failed: old", "2026-01-01T00:00:01Z"),
+        event(
+            "FailedMount", "MountVolume.SetUp failed for volume pvc-1: mount.nfs: access denied", "2026-01-01T00:00:09Z"
+        ),
+        event(
+            "FailedAttachVolume",
+            'Multi-Attach error for volume "pvc-1" Volume is already used by pod(s) qwen-trainer-0-a',
+            "2026-01-01T00:00:05Z",
+        ),
+        event("Scheduled", "assigned to node-1", "2026-01-01T00:00:00Z"),
+        event("FailedMount", "an earlier pod of the same name", "2026-01-01T00:00:10Z", uid="p0"),
+        event("FailedMount", "another pod", "2026-01-01T00:00:10Z", name="qwen-trainer-0-a"),
+    ]
+    assert creating(pod) and not creating(running)
+    assert mount_problems(pod, events) == [
+        (
+            "FailedAttachVolume",
+            'pod qwen-controller-x: FailedAttachVolume: Multi-Attach error for volume "pvc-1" Volume is already used '
+            "by pod(s) qwen-trainer-0-a",
+        ),
+        (
+            "FailedMount",
+            "pod qwen-controller-x: FailedMount: MountVolume.SetUp failed for volume pvc-1: mount.nfs: access denied",
+        ),
+    ]
+
+
+def test_a_job_waiting_for_its_pods_is_polled_for_their_mount_events():
+    """Events are not watched and a pod stuck mounting changes nothing that is: the waiting job is polled."""
+    from g2rpo_operator.handlers import needs_poll
+
+    def status(phase: str, reason: str) -> dict:
+        return {"phase": phase, "conditions": [{"type": "Ready", "status": "False", "reason": reason}]}
+
+    for reason in ("Waiting", "WaitingForRollout", "FailedMount", "FailedAttachVolume"):
+        assert needs_poll(status("Pending", reason)), reason
+    for phase, reason in (("Pending", "Queued"), ("Pending", "ClaimNotShared"), ("Failed", "DriverTooOld")):
+        assert not needs_poll(status(phase, reason)), reason  # watch events or nothing at all change these

@@ -4,7 +4,9 @@ The same flows as tests/test_operator_kmock.py where a cluster without GPUs allo
 children with owners and labels, suspend/resume, an invalid spec, an operator killed mid-reconcile,
 and delete -> children removed by the real garbage collector. (Rollout pods stay Pending without
 A100 nodes, so the trainer Job, which waits for an Available rollout, is never created here; the
-flows that need running pods are KMock-only.) One trainer replica: the test claim is ReadWriteOnce.
+flows that need running pods are KMock-only.) The test claim asks for ReadWriteMany, as every job's claim
+must (the operator creates nothing for a ReadWriteOnce one); a cluster without an RWX class leaves it
+Pending, which is reported (StorageReady ClaimNotBound) but blocks nothing.
 Everything happens in a fresh namespace, removed afterwards; the operator watches only it.
 Needs kubectl and permission to install the CRD.
 """
@@ -73,7 +75,7 @@ def namespace() -> Iterator[str]:
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": {"name": CLAIM, "namespace": name},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
     }
     kubectl("apply", "-f", "-", document=claim)
     yield name

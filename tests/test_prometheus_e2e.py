@@ -391,7 +391,7 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
                     "apiVersion": "v1",
                     "kind": "PersistentVolumeClaim",
                     "metadata": {"name": "g2rpo-checkpoints"},
-                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+                    "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
                 },
             )
         )

@@ -9,7 +9,7 @@ one is not written (no write, no watch event).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -33,7 +33,7 @@ from g2rpo.api.status import (
 from g2rpo_operator.builders.common import COMPONENT_LABEL, Manifest
 from g2rpo_operator.controller_client import ControllerReport
 from g2rpo_operator.kueue import PODS_READY_TIMEOUT, Admission
-from g2rpo_operator.lifecycle import Progress
+from g2rpo_operator.lifecycle import CLAIM_FIXES, Progress
 
 IMAGE_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 START_PROBLEMS = frozenset(
@@ -46,6 +46,48 @@ AFFINITY_MISMATCH = "didn't match Pod's node affinity"
 (kubernetes pkg/scheduler/framework/plugins/nodeaffinity/node_affinity.go, ErrReasonPod: "node(s) didn't
 match Pod's node affinity/selector" since 1.22, "... node affinity" before); it is the PodScheduled
 condition's message, as in the FailedScheduling event."""
+
+
+CREATING = frozenset({"ContainerCreating", "PodInitializing"})
+MOUNT_EVENTS = frozenset({"FailedMount", "FailedAttachVolume"})
+"""The kubelet's (FailedMount) and the attach/detach controller's (FailedAttachVolume, e.g. Multi-Attach)
+event reasons for a volume a pod cannot get: only events say why a pod stays in ContainerCreating."""
+
+
+KUBELET_WAITS = frozenset({"Waiting", "WaitingForRollout", *MOUNT_EVENTS})
+"""Ready reasons of a job whose pods may wait on the kubelet (mounting volumes): such a job is polled."""
+
+
+def creating(pod: Manifest) -> bool:
+    """A scheduled pod whose containers wait to be created (volumes are mounted first)."""
+    status = pod.get("status") or {}
+    if pod["metadata"].get("deletionTimestamp") or status.get("phase") != "Pending":
+        return False
+    containers = (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])
+    return any(((c.get("state") or {}).get("waiting") or {}).get("reason") in CREATING for c in containers)
+
+
+def mount_problems(pod: Manifest, events: Sequence[Manifest]) -> list[tuple[str, str]]:
+    """(reason, message) of the newest mount event of each reason about `pod` (from the events of its
+    namespace: the caller may pass more)."""
+    name = pod["metadata"]["name"]
+    newest: dict[str, Manifest] = {}
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        if involved.get("kind") != "Pod" or involved.get("name") != name or event.get("reason") not in MOUNT_EVENTS:
+            continue
+        if involved.get("uid") and pod["metadata"].get("uid") and involved["uid"] != pod["metadata"]["uid"]:
+            continue  # an earlier pod of the same name
+        if event["reason"] not in newest or _event_time(event) >= _event_time(newest[event["reason"]]):
+            newest[event["reason"]] = event
+    return [
+        (reason, f"pod {name}: {reason}: {event.get('message', '')}".rstrip(": "))
+        for reason, event in sorted(newest.items())
+    ]
+
+
+def _event_time(event: Manifest) -> str:
+    return event.get("lastTimestamp") or event.get("eventTime") or event["metadata"].get("creationTimestamp") or ""
 
 
 def pod_problems(pods: list[Manifest], placement_hints: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
@@ -80,20 +122,27 @@ def pod_problems(pods: list[Manifest], placement_hints: Mapping[str, str] | None
 def claim_problems(claim: Manifest | None, name: str, replicas: int) -> tuple[str, str] | None:
     """Why the checkpoint claim cannot serve the job yet, as (reason, message); None when it can.
 
-    ClaimNotShared (a multi-node trainer on a claim that does not request ReadWriteMany) blocks the
-    job: its pods would hang on the attach. ClaimNotBound is reported but not blocking: claims of
+    ClaimNotShared (a claim without ReadWriteMany) blocks the job, whatever trainer.replicas: the
+    controller pod mounts the claim too, and it is a CPU pod that the scheduler puts on another node
+    than the GPU pods, so a ReadWriteOnce volume attached to one of them leaves the other in
+    ContainerCreating (Multi-Attach error). Co-locating every pod that mounts the claim (a required
+    podAffinity) was the alternative, and a worse one: the controller would need the GPU nodes'
+    taints tolerated, the first pod scheduled would pin the whole gang to its node (one that may
+    lack the trainer's free GPUs, or that Kueue's admitted flavor excludes), and after a node
+    failure the gang could not move. ClaimNotBound is reported but not blocking: claims of
     WaitForFirstConsumer classes bind only once a pod uses them.
     """
     if claim is None:
         return None
     modes = (claim.get("status") or {}).get("accessModes") or (claim.get("spec") or {}).get("accessModes") or []
     phase = (claim.get("status") or {}).get("phase") or "Pending"
-    if replicas > 1 and "ReadWriteMany" not in modes:
+    if "ReadWriteMany" not in modes:
         return (
             "ClaimNotShared",
-            f"PersistentVolumeClaim {name!r} has access modes {modes or 'none'} (phase {phase}); trainer.replicas "
-            f"{replicas} pods on different nodes need ReadWriteMany: use a claim of an RWX class (see "
-            "spec.checkpoint.storageClassName)",
+            f"PersistentVolumeClaim {name!r} has access modes {modes or 'none'} (phase {phase}); the controller "
+            f"pod and the {replicas} trainer pod(s) mount it from different nodes, which needs ReadWriteMany "
+            "(a ReadWriteOnce volume hangs the second pod in ContainerCreating with a Multi-Attach error): use a "
+            "claim of an RWX class (see spec.checkpoint.storageClassName)",
         )
     if phase != "Bound":
         return (
@@ -227,6 +276,8 @@ def _storage(facts: Facts) -> Verdict:
         return False, "MissingReference", f"PersistentVolumeClaim {claim!r} not found"
     if facts.storage:
         return False, *facts.storage
+    if facts.progress.reason in CLAIM_FIXES:
+        return False, facts.progress.reason, facts.progress.message
     return True, "Bound", f"PersistentVolumeClaim {claim!r} is Bound"
 
 

@@ -35,9 +35,10 @@ import kopf
 
 from g2rpo.api.crd import PLURAL
 from g2rpo.api.spec import API_GROUP, API_VERSION
-from g2rpo.api.status import CHILDREN_SYNCED, REFERENCES_RESOLVED
+from g2rpo.api.status import CHILDREN_SYNCED, READY, REFERENCES_RESOLVED
 from g2rpo_operator.builders.common import INSTANCE_LABEL, MANAGED_BY
 from g2rpo_operator.cache import ObjectCache
+from g2rpo_operator.conditions import KUBELET_WAITS
 from g2rpo_operator.kube import (
     DEPLOYMENTS,
     JOBS,
@@ -119,12 +120,16 @@ def children_refused(status: dict) -> bool:
 
 def needs_poll(status: dict) -> bool:
     """Whether the job must be looked at without an event: while it runs (the controller's progress, the
-    deadline) or misses a reference no watch reports (the envFromSecret Secret). Otherwise a job waits
-    for watch events (its children, its claim, its spec) and the resync alone."""
+    deadline), misses a reference no watch reports (the envFromSecret Secret), or waits for its pods to
+    start (a pod stuck in ContainerCreating changes nothing watched: its mount errors are Events, read by
+    the pass). Otherwise a job waits for watch events (its children, its claim, its spec) and the resync alone."""
     if status.get("phase") == "Running":
         return True
-    return any(
-        c.get("type") == REFERENCES_RESOLVED and c.get("status") == "False" for c in status.get("conditions") or []
+    conditions = status.get("conditions") or []
+    if any(c.get("type") == REFERENCES_RESOLVED and c.get("status") == "False" for c in conditions):
+        return True
+    return status.get("phase") == "Pending" and any(
+        c.get("type") == READY and c.get("reason") in KUBELET_WAITS for c in conditions
     )
 
 

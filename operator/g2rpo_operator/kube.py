@@ -9,6 +9,7 @@ caller whether backing off and trying again can help (429, 5xx, no connection).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
 SECRETS = Resource("", "v1", "secrets", "Secret")
 SERVICES = Resource("", "v1", "services", "Service")
 PODS = Resource("", "v1", "pods", "Pod")
+EVENTS = Resource("", "v1", "events", "Event")
 PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
 JOBS = Resource("batch", "v1", "jobs", "Job")
@@ -212,6 +214,21 @@ class KubeApi:
         selector = ",".join(f"{k}={v}" for k, v in labels.items())
         items = self._call("GET", res.path(namespace), query=[("labelSelector", selector)]).get("items") or []
         return [item for item in items if matches(item, labels)]
+
+    def list_events(self, namespace: str, pods: Sequence[str]) -> Sequence[Manifest]:
+        """The events about the named pods (one field-selected list per pod; the names are also checked here:
+        some API fakes ignore field selectors)."""
+        return [
+            item
+            for name in pods
+            for item in self._call(
+                "GET",
+                EVENTS.path(namespace),
+                query=[("fieldSelector", f"involvedObject.kind=Pod,involvedObject.name={name}")],
+            ).get("items")
+            or []
+            if (item.get("involvedObject") or {}).get("name") == name
+        ]
 
     def create(self, manifest: Manifest, dry_run: bool = False) -> Manifest:
         """Create; `dry_run` only asks whether the API server would (it answers 409 when the name is

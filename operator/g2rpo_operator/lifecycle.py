@@ -10,8 +10,11 @@ Rules worth knowing:
   runPolicy.backoffLimit the trainer resumes from the newest checkpoint (checkpoint.resume auto);
   past it the job fails with the pods' exit reasons.
 - A trainer pod disrupted by the cluster (condition DisruptionTarget: preemption, drain, eviction)
-  restarts the gang the same way but counts in status.disruptions, not against backoffLimit; a pod
-  that exits with EXIT_INVALID_SPEC fails the job at once (InvalidConfiguration).
+  restarts the gang the same way but counts in status.disruptions, not against backoffLimit. A
+  problem no retry fixes fails the job at once, with its own reason (FAILURE_REASONS): a trainer or
+  rollout container that exits with one of those codes (InvalidConfiguration, DriverTooOld,
+  CheckpointsNotWritable), or whose termination message starts with the reason (a rank under
+  `accelerate launch` exits 1 whatever it returned: CheckpointsFull). Storage reasons name the claim.
 - Phase Running means every trainer pod is ready (Job status.ready), not merely created, and the rollout
   is Available (it may still be loading where the trainer is created with it, under volcano or kueue): until then
   the phase is Pending and Ready says why (claim not Bound, Unschedulable with the scheduler's
@@ -28,10 +31,11 @@ Rules worth knowing:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from g2rpo.api.spec import EXIT_INVALID_SPEC, G2RPOJobSpec
+from g2rpo.api.spec import EXIT_INVALID_SPEC, FAILURE_REASONS, G2RPOJobSpec
 from g2rpo.api.status import COMPLETE, FAILED, Phase, parse_timestamp, timestamp
 from g2rpo_operator.builders.common import GANG_EPOCH_ANNOTATION, Manifest
 
@@ -119,9 +123,41 @@ def disrupted(pods: list[Manifest]) -> list[str]:
     return found
 
 
-def invalid_configuration(pods: list[Manifest]) -> bool:
-    """A trainer container said its job cannot run (EXIT_INVALID_SPEC): retrying would fail the same way."""
-    return any(ended.get("exitCode") == EXIT_INVALID_SPEC for pod in pods for _, ended in _terminations(pod))
+CLAIM_FIXES = {
+    "CheckpointsNotWritable": "its volume must be writable by uid 1000 or gid 1000, which the pods run as: its "
+    "driver did not apply the pods' fsGroup (NFS, Filestore, EFS: chown the export's root to 1000:1000, or an EFS "
+    "access point with uid/gid 1000; README: Checkpoint storage)",
+    "CheckpointsFull": "give it room (expand it if its StorageClass allows volume expansion, or use a bigger claim) "
+    "or keep fewer checkpoints (checkpoint.keep)",
+}
+"""What the checkpoint claim needs, per storage reason."""
+
+
+def fatal_failure(pods: list[Manifest]) -> tuple[str, str] | None:
+    """(reason, detail) of the first container that said no retry can help, or None.
+
+    Read from the current and the last termination (a Deployment's crash-looping init container keeps its
+    exit in lastState): an exit code of FAILURE_REASONS, or a termination message `<reason>: <line>`."""
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        status = pod.get("status") or {}
+        for container in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            for ended in (
+                (container.get("state") or {}).get("terminated"),
+                (container.get("lastState") or {}).get("terminated"),
+            ):
+                if not ended:
+                    continue
+                message = (ended.get("message") or "").strip()
+                said, _, line = message.partition(": ")
+                reason = FAILURE_REASONS.get(ended.get("exitCode") or 0) or (
+                    said if said in FAILURE_REASONS.values() else None
+                )
+                if reason:
+                    where = f"pod {pod['metadata']['name']}, container {container['name']}, exit code {ended.get('exitCode')}"
+                    return reason, f"{line if said == reason else message or 'no message'} ({where})"
+    return None
 
 
 def ready_count(job: Manifest | None) -> int:
@@ -138,11 +174,13 @@ def progress(
     evicted: str | None = None,
     step: int | None = None,
     rollout_ready: bool = True,
+    rollout_pods: Sequence[Manifest] = (),
 ) -> Progress:
     """The phase and the trainer's fate, from the previous status, the trainer Job, its pods and the clock
     (and `evicted`, Kueue's message while it evicts the job's Workload; `step`, the steps completed as the
     guidance controller reports them, None when it did not answer; `rollout_ready`, whether the rollout of
-    the current gang epoch is Available: where the trainer waits for it in process, Running needs it too).
+    the current gang epoch is Available: where the trainer waits for it in process, Running needs it too;
+    `rollout_pods`, whose driver check can fail the job).
 
     Precedence: a finished job stays finished; then the trainer's success; then suspend (which
     wins over a failure, so a suspended job is never restarted); then a configuration error, a
@@ -191,16 +229,16 @@ def progress(
             delete_trainer=job is not None,
             start_time=None,
         )
-    if job is not None and invalid_configuration(pods):
+    fatal = (fatal_failure(pods) if job is not None else None) or fatal_failure(list(rollout_pods))
+    if fatal:
         return replace(
             base,
             phase="Failed",
-            reason="InvalidConfiguration",
-            message=f"the trainer cannot run this job (exit code {EXIT_INVALID_SPEC}, not retried): "
-            + failure_detail(job, pods),
+            reason=fatal[0],
+            message=_fatal_message(spec, fatal, job, pods),
             active=False,
             delete_trainer=unfinished,
-            last_failed_trainer=job["metadata"]["uid"],
+            last_failed_trainer=job["metadata"]["uid"] if job is not None else base.last_failed_trainer,
             completion_time=stamp,
         )
     disruptions = disrupted(pods) if job is not None else []
@@ -294,6 +332,19 @@ def stall(spec: G2RPOJobSpec, running: Progress, step: int | None, now: datetime
         f"no step completed within runPolicy.stallTimeoutSeconds ({timeout} s): {last}; a weight-sync or NCCL "
         "wait that never returned is the usual cause (the trainer's log shows where it stopped)"
     )
+
+
+def _fatal_message(spec: G2RPOJobSpec, fatal: tuple[str, str], job: Manifest | None, pods: list[Manifest]) -> str:
+    reason, detail = fatal
+    if reason == "InvalidConfiguration" and job is not None:
+        return f"the trainer cannot run this job (exit code {EXIT_INVALID_SPEC}, not retried): " + failure_detail(
+            job, pods
+        )
+    message = f"{detail}; not retried: another attempt would fail the same way"
+    claim = spec.checkpoint.volume_claim
+    if reason in CLAIM_FIXES and claim:
+        message += f"; checkpoint claim {claim!r}: {CLAIM_FIXES[reason]}"
+    return message
 
 
 def _gang_restart(base: Progress, uid: str, detail: str, disruption: bool, limit: int) -> Progress:

@@ -16,7 +16,7 @@ Rules worth knowing (the decisions' own are in their modules):
   Kueue's waitForPodsReady times the whole gang) and the trainer waits in process
   (vllm_server_timeout = rollout.startupTimeoutSeconds); Running then also needs the rollout Available.
 - The checkpoint claim must exist (or is created from checkpoint.volumeSize), must request
-  ReadWriteMany when trainer.replicas > 1 (nothing is created otherwise) and is reported until Bound
+  ReadWriteMany (nothing is created otherwise: see claim_problems) and is reported until Bound
   (condition StorageReady; pods are still created, since WaitForFirstConsumer classes bind only
   for a pod).
 - Under Kueue (runPolicy.gangScheduler kueue) one Workload holds the GPU gang: the rollout
@@ -52,11 +52,20 @@ from pydantic import ValidationError
 from g2rpo.api.spec import G2RPOJobSpec
 from g2rpo_operator.admission import refused_edits, validate
 from g2rpo_operator.builders import JobContext, child_keys, children, config
-from g2rpo_operator.builders.common import child_name, job_labels, placement_hints
+from g2rpo_operator.builders.common import COMPONENT_LABEL, child_name, job_labels, placement_hints
 from g2rpo_operator.builders.gang import kueue_queue, trainer_waits_in_process
 from g2rpo_operator.builders.storage import checkpoint_claim
 from g2rpo_operator.cache import ObjectCache, View
-from g2rpo_operator.conditions import Facts, claim_problems, invalid_status, job_status, pod_problems, status_patch
+from g2rpo_operator.conditions import (
+    Facts,
+    claim_problems,
+    creating,
+    invalid_status,
+    job_status,
+    mount_problems,
+    pod_problems,
+    status_patch,
+)
 from g2rpo_operator.controller_client import ControllerReport, TokenRefused, read_controller
 from g2rpo_operator.drift import drift_patch
 from g2rpo_operator.kube import (
@@ -152,6 +161,7 @@ class Reconciler:
         job = observed.get(_key(JOBS, ctx.child("trainer")))
         pods = view.list(PODS, namespace, job_labels(name))
         trainer_pods = [pod for pod in pods if job is not None and owned_by(pod, job["metadata"]["uid"])]
+        rollout_pods = [pod for pod in pods if pod["metadata"].get("labels", {}).get(COMPONENT_LABEL) == "rollout"]
         workload = observed.get(_key(self.workloads, ctx.child("gang")))
         kueue = admission_of(workload, kueue_queue(ctx)) if ctx.spec.run_policy.gang_scheduler == "kueue" else None
         token = job_token(self.signing_key(), namespace, name, body["metadata"]["uid"])
@@ -168,6 +178,7 @@ class Reconciler:
             evicted=kueue.evicted if kueue else None,
             step=report.step if report else None,
             rollout_ready=not in_process or deployment_available(rollout, epoch),
+            rollout_pods=rollout_pods,
         )
         waiting_for = self._waiting_for(ctx, observed, prog.gang_epoch)
         blocked = bool(missing) or (storage is not None and storage[0] == "ClaimNotShared")
@@ -197,7 +208,9 @@ class Reconciler:
             missing=missing,
             conflicts=conflicts + foreign,
             storage=storage,
-            problems=pod_problems(pods, placement_hints(ctx)) if prog.active else [],
+            problems=pod_problems(pods, placement_hints(ctx)) + self._mount_problems(namespace, pods)
+            if prog.active
+            else [],
             waiting_for=waiting_for if job is None or in_process else [],
             trainer_ready=f"{ready_count(job)}/{ctx.spec.trainer.replicas}" if job is not None else "",
             report=report,
@@ -208,6 +221,15 @@ class Reconciler:
             ),
         )
         return status_patch(job_status(facts, prev, now), prev)
+
+    def _mount_problems(self, namespace: str, pods: list[Manifest]) -> list[tuple[str, str]]:
+        """Why pods stay in ContainerCreating: their mount events, read (from the API, events are not
+        watched) only while some pod of the job is there."""
+        stuck = [pod for pod in pods if creating(pod)]
+        if not stuck:
+            return []
+        events = self.api.list_events(namespace, [pod["metadata"]["name"] for pod in stuck])
+        return [problem for pod in stuck for problem in mount_problems(pod, events)]
 
     def _admitted(self, view: View, workload: Manifest | None, kueue: Admission | None) -> dict[str, Placement] | None:
         """What `children` needs of Kueue: the placement per pod set once admitted, else None (no gang)."""

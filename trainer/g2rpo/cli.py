@@ -189,6 +189,7 @@ def _run(job, args) -> int:
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     from g2rpo.local.run import run_local
     from g2rpo.train.lifecycle import StopRequested
+    from g2rpo.train.preflight import FatalProblem
 
     run_dir = args.output or Path("runs") / job.metadata.name
     try:
@@ -196,6 +197,9 @@ def _run(job, args) -> int:
     except StopRequested as stop:
         print(_stopped_line(stop, job, args, run_dir), file=sys.stderr)
         return stop.exit_code
+    except FatalProblem as problem:  # e.g. no room for the next checkpoint (g2rpo.train.storage)
+        print(problem, file=sys.stderr)
+        return problem.exit_code
     except SpecError as exc:
         print(f"{args.file} cannot run:", file=sys.stderr)
         for line in exc.lines():

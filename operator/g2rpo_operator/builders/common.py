@@ -93,6 +93,7 @@ class JobContext:
 
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 """Names the job on each of its objects and pods (the watches wake the job it names)."""
+COMPONENT_LABEL = "app.kubernetes.io/component"
 
 
 def job_labels(name: str) -> dict[str, str]:

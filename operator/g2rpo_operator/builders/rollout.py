@@ -13,11 +13,18 @@ rollout.startupTimeoutSeconds, as long as the trainer waits for the server (vllm
 vLLM and its kernels (Triton, FlashInfer) write JIT caches under HOME and /tmp, which go to volumes
 here; the root filesystem stays writable because the GPU image's libraries were not verified to
 run read-only (no GPU on the machines that build this).
+
+The rollout is the gang's first GPU pod (the trainer waits for it), so a node whose NVIDIA driver is
+too old for the image's CUDA must show here: on such a driver vLLM crash-loops with CUDA's own
+error. When the rollout runs the g2rpo image, whose CUDA the check knows, the `check-driver` init
+container (g2rpo.train.preflight) exits EXIT_DRIVER_TOO_OLD with one line naming the found and the
+needed driver, written to its termination message; the operator fails the job with reason
+DriverTooOld (lifecycle.py). A custom rollout image brings its own CUDA: no check.
 """
 
 from __future__ import annotations
 
-from g2rpo.api.names import ROLLOUT_PORT
+from g2rpo.api.names import DRIVER_CHECK_MODULE, ROLLOUT_PORT
 from g2rpo.api.spec import max_model_len
 from g2rpo_operator.builders.common import (
     CACHE_MOUNT,
@@ -44,6 +51,7 @@ from g2rpo_operator.builders.gang import volcano_pod_fields
 
 COMPONENT = "rollout"
 PORT_NAME = "http"
+DRIVER_CHECK_CONTAINER = "check-driver"
 
 
 def vllm_serve_command(ctx: JobContext) -> list[str]:
@@ -91,12 +99,30 @@ def startup_failure_threshold(ctx: JobContext) -> int:
     return -(-ctx.spec.rollout.startup_timeout_seconds // PROBE_PERIOD_SECONDS)
 
 
+def driver_check_container(image: str, pull_policy: str) -> Manifest:
+    """Reads the kernel module's /proc/driver/nvidia/version, which every container of the node sees: it needs
+    no GPU, and NVIDIA_VISIBLE_DEVICES=void keeps the image's `all` from handing it every GPU of the node."""
+    return {
+        "name": DRIVER_CHECK_CONTAINER,
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": ["python", "-m", DRIVER_CHECK_MODULE],
+        "env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}],
+        "resources": {
+            "requests": {"cpu": "50m", "memory": "128Mi", "ephemeral-storage": "16Mi"},
+            "limits": {"memory": "128Mi"},
+        },
+        "securityContext": container_security_context(read_only_root=True),
+    }
+
+
 def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manifest:
     """`replicas` is 0 while the job is suspended or finished: the GPUs go back to the cluster.
     `gang_epoch` (gang restarts so far) is a pod-template annotation: raising it replaces the pod."""
     spec = ctx.spec
     placement = spec.rollout
     settings = ctx.settings
+    image = placement.image or settings.rollout_image
     health = {
         "httpGet": {"path": "/health", "port": PORT_NAME},
         "periodSeconds": PROBE_PERIOD_SECONDS,
@@ -110,7 +136,7 @@ def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manif
         "containers": [
             {
                 "name": "vllm",
-                "image": placement.image or settings.rollout_image,
+                "image": image,
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": vllm_serve_command(ctx),
                 "env": [*cache_env(), *placement_env(placement)],
@@ -143,6 +169,8 @@ def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manif
         ],
         "volumes": [shm_volume(placement.shared_memory), scratch_volume("cache", cache)],
     }
+    if image == (spec.trainer.image or settings.trainer_image):
+        pod_spec["initContainers"] = [driver_check_container(image, settings.image_pull_policy)]
     if spec.run_policy.priority_class_name:
         pod_spec["priorityClassName"] = spec.run_policy.priority_class_name
     annotations = {GANG_EPOCH_ANNOTATION: str(gang_epoch)}

@@ -18,9 +18,11 @@ completion-index annotation through the downward API; WORLD_SIZE counts processe
 Failures that are not the trainer's: the Job's podFailurePolicy ignores pods that fail with the
 DisruptionTarget condition (preemption, node drain, API-initiated eviction), so they never fail the
 Job; the operator sees the disrupted pod and restarts the whole gang without spending the retry
-budget (lifecycle.py). A pod that exits with EXIT_INVALID_SPEC (the `check-spec` init container:
-the job cannot run as configured) fails the Job at once (FailJob), and the operator fails the job
-without retrying: another attempt would fail the same way.
+budget (lifecycle.py). A pod that exits with one of FAILURE_REASONS' codes (the `check-spec` init
+container: the job cannot run as configured, the node's NVIDIA driver is too old for the image's CUDA,
+or the checkpoint folder on the claim is not writable by uid 1000) fails the Job at once (FailJob),
+and the operator fails the job without retrying: another attempt would fail the same way. That is
+why check-spec mounts the checkpoint claim: it creates the job's folder there before any GPU work.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from g2rpo.api.names import (
     TRAINER_JOB_FLAG,
     TRAINER_MODULE,
 )
-from g2rpo.api.spec import EXIT_INVALID_SPEC
+from g2rpo.api.spec import FAILURE_REASONS
 from g2rpo_operator.builders.common import (
     CACHE_MOUNT,
     NO_GPU,
@@ -137,7 +139,8 @@ def tracking_secret_env(ctx: JobContext) -> list[Manifest]:
 
 
 def check_command() -> list[str]:
-    """Exits EXIT_INVALID_SPEC when the mounted job cannot run with this world size (before any GPU work)."""
+    """Exits with a FAILURE_REASONS code when the mounted job cannot run with this world size, on this node's
+    driver or with this checkpoint folder (before any GPU work)."""
     return ["python", "-m", TRAINER_MODULE, TRAINER_JOB_FLAG, JOB_FILE, TRAINER_CHECK_FLAG]
 
 
@@ -180,7 +183,10 @@ def _pod_spec(ctx: JobContext) -> Manifest:
                 "env": [{"name": "WORLD_SIZE", "value": str(placement.replicas * placement.gpus_per_replica)}, NO_GPU],
                 "resources": {"requests": check_requests, "limits": {"memory": "512Mi"}},
                 "securityContext": container_security_context(read_only_root=True),
-                "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+                "volumeMounts": [
+                    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                    {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
+                ],
             }
         ],
         "containers": [
@@ -228,7 +234,8 @@ def _pod_spec(ctx: JobContext) -> Manifest:
 
 
 def pod_failure_policy() -> Manifest:
-    """Disruptions never count (the operator restarts the gang for free); a configuration error fails at once.
+    """Disruptions never count (the operator restarts the gang for free); a problem no retry fixes (a
+    FAILURE_REASONS exit code: bad configuration, a too-old driver, an unwritable checkpoint folder) fails at once.
 
     Needs restartPolicy Never (set in the pod template). The Job's own activeDeadlineSeconds is left unset:
     it would count from the Job's creation, queueing included; the operator enforces
@@ -237,7 +244,7 @@ def pod_failure_policy() -> Manifest:
     return {
         "rules": [
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_INVALID_SPEC]}},
+            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": sorted(FAILURE_REASONS)}},
         ]
     }
 

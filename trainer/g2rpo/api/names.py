@@ -68,7 +68,11 @@ TRAINER_MODULE = "g2rpo.train"
 TRAINER_JOB_FLAG = "--job"
 """The G2RPOJob file."""
 TRAINER_CHECK_FLAG = "--check"
-"""Validate the job for WORLD_SIZE ranks and exit (EXIT_INVALID_SPEC when it cannot run)."""
+"""Validate the job for WORLD_SIZE ranks, the node's driver and the checkpoint folder, and exit (a
+FAILURE_REASONS code when it cannot run)."""
+DRIVER_CHECK_MODULE = "g2rpo.train.preflight"
+"""`python -m g2rpo.train.preflight`: the node's NVIDIA driver against the image's CUDA (the rollout's init
+container); exits EXIT_DRIVER_TOO_OLD when it is too old."""
 
 # `g2rpo controller`: one job's guidance controller.
 CONTROLLER_JOB_FLAG = "--job"

@@ -26,6 +26,21 @@ API_GROUP = "g2rpo.dev"
 EXIT_INVALID_SPEC = 2
 """Exit code of a trainer process that found its job unusable (bad spec or batch layout, as argparse's
 usage errors): the operator fails the job at once instead of retrying (runPolicy.backoffLimit)."""
+EXIT_DRIVER_TOO_OLD = 3
+"""The node's NVIDIA driver is older than the image's CUDA needs (g2rpo.train.preflight): no retry on it helps."""
+EXIT_CHECKPOINTS_NOT_WRITABLE = 4
+"""The checkpoint folder cannot be created or written by the pod's uid (g2rpo.train.storage)."""
+EXIT_CHECKPOINTS_FULL = 5
+"""The checkpoint volume has no room for the next checkpoint (g2rpo.train.storage)."""
+FAILURE_REASONS = {
+    EXIT_INVALID_SPEC: "InvalidConfiguration",
+    EXIT_DRIVER_TOO_OLD: "DriverTooOld",
+    EXIT_CHECKPOINTS_NOT_WRITABLE: "CheckpointsNotWritable",
+    EXIT_CHECKPOINTS_FULL: "CheckpointsFull",
+}
+"""Exit codes of a trainer that another attempt cannot help, with the condition reason the operator reports.
+The trainer also writes `<reason>: <one line>` to its termination message: a rank started by `accelerate
+launch` exits 1 whatever it returned, so on a cluster the message is what carries the reason there."""
 API_VERSION = "v1alpha1"
 KIND = "G2RPOJob"
 
@@ -389,8 +404,8 @@ class CheckpointSpec(SpecModel):
     volume_claim: str | None = Field(
         None,
         max_length=NAME_MAX,
-        description="PersistentVolumeClaim holding checkpoints (cluster only). It must be Bound, and ReadWriteMany "
-        "when trainer.replicas > 1 (every trainer pod and the controller mount it).",
+        description="PersistentVolumeClaim holding checkpoints (cluster only). It must be Bound, ReadWriteMany "
+        "(every trainer pod and the controller mount it, from different nodes) and writable by uid or gid 1000.",
     )
     volume_size: Quantity | None = Field(
         None,

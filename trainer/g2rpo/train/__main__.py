@@ -11,9 +11,15 @@ SIGTERM (Kubernetes, before it kills the pod) or SIGINT: every rank stops after 
 a checkpoint is saved, and the process exits 143 (SIGTERM) or 130 (SIGINT) after one line
 naming the checkpoint; see g2rpo.train.lifecycle. The process group is destroyed before exit.
 
-`--check` only validates the job for WORLD_SIZE ranks and exits. A job that cannot run exits with
-EXIT_INVALID_SPEC (2, as argparse's usage errors): the trainer Job's podFailurePolicy turns that
-exit of the check-spec init container into an immediate failure instead of a retry.
+`--check` only validates the job for WORLD_SIZE ranks, the node's NVIDIA driver and the checkpoint
+folder (g2rpo.train.preflight, g2rpo.train.storage), then exits; every rank runs the same checks
+first. A job that cannot run exits with EXIT_INVALID_SPEC (2, as argparse's usage errors); a
+too-old driver, a checkpoint folder it cannot write, or a volume with no room for the next
+checkpoint exit with their own codes (g2rpo.api.spec.FAILURE_REASONS) after one line saying what
+was found and what is needed. The trainer Job's podFailurePolicy turns those exits of the
+check-spec init container into an immediate failure instead of a retry; a rank started by
+`accelerate launch` exits 1 whatever it returns, so it also writes the line to its termination
+message, where the operator reads the reason.
 """
 
 from __future__ import annotations
@@ -46,23 +52,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from g2rpo.train.lifecycle import StopRequested, StopSignals, distributed_teardown
+    from g2rpo.train.preflight import FatalProblem, check_node_driver, report
 
-    _one_cpu_device_name()
-    signals = StopSignals().install()
     job = layout = None
     try:
+        check_node_driver()  # before torch: on a too-old driver torch would quietly train on the CPU
+        _one_cpu_device_name()
+        signals = StopSignals().install()
         job = load_job(args.job)
         check_batch_layout(job.spec, int(os.environ.get("WORLD_SIZE", "1")))
-        if args.check:
-            return 0
         from g2rpo.train.build import RunLayout
+        from g2rpo.train.storage import check_writable
 
         layout = RunLayout.for_job(job, args.run_dir or _default_run_dir(job))
+        check_writable(layout.checkpoint_dir)
+        if args.check:
+            return 0
         with distributed_teardown():
             _train(job, layout, signals)
     except SpecError as exc:
         print(f"{args.job} {'is not a valid G2RPOJob' if job is None else 'cannot run'}: {exc}", file=sys.stderr)
         return EXIT_INVALID_SPEC
+    except FatalProblem as problem:
+        print(report(problem), file=sys.stderr, flush=True)
+        return problem.exit_code
     except StopRequested as stop:
         if os.environ.get("RANK", "0") == "0":
             print(_stopped_line(stop, job, layout), file=sys.stderr, flush=True)

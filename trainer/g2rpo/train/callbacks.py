@@ -58,13 +58,52 @@ class GuidanceCheckpointCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         from g2rpo.train.checkpoints import mark_complete, rotate
+        from g2rpo.train.storage import raise_if_out_of_space
 
         self.trainer.accelerator.wait_for_everyone()
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            self.trainer.save_guidance(folder)
-            mark_complete(folder, state.global_step)
+            try:
+                self.trainer.save_guidance(folder)
+                mark_complete(folder, state.global_step)
+            except OSError as exc:
+                raise_if_out_of_space(exc, Path(args.output_dir), state.global_step, main_rank=True)
+                raise
             rotate(Path(args.output_dir), self.trainer.checkpoint_keep)
+
+
+class CheckpointRoomCallback(TrainerCallback):
+    """Before each save: stop on every rank alike when the volume has less room than the last checkpoint
+    took (g2rpo.train.storage), instead of dying half-way through torch.save. G2RPOTrainer adds it last, so
+    it sees the save that any earlier callback asked for."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not control.should_save:
+            return
+        from g2rpo.train.storage import room_problem
+
+        problem = room_problem(Path(args.output_dir), state.global_step) if state.is_world_process_zero else None
+        if _any_rank(problem is not None):
+            from g2rpo.train.storage import CheckpointsFull
+
+            raise problem or CheckpointsFull(
+                f"no room for checkpoint-{state.global_step} in {args.output_dir} (rank 0 has the details)",
+                secondhand=True,
+            )
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank (every rank must call it)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    from accelerate import PartialState
+
+    tensor = torch.tensor([int(flag)], device=PartialState().device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 class ProgressCallback(TrainerCallback):

@@ -37,9 +37,10 @@ from trl import GRPOTrainer
 from g2rpo.controller.client import GuidanceClient
 from g2rpo.durable import atomic_write_text
 from g2rpo.guidance.rows import generated_token_mask, guided_rows, join_guidance, prepend_guidance
-from g2rpo.train.callbacks import GuidanceCheckpointCallback
+from g2rpo.train.callbacks import CheckpointRoomCallback, GuidanceCheckpointCallback
 from g2rpo.train.checkpoints import incomplete_reason, newest_complete
 from g2rpo.train.metrics import step_statistics
+from g2rpo.train.storage import raise_if_out_of_space
 
 GUIDANCE_STATE_FILE = "guidance_state.json"
 # Test-only: "STEP:DIR" pauses the save of checkpoint-STEP right after the model weights are written
@@ -61,6 +62,8 @@ PRIVATE_TRL_HOOKS: dict[str, tuple[str, ...]] = {
         "has_tool_images",
     ),
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    # transformers' Trainer: a save that fails on a full volume becomes one line (g2rpo.train.storage).
+    "_save_checkpoint": ("self", "model", "trial"),
     # Public, but with transformers' private `_internal_call`; the test-only pause hook lives here.
     "save_model": ("self", "output_dir", "_internal_call"),
     # transformers' Trainer: quiets the missing key of a tied weight on resume.
@@ -110,6 +113,7 @@ class G2RPOTrainer(GRPOTrainer):
         self.checkpoint_keep = self.args.save_total_limit
         self.args.save_total_limit = None
         self.add_callback(GuidanceCheckpointCallback(self))
+        self.add_callback(CheckpointRoomCallback())
         if guidance_loss not in ("include", "mask"):
             raise ValueError(f"guidance_loss must be 'include' or 'mask', got {guidance_loss!r}")
         self.guidance_client = guidance_client
@@ -141,6 +145,13 @@ class G2RPOTrainer(GRPOTrainer):
                 raise ValueError(f"cannot resume from {resume_from_checkpoint}: {reason}")
             self.restore_guidance(Path(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            raise_if_out_of_space(exc, self._output_dir(), self.state.global_step, self.is_world_process_zero())
+            raise
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
