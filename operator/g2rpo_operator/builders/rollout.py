@@ -99,9 +99,11 @@ def startup_failure_threshold(ctx: JobContext) -> int:
     return -(-ctx.spec.rollout.startup_timeout_seconds // PROBE_PERIOD_SECONDS)
 
 
-def driver_check_container(image: str, pull_policy: str) -> Manifest:
+def driver_check_container(image: str, pull_policy: str, request_storage: bool = False) -> Manifest:
     """Reads the kernel module's /proc/driver/nvidia/version, which every container of the node sees: it needs
-    no GPU, and NVIDIA_VISIBLE_DEVICES=void keeps the image's `all` from handing it every GPU of the node."""
+    no GPU, and NVIDIA_VISIBLE_DEVICES=void keeps the image's `all` from handing it every GPU of the node.
+    Like the pod's other containers, it requests ephemeral-storage only where the job asks for it
+    (requestCacheStorage): a Kueue queue need not cover that resource otherwise."""
     return {
         "name": DRIVER_CHECK_CONTAINER,
         "image": image,
@@ -109,7 +111,7 @@ def driver_check_container(image: str, pull_policy: str) -> Manifest:
         "command": ["python", "-m", DRIVER_CHECK_MODULE],
         "env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}],
         "resources": {
-            "requests": {"cpu": "50m", "memory": "128Mi", "ephemeral-storage": "16Mi"},
+            "requests": {"cpu": "50m", "memory": "128Mi"} | ({"ephemeral-storage": "16Mi"} if request_storage else {}),
             "limits": {"memory": "128Mi"},
         },
         "securityContext": container_security_context(read_only_root=True),
@@ -170,7 +172,9 @@ def deployment(ctx: JobContext, replicas: int = 1, gang_epoch: int = 0) -> Manif
         "volumes": [shm_volume(placement.shared_memory), scratch_volume("cache", cache)],
     }
     if image == (spec.trainer.image or settings.trainer_image):
-        pod_spec["initContainers"] = [driver_check_container(image, settings.image_pull_policy)]
+        pod_spec["initContainers"] = [
+            driver_check_container(image, settings.image_pull_policy, requests_cache_storage(placement, ctx))
+        ]
     if spec.run_policy.priority_class_name:
         pod_spec["priorityClassName"] = spec.run_policy.priority_class_name
     annotations = {GANG_EPOCH_ANNOTATION: str(gang_epoch)}
