@@ -25,6 +25,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from kubernetes.utils import parse_quantity
+from test_pod_security import BASELINE_CAPABILITIES, RESTRICTED_VOLUMES
 
 from g2rpo.api.spec import EXIT_INVALID_SPEC, parse_spec
 from g2rpo_operator.builders import JobContext, children, config, controller, rollout, trainer
@@ -450,33 +451,6 @@ def test_the_rendered_check_spec_container_runs_as_rendered_and_refuses_a_bad_wo
             timeout=120,
         )
         assert done.returncode == expected, done.stderr
-
-
-BASELINE_CAPABILITIES = {
-    "AUDIT_WRITE",
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "MKNOD",
-    "NET_BIND_SERVICE",
-    "SETFCAP",
-    "SETGID",
-    "SETPCAP",
-    "SETUID",
-    "SYS_CHROOT",
-}
-RESTRICTED_VOLUMES = {
-    "configMap",
-    "csi",
-    "downwardAPI",
-    "emptyDir",
-    "ephemeral",
-    "persistentVolumeClaim",
-    "projected",
-    "secret",
-}
 
 
 def pod_security_level(pod: dict) -> str:

@@ -135,34 +135,27 @@ class JobClient:
         return JobView.from_object(json.loads(created.data))
 
     def get(self, name: str) -> JobView:
-        obj = self._call(
-            f"read {KIND} {name!r}",
-            self._custom.get_namespaced_custom_object,
-            API_GROUP,
-            API_VERSION,
-            self.namespace,
-            PLURAL,
-            name,
-            missing=name,
-        )
-        return JobView.from_object(obj)
+        return JobView.from_object(self._read(name))
 
     def spec(self, name: str) -> G2RPOJob:
         """The job as submitted, read back through the job model."""
-        obj = self._call(
-            f"read {KIND} {name!r}",
-            self._custom.get_namespaced_custom_object,
-            API_GROUP,
-            API_VERSION,
-            self.namespace,
-            PLURAL,
-            name,
-            missing=name,
-        )
+        obj = self._read(name)
         try:
             return parse_job({k: v for k, v in obj.items() if k in ("apiVersion", "kind", "metadata", "spec")})
         except SpecError as exc:
             raise ClusterError(f"{KIND} {name!r} on the cluster does not parse: {'; '.join(exc.lines())}") from None
+
+    def _read(self, name: str) -> dict[str, Any]:
+        return self._call(
+            f"read {KIND} {name!r}",
+            self._custom.get_namespaced_custom_object,
+            API_GROUP,
+            API_VERSION,
+            self.namespace,
+            PLURAL,
+            name,
+            missing=name,
+        )
 
     def list(self, all_namespaces: bool = False) -> list[JobView]:
         if all_namespaces:
