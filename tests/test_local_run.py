@@ -28,14 +28,61 @@ spec:
 """
 
 
-def run(job_file, out):
+def run(job_file, out, *flags, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "g2rpo.cli", "run", str(job_file), "--output", str(out), "--no-progress"],
-        capture_output=True,
+        [sys.executable, "-m", "g2rpo.cli", "run", str(job_file), "--output", str(out), "--no-progress", *flags],
         text=True,
         timeout=600,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs},
     )
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_left_alone_and_continues_once_max_steps_grows(tiny_model_dir, tmp_path):
+    """Issue 19: a rerun of a finished job says so and changes nothing (transformers would train one step
+    past the end); with a larger maxSteps it continues, and keeps the held-out result of before training."""
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(JOB.format(model=tiny_model_dir, schedule="fixed", steps=2))
+    out = tmp_path / "run"
+    first = run(job_file, out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((out / "heldout.json").read_text())["before"]
+    files = _files(out)
+
+    again = run(job_file, out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines() == [
+        f"'local-tiny' already finished at step 2 ({out / 'checkpoints' / 'checkpoint-2'}); nothing was changed",
+        f"  final model:   {out / 'final'}",
+        f"  to train on:   raise training.maxSteps (now 2) in {job_file}, then: g2rpo run {job_file} --output {out} "
+        "--no-progress",
+        f"  to start over: delete {out}, or run with --output NEW_FOLDER",
+    ]
+    assert _files(out) == files, "a rerun of a finished job changed the run folder"
+
+    job_file.write_text(JOB.format(model=tiny_model_dir, schedule="fixed", steps=3))
+    longer = run(job_file, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = longer.stdout
+    assert longer.returncode == 0, output[-3000:]
+    assert "finished 'local-tiny': 3 steps" in output
+    kept = "held-out problems, unguided, before training (kept from the first run):"
+    assert output.index(f"resuming from {out / 'checkpoints' / 'checkpoint-2'}") < output.index(kept)
+    assert "held-out problems, unguided, before training:" not in output, "asked again"
+    heldout = json.loads((out / "heldout.json").read_text())
+    assert heldout["before"] == before and heldout["after"]["n_problems"] == 32
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == [1, 2, 3]
+
+    job_file.write_text(JOB.format(model=tiny_model_dir, schedule="fixed", steps=4))
+    unchecked = run(job_file, out, "--no-heldout")
+    assert unchecked.returncode == 0, unchecked.stderr[-3000:]
+    assert "finished 'local-tiny': 4 steps" in unchecked.stdout
+    assert "held-out" not in unchecked.stdout and "heldout_" not in unchecked.stdout
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -63,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="run a G2RPOJob on this machine (CPU or one GPU)")
     run.add_argument("file", type=Path, help=f"{JOB_FILE_HELP} (a relative dataset.name is read from its folder)")
     run.add_argument("--output", type=Path, help="run folder (default: runs/<job name>)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--no-progress", action="store_true", help="no progress bar: one short line per step (all in metrics.jsonl)"
+    )
+    run.add_argument(
+        "--no-heldout",
+        action="store_true",
+        help="skip the held-out check before and after training (builtin:arithmetic jobs)",
+    )
 
     _add_entry_point_verbs(verbs)
 
@@ -181,15 +189,19 @@ def _run(job, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # TRL 1.16 still calls transformers' renamed gradient-checkpointing API on every step.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
-    from g2rpo.local.run import run_local
+    from g2rpo.local.run import HELDOUT_PROBLEMS, AlreadyFinished, run_local
     from g2rpo.train.lifecycle import StopRequested
 
     run_dir = args.output or Path("runs") / job.metadata.name
+    heldout_problems = 0 if args.no_heldout else HELDOUT_PROBLEMS
     try:
-        result = run_local(job, run_dir, progress=not args.no_progress)
+        result = run_local(job, run_dir, progress=not args.no_progress, heldout_problems=heldout_problems)
     except StopRequested as stop:
         print(_stopped_line(stop, job, args, run_dir), file=sys.stderr)
         return stop.exit_code
+    except AlreadyFinished as done:
+        print(_finished_lines(done, job, args, run_dir))
+        return 0
     except SpecError as exc:
         print(f"{args.file} cannot run:", file=sys.stderr)
         for line in exc.lines():
@@ -212,12 +224,35 @@ def _stopped_line(stop, job, args, run_dir: Path) -> str:
     from g2rpo.train.checkpoints import newest_complete
 
     checkpoint = newest_complete(RunLayout.for_job(job, run_dir).checkpoint_dir).checkpoint
-    command = f"g2rpo run {args.file}" + (f" --output {args.output}" if args.output else "")
+    command = _run_command(args, run_dir)
     if checkpoint is None:
         return f"stopped by {stop.name} before the first checkpoint; nothing to resume (rerun: {command})"
     if job.spec.checkpoint.resume != "auto":
         return f"stopped by {stop.name}; last checkpoint: {checkpoint}; to resume set checkpoint.resume: auto, then: {command}"
     return f"stopped by {stop.name}; last checkpoint: {checkpoint}; resume with: {command}"
+
+
+def _finished_lines(done, job, args, run_dir: Path) -> str:
+    """A rerun of a finished job: where its model is, and the two ways on (train further, start over)."""
+    final = done.layout.run_dir / "final"
+    model = str(final.resolve()) if final.is_dir() else f"no final/ folder; step {done.step} is in {done.checkpoint}"
+    training = job.spec.training
+    limit = f"training.maxSteps (now {training.max_steps})" if training.max_steps else "training.epochs"
+    return "\n".join(
+        [
+            f"{job.metadata.name!r} already finished at step {done.step} ({done.checkpoint}); nothing was changed",
+            f"  final model:   {model}",
+            f"  to train on:   raise {limit} in {args.file}, then: {_run_command(args, run_dir)}",
+            f"  to start over: delete {done.layout.run_dir.resolve()}, or run with --output NEW_FOLDER",
+        ]
+    )
+
+
+def _run_command(args, run_dir: Path) -> str:
+    """The command that runs this job into this run folder again, from any folder (absolute paths)."""
+    words = ["g2rpo", "run", str(args.file.resolve()), "--output", str(run_dir.resolve())]
+    words += [flag for flag, on in (("--no-progress", args.no_progress), ("--no-heldout", args.no_heldout)) if on]
+    return shlex.join(words)
 
 
 if __name__ == "__main__":
