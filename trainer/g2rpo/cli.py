@@ -163,15 +163,21 @@ def _validate(job, args) -> int:
     if args.no_data:
         print(f"{args.file}: {what} (data not checked)")
         return 0
+    from g2rpo.data.load import HubUnreachable, load_training_dataset
+
     try:
         _resolve_dataset_name(job, args.file)
         if not (args.data or _is_local(job.spec.dataset)):
             print(f"{args.file}: {what}; hub dataset {job.spec.dataset.name!r} not downloaded (add --data)")
             return 0
         logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-        from g2rpo.data.load import load_training_dataset
-
+        # Without network, huggingface_hub warns once per retry (twice: its own handler and ours); the
+        # failure itself is reported below, in one line.
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
         rows = len(load_training_dataset(job.spec))
+    except HubUnreachable as exc:
+        print(f"{args.file}: data not checked: {exc.lines()[0]}", file=sys.stderr)
+        return 1
     except SpecError as exc:
         print(f"{args.file} is not a valid G2RPOJob:", file=sys.stderr)
         for line in exc.lines():
