@@ -94,6 +94,11 @@ def test_local_run_writes_metrics_plot_checkpoints_and_resumes(tiny_model_dir, t
     assert first.returncode == 0, first.stderr[-3000:]
     assert "finished 'local-tiny': 4 steps" in first.stdout
     assert "accuracy_guided" in first.stdout
+    # --no-progress: one short line per step instead of TRL's dict of every logged value (issue 19).
+    step_lines = [line for line in first.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in step_lines] == ["1/4", "2/4", "3/4", "4/4"], first.stdout
+    assert all(len(line) < 100 and " l_k=" in line and " acc=" in line for line in step_lines), step_lines
+    assert "{'loss'" not in first.stdout and "'completions/mean_length'" not in first.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lengths = [r["g2rpo/guidance_length"] for r in records if "g2rpo/guidance_length" in r]
     assert lengths == [16, 14, 12, 10], "linear schedule l0*(1-k/T) with T = guidance.totalSteps = 8"
@@ -119,6 +124,33 @@ def test_local_run_writes_metrics_plot_checkpoints_and_resumes(tiny_model_dir, t
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lengths = [r["g2rpo/guidance_length"] for r in records if "g2rpo/guidance_length" in r]
     assert lengths == [16, 14, 12, 10, 8, 6]
+
+
+@pytest.mark.slow
+def test_log_lines_print_above_the_progress_bar_not_into_its_line(tiny_model_dir, tmp_path):
+    """keep: 1 logs "deleted checkpoint-N" at every save, while the bar is drawn (issue 19: it used to
+    land after the bar's text, `l_k=64]INFO ...`): each log line starts a line of its own."""
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        JOB.format(model=tiny_model_dir, schedule="fixed", steps=3).replace(
+            "everySteps: 2, keep: 2", "everySteps: 1, keep: 1"
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "g2rpo.cli", "run", str(job_file), "--output", str(tmp_path / "run"), "--no-heldout"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [line for line in result.stderr.split("\n") if "deleted checkpoint-" in line]
+    assert len(logged) == 2, result.stderr[-3000:]
+    assert all(
+        line.split("\r")[-1] == line.split("\r")[-1].lstrip() and line.split("\r")[-1].startswith("INFO ")
+        for line in logged
+    ), logged
+    assert "g2rpo: 100%" in result.stderr and "step 1/3" not in result.stdout
 
 
 def test_local_run_refuses_a_batch_that_splits_groups(tiny_model_dir, tmp_path):

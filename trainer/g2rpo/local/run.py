@@ -64,7 +64,7 @@ def run_local(
 def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: int, signals) -> LocalRunResult:
     from g2rpo.local.plot import plot_run, read_metrics
     from g2rpo.train.build import RunLayout, build_trainer, finished_step, resolve_resume, save_final_model
-    from g2rpo.train.callbacks import ProgressCallback
+    from g2rpo.train.callbacks import ProgressCallback, StepLineCallback
     from g2rpo.train.lifecycle import StopAtStepBoundary, StopRequested
 
     started = time.monotonic()
@@ -80,15 +80,17 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: i
         job,
         layout,
         guidance_client_factory=lambda params: InProcessGuidanceClient(GuidanceController(params)),
-        extra_callbacks=[StopAtStepBoundary(signals), *([ProgressCallback(driving)] if progress else [])],
+        extra_callbacks=[
+            StopAtStepBoundary(signals),
+            ProgressCallback(driving) if progress else StepLineCallback(driving),
+        ],
     )
-    if progress:
-        from transformers import PrinterCallback
+    from transformers import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)  # the progress bar replaces the per-step log dicts
+    trainer.remove_callback(PrinterCallback)  # the bar or the step lines replace its per-step dicts
     heldout = HeldoutCheck.for_job(job, heldout_problems, progress)
     before = heldout.before_training(trainer, layout.run_dir, resumed=bool(resume)) if heldout else None
-    with hf_progress_bars_off():
+    with hf_progress_bars_off(), logs_above_the_bar(progress):
         trainer.train(resume_from_checkpoint=resume)
         if signals.stopped_by:
             raise StopRequested(signals.stopped_by)
@@ -125,6 +127,19 @@ def hf_progress_bars_off():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def logs_above_the_bar(progress: bool):
+    """Log lines printed above the step bar, not into its line (tqdm's logging redirect: the console
+    handlers of these loggers write through tqdm.write while the block runs)."""
+    if not progress:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("transformers")]):
+        yield
 
 
 @dataclass
