@@ -229,7 +229,7 @@ def _stopped_line(stop, job, args, run_dir: Path) -> str:
     from g2rpo.train.build import RunLayout
     from g2rpo.train.checkpoints import newest_complete
 
-    checkpoint = newest_complete(RunLayout.for_job(job, run_dir).checkpoint_dir).checkpoint
+    checkpoint = newest_complete(RunLayout.for_job(job, run_dir).checkpoint_dir.resolve()).checkpoint
     command = _run_command(args, run_dir)
     if checkpoint is None:
         return f"stopped by {stop.name} before the first checkpoint; nothing to resume (rerun: {command})"
@@ -241,17 +241,24 @@ def _stopped_line(stop, job, args, run_dir: Path) -> str:
 def _finished_lines(done, job, args, run_dir: Path) -> str:
     """A rerun of a finished job: where its model is, and the two ways on (train further, start over)."""
     final = done.layout.run_dir / "final"
-    model = str(final.resolve()) if final.is_dir() else f"no final/ folder; step {done.step} is in {done.checkpoint}"
+    checkpoint = done.checkpoint.resolve()
+    model = str(final.resolve()) if final.is_dir() else f"no final/ folder; step {done.step} is in {checkpoint}"
     training = job.spec.training
     limit = f"training.maxSteps (now {training.max_steps})" if training.max_steps else "training.epochs"
     return "\n".join(
         [
-            f"{job.metadata.name!r} already finished at step {done.step} ({done.checkpoint}); nothing was changed",
+            f"{job.metadata.name!r} already finished at step {done.step} ({checkpoint}); nothing was changed",
             f"  final model:   {model}",
-            f"  to train on:   raise {limit} in {args.file}, then: {_run_command(args, run_dir)}",
-            f"  to start over: delete {done.layout.run_dir.resolve()}, or run with --output NEW_FOLDER",
+            f"  to train on:   raise {limit} in {args.file.resolve()}, then: {_run_command(args, run_dir)}",
+            f"  to start over: delete {_folders(done.layout)}, or run with --output NEW_FOLDER",
         ]
     )
+
+
+def _folders(layout) -> str:
+    """The run folder, and the checkpoint folder where checkpoint.dir puts it elsewhere."""
+    run_dir, checkpoint_dir = layout.run_dir.resolve(), layout.checkpoint_dir.resolve()
+    return f"{run_dir}" if checkpoint_dir.is_relative_to(run_dir) else f"{run_dir} and {checkpoint_dir}"
 
 
 def _run_command(args, run_dir: Path) -> str:
