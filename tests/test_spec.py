@@ -160,6 +160,14 @@ def test_no_check_speaks_of_a_value_that_was_refused():
     assert set(found) == {"spec.training.numGenerations", "spec.guidance.minLength"}, found
 
 
+def test_a_check_of_the_whole_spec_is_reported_once_beside_an_error_outside_the_spec():
+    found = errors_of(with_changes(("metadata.name", "Bad_Name"), ("spec.guidance.ratio", 0.1)))
+    assert list(found) == ["metadata.name", "spec.guidance.ratio"]
+    with pytest.raises(SpecError) as info:
+        parse_job(with_changes(("metadata.name", "Bad_Name"), ("spec.guidance.ratio", 0.1)))
+    assert len(info.value.errors) == 2
+
+
 def test_cross_section_checks_also_run_behind_field_errors_of_parse_spec():
     from g2rpo.api.spec import parse_spec
 

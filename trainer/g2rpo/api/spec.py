@@ -790,13 +790,13 @@ def _every_error(
     them in the reported paths.
     """
     errors = _from_validation_error(exc, root, prefix).errors
-    if not isinstance(raw_spec, dict):
-        return SpecError(errors)
+    failed = [err for err in exc.errors() if err["loc"][: len(spec_loc)] == spec_loc]
+    if not isinstance(raw_spec, dict) or any(not _plain_loc(err["loc"][len(spec_loc) :]) for err in failed):
+        return SpecError(errors)  # not a mapping; or the spec's own check ran, so every field of it parsed
     raw = copy.deepcopy(raw_spec)
     refused: set[FieldPath] = set()
     held: set[type[BaseModel]] = {G2RPOJobSpec}
-    failed = [err for err in exc.errors() if err["loc"][: len(spec_loc)] == spec_loc]
-    spec_prefix = prefix + spec_loc if root is G2RPOJob else prefix
+    spec_prefix = prefix + spec_loc
     for _ in range(LOOK_PAST_ROUNDS):
         for err in failed:
             loc = _plain_loc(err["loc"][len(spec_loc) :])
