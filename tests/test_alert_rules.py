@@ -5,6 +5,7 @@ promtool ships with Prometheus: `apt-get install -y --no-install-recommends prom
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -22,11 +23,9 @@ RULES = ROOT / "manifests" / "prometheus" / "g2rpo-alerts.rules.yaml"
 RULE_TESTS = ROOT / "manifests" / "prometheus" / "g2rpo-alerts.test.yaml"
 METRICS_DOC = ROOT / "docs" / "metrics.md"
 
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None,
-    reason="promtool not found; install it with: apt-get install -y --no-install-recommends prometheus",
-)
+# `make tools` puts promtool into .tools/bin (tools/install_prometheus.py); one on PATH does too.
+PROMTOOL = shutil.which("promtool", path=f"{ROOT / '.tools' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not found: `make tools` installs it")
 
 
 def exposition() -> str:

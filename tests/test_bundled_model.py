@@ -8,6 +8,7 @@ stand-in converter, so they cost nothing.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import threading
 import time
 from pathlib import Path
@@ -58,6 +59,9 @@ def test_converted_folder_loads_offline_and_answers_a_one_step_problem(converted
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     assert model.dtype == torch.float32 and not getattr(model.config, "quantization_config", None)
     assert tokenizer.eos_token == "<|im_end|>"
+    # What made every run warn "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer" (issue 19).
+    assert json.loads((folder / "tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is False
+    assert tokenizer.clean_up_tokenization_spaces is False
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.config.pad_token_id == tokenizer.pad_token_id
 
@@ -104,6 +108,7 @@ def fake_conversion(monkeypatch):
         calls.append(out)
         time.sleep(0.2)
         (out / "config.json").write_text("{}")
+        (out / "tokenizer_config.json").write_text("{}")
 
     monkeypatch.setattr(bundled, "find_gguf", lambda model: Path("/unused.gguf"))
     monkeypatch.setattr(bundled, "_convert", convert)
@@ -139,6 +144,21 @@ def test_interrupted_or_failed_conversions_never_leave_a_folder(tmp_path, monkey
 
     resolve_model_path(SMOLLM2, tmp_path)
     assert sorted(p.name for p in models.iterdir()) == [".SmolLM2-135M-Instruct.lock", "SmolLM2-135M-Instruct"]
+
+
+def test_a_folder_converted_before_gets_its_tokenizer_config_fixed(tmp_path, fake_conversion):
+    """A cache written by an older g2rpo (clean_up_tokenization_spaces true: a warning on every decode)."""
+    folder = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    folder.mkdir(parents=True)
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"clean_up_tokenization_spaces": True, "model_max_length": 8192})
+    )
+    assert resolve_model_path(SMOLLM2, tmp_path) == str(folder)
+    assert json.loads((folder / "tokenizer_config.json").read_text()) == {
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192,
+    }
+    assert fake_conversion == [], "nothing converted again"
 
 
 def test_default_cache_follows_the_environment(tmp_path, monkeypatch, fake_conversion):

@@ -482,3 +482,52 @@ def test_validate_names_an_unknown_column_and_a_curriculum_value_outside_the_ord
     assert (
         "spec.curriculum.order: 1 rows have a 'src' value not listed in ['easy', 'hard'] (row 1: 'medium')" in out.err
     )
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when this returns: a connection to it is refused
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        pytest.param({"HF_HUB_OFFLINE": "1"}, id="offline-mode"),
+        # A hub endpoint nothing listens on: what no network looks like (huggingface_hub retries it for ~23 s).
+        pytest.param(
+            {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"},
+            id="unreachable",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_validate_data_without_network_is_one_line_naming_the_field_and_what_to_do(tmp_path, network):
+    """Issue 19: no retry warnings and no traceback, one line: the field, what failed, what to do."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "job.yaml").write_text(
+        VALIDATE_JOB.format(name="open-r1/OpenR1-Math-220k", prompt="problem").replace("  curriculum:", "#")
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "g2rpo.cli", "validate", str(tmp_path / "job.yaml"), "--data"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HOME": str(tmp_path / "hf"), **network},  # an empty cache
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        f"{tmp_path / 'job.yaml'}: data not checked: spec.dataset.name: could not download 'open-r1/OpenR1-Math-220k': "
+        "Couldn't reach 'open-r1/OpenR1-Math-220k' on the Hub ("
+    ), lines[0]
+    assert lines[0].endswith(
+        "or set dataset.name to a local copy (a .jsonl, .json, .parquet or .csv file, or a folder)"
+    )

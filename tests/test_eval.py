@@ -59,6 +59,23 @@ def test_report_arithmetic_per_tier_and_truncation():
     data = report.to_json()
     assert data["tier_problems"] == {"1": 2, "3": 1} and data["per_problem"][1]["pass_at_1"] == 0.5
     assert "tier 3" in report.table()
+    assert EvalReport.from_json(json.loads(json.dumps(data))) == report  # heldout.json, read back on a resume
+
+
+def test_the_generation_bar_moves_while_a_batch_decodes(tiny_model_dir, capfd):
+    """One batch of a 135M model takes minutes on a CPU: the bar counts decoding steps, so it shows life
+    before the first batch ends (issue 19)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from g2rpo.eval.generation import Sampling, transformers_generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sampling = Sampling(samples=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6, seed=0)
+    capfd.readouterr()
+    transformers_generate(model, tokenizer, [[5, 6, 7]] * 3, sampling, batch_size=2, progress=True)
+    bar = capfd.readouterr().err
+    assert "generating:" in bar and "2/12" in bar and "batch 1/2" in bar, bar
 
 
 # --- HumanEval through the sandbox ---------------------------------------------------------------------

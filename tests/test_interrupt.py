@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -54,15 +55,18 @@ def _run(job_file: Path, out: Path) -> subprocess.CompletedProcess:
 class PausedRun:
     """A `g2rpo run` paused inside the save of one checkpoint; its stderr goes to a file we can watch."""
 
-    def __init__(self, job_file: Path, out: Path, step: int, hook_dir: Path):
+    def __init__(self, job_file: Path, out: Path | None, step: int, hook_dir: Path, cwd: Path | None = None):
+        """`out` None: the default run folder (runs/<job name> under `cwd`)."""
         hook_dir.mkdir()
         self.hook_dir = hook_dir
         self.stderr_file = hook_dir / "stderr.txt"
+        command = _command(job_file, out) if out else [sys.executable, "-m", "g2rpo.cli", "run", str(job_file)]
         with self.stderr_file.open("w") as stderr:
             self.process = subprocess.Popen(
-                _command(job_file, out),
+                command,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
+                cwd=cwd,
                 env=_env(G2RPO_TEST_PAUSE_IN_CHECKPOINT=f"{step}:{hook_dir}"),
             )
         self._wait(lambda: (hook_dir / "paused").exists(), "the run never reached the checkpoint save")
@@ -151,7 +155,7 @@ def test_sigint_in_the_middle_of_a_checkpoint_finishes_it_stops_and_says_how_to_
     checkpoints = out / "checkpoints"
     assert stderr.rstrip().splitlines()[-1] == (
         f"stopped by SIGINT; last checkpoint: {checkpoints / 'checkpoint-2'}; "
-        f"resume with: g2rpo run {job_file} --output {out}"
+        f"resume with: g2rpo run {job_file} --output {out} --no-progress"
     )
     assert is_complete(checkpoints / "checkpoint-2")
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["checkpoint-2"], "stopped at the boundary"
@@ -159,6 +163,40 @@ def test_sigint_in_the_middle_of_a_checkpoint_finishes_it_stops_and_says_how_to_
 
     resumed = _run(job_file, out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _per_step(out) == uninterrupted
+
+
+@pytest.mark.slow
+def test_the_printed_resume_command_resumes_from_another_folder(job_file, uninterrupted, tmp_path):
+    """Started as `g2rpo run job.yaml` (relative path, default run folder runs/<name> under the current
+    folder), interrupted; the command it prints, run from elsewhere, continues the same run (issue 19)."""
+    first_folder, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    first_folder.mkdir()
+    elsewhere.mkdir()
+    (first_folder / "job.yaml").write_text(job_file.read_text())
+    run = PausedRun(Path("job.yaml"), None, 2, tmp_path / "hook", cwd=first_folder)
+    run.signal(signal.SIGINT)
+    run.release()
+    code, stderr = run.finish()
+    assert code == 130, stderr[-3000:]
+    out = first_folder / "runs" / "tiny-interrupt"
+    printed = stderr.rstrip().splitlines()[-1].split("resume with: ")[1]
+    assert printed == f"g2rpo run {first_folder / 'job.yaml'} --output {out}"
+
+    words = shlex.split(printed)
+    assert words[0] == "g2rpo"
+    resumed = subprocess.run(
+        [sys.executable, "-m", "g2rpo.cli", *words[1:]],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'}" in resumed.stderr
+    assert "finished 'tiny-interrupt': 4 steps" in resumed.stdout
+    assert not (elsewhere / "runs").exists(), "nothing is written under the folder the command ran from"
     assert _per_step(out) == uninterrupted
 
 

@@ -28,14 +28,61 @@ spec:
 """
 
 
-def run(job_file, out):
+def run(job_file, out, *flags, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "g2rpo.cli", "run", str(job_file), "--output", str(out), "--no-progress"],
-        capture_output=True,
+        [sys.executable, "-m", "g2rpo.cli", "run", str(job_file), "--output", str(out), "--no-progress", *flags],
         text=True,
         timeout=600,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs},
     )
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_left_alone_and_continues_once_max_steps_grows(tiny_model_dir, tmp_path):
+    """Issue 19: a rerun of a finished job says so and changes nothing (transformers would train one step
+    past the end); with a larger maxSteps it continues, and keeps the held-out result of before training."""
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(JOB.format(model=tiny_model_dir, schedule="fixed", steps=2))
+    out = tmp_path / "run"
+    first = run(job_file, out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((out / "heldout.json").read_text())["before"]
+    files = _files(out)
+
+    again = run(job_file, out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines() == [
+        f"'local-tiny' already finished at step 2 ({out / 'checkpoints' / 'checkpoint-2'}); nothing was changed",
+        f"  final model:   {out / 'final'}",
+        f"  to train on:   raise training.maxSteps (now 2) in {job_file}, then: g2rpo run {job_file} --output {out} "
+        "--no-progress",
+        f"  to start over: delete {out}, or run with --output NEW_FOLDER",
+    ]
+    assert _files(out) == files, "a rerun of a finished job changed the run folder"
+
+    job_file.write_text(JOB.format(model=tiny_model_dir, schedule="fixed", steps=3))
+    longer = run(job_file, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = longer.stdout
+    assert longer.returncode == 0, output[-3000:]
+    assert "finished 'local-tiny': 3 steps" in output
+    kept = "held-out problems, unguided, before training (kept from the first run):"
+    assert output.index(f"resuming from {out / 'checkpoints' / 'checkpoint-2'}") < output.index(kept)
+    assert "held-out problems, unguided, before training:" not in output, "asked again"
+    heldout = json.loads((out / "heldout.json").read_text())
+    assert heldout["before"] == before and heldout["after"]["n_problems"] == 32
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == [1, 2, 3]
+
+    job_file.write_text(JOB.format(model=tiny_model_dir, schedule="fixed", steps=4))
+    unchecked = run(job_file, out, "--no-heldout")
+    assert unchecked.returncode == 0, unchecked.stderr[-3000:]
+    assert "finished 'local-tiny': 4 steps" in unchecked.stdout
+    assert "held-out" not in unchecked.stdout and "heldout_" not in unchecked.stdout
 
 
 @pytest.mark.slow
@@ -47,6 +94,11 @@ def test_local_run_writes_metrics_plot_checkpoints_and_resumes(tiny_model_dir, t
     assert first.returncode == 0, first.stderr[-3000:]
     assert "finished 'local-tiny': 4 steps" in first.stdout
     assert "accuracy_guided" in first.stdout
+    # --no-progress: one short line per step instead of TRL's dict of every logged value (issue 19).
+    step_lines = [line for line in first.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in step_lines] == ["1/4", "2/4", "3/4", "4/4"], first.stdout
+    assert all(len(line) < 100 and " l_k=" in line and " acc=" in line for line in step_lines), step_lines
+    assert "{'loss'" not in first.stdout and "'completions/mean_length'" not in first.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lengths = [r["g2rpo/guidance_length"] for r in records if "g2rpo/guidance_length" in r]
     assert lengths == [16, 14, 12, 10], "linear schedule l0*(1-k/T) with T = guidance.totalSteps = 8"
@@ -72,6 +124,33 @@ def test_local_run_writes_metrics_plot_checkpoints_and_resumes(tiny_model_dir, t
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     lengths = [r["g2rpo/guidance_length"] for r in records if "g2rpo/guidance_length" in r]
     assert lengths == [16, 14, 12, 10, 8, 6]
+
+
+@pytest.mark.slow
+def test_log_lines_print_above_the_progress_bar_not_into_its_line(tiny_model_dir, tmp_path):
+    """keep: 1 logs "deleted checkpoint-N" at every save, while the bar is drawn (issue 19: it used to
+    land after the bar's text, `l_k=64]INFO ...`): each log line starts a line of its own."""
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        JOB.format(model=tiny_model_dir, schedule="fixed", steps=3).replace(
+            "everySteps: 2, keep: 2", "everySteps: 1, keep: 1"
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "g2rpo.cli", "run", str(job_file), "--output", str(tmp_path / "run"), "--no-heldout"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [line for line in result.stderr.split("\n") if "deleted checkpoint-" in line]
+    assert len(logged) == 2, result.stderr[-3000:]
+    assert all(
+        line.split("\r")[-1] == line.split("\r")[-1].lstrip() and line.split("\r")[-1].startswith("INFO ")
+        for line in logged
+    ), logged
+    assert "g2rpo: 100%" in result.stderr and "step 1/3" not in result.stdout
 
 
 def test_local_run_refuses_a_batch_that_splits_groups(tiny_model_dir, tmp_path):

@@ -224,3 +224,22 @@ def test_this_environment_runs_the_locked_versions():
     # torch's CPU build carries a local label (2.13.0+cpu): the release is what the lock pins.
     different = {n: installed[n] for n in shared if Version(installed[n]).public != Version(pins[n]).public}
     assert different == {}, f"installed versions differ from the locks {[f'{n}=={pins[n]}' for n in different]}"
+
+
+def test_the_project_metadata_builds_without_a_deprecation_warning(tmp_path):
+    """project.license is an SPDX string (PEP 639): setuptools >= 77 deprecates the TOML table form (issue 19)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, warnings\n"
+        "from setuptools import build_meta\n"
+        "warnings.simplefilter('error')\n"
+        "build_meta.prepare_metadata_for_build_wheel(sys.argv[1])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = next(tmp_path.glob("*.dist-info/METADATA")).read_text()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()

@@ -47,6 +47,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# `make tools` puts prometheus into .tools/bin (tools/install_prometheus.py); one on PATH does too.
+PROMETHEUS = shutil.which("prometheus", path=f"{ROOT / '.tools' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
 RULES = ROOT / "charts" / "g2rpo" / "files" / "prometheus" / "g2rpo-alerts.rules.yaml"  # the source
 DASHBOARD = ROOT / "charts" / "g2rpo" / "dashboards" / "g2rpo.json"
 DOCS = ROOT / "docs" / "dashboard"
@@ -71,7 +73,7 @@ PROBES = {
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Prometheus: `make tools` installs it"),
+    pytest.mark.skipif(PROMETHEUS is None, reason="needs Prometheus: `make tools` installs it"),
 ]
 
 
@@ -369,7 +371,7 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
         processes.append(
             subprocess.Popen(
                 [
-                    "prometheus",
+                    str(PROMETHEUS),
                     f"--config.file={tmp_path / 'prometheus.yml'}",
                     f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                     f"--web.listen-address=127.0.0.1:{prometheus_port}",

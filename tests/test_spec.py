@@ -111,6 +111,76 @@ def test_every_error_is_reported_at_once():
     assert {"spec.guidance.ratio", "spec.training.learningRate", "spec.extra"} <= set(found)
 
 
+def test_four_independent_mistakes_are_reported_in_one_run(tmp_path):
+    """Field errors (an unknown field, a negative learning rate) and the checks pydantic runs only once the
+    fields they read parsed (guidance lengths out of order; a ratio that guides no roll-out, a check of the
+    whole spec) come out together (issue 19)."""
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            with_changes(
+                ("spec.dataset.colour", "blue"),
+                ("spec.training.learningRate", -1e-5),
+                ("spec.guidance.minLength", 64),
+                ("spec.guidance.maxLength", 8),
+                ("spec.guidance.initialLength", 16),
+                ("spec.guidance.ratio", 0.1),
+            )
+        )
+    )
+    result = _cli("validate", str(path))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()[1:]
+    assert lines == [
+        "  spec.dataset.colour: unknown field",
+        "  spec.guidance: minLength (64) must not exceed maxLength (8)",
+        "  spec.training.learningRate: Input should be greater than 0",
+        "  spec.guidance.ratio: ratio*numGenerations = 0.1*4 guides no roll-out (floor rounds it to 0); raise the "
+        "ratio to at least 0.25 or set it to 0 for vanilla GRPO",
+    ], result.stderr
+
+
+def test_a_check_behind_an_unknown_field_of_its_own_section_is_reported():
+    found = errors_of(with_changes(("spec.guidance.lenght", 3), ("spec.guidance.minLength", 65)))
+    assert set(found) == {"spec.guidance.lenght", "spec.guidance"}, found
+    assert "minLength (65) must not exceed maxLength (64)" in found["spec.guidance"]
+
+
+def test_no_check_speaks_of_a_value_that_was_refused():
+    """A refused value's default stands in while the other checks run: no check that reads it may report."""
+    found = errors_of(
+        with_changes(
+            ("spec.training.numGenerations", "four"),  # refused: the default 8 must not be judged with ratio 0.1
+            ("spec.guidance.ratio", 0.1),
+            ("spec.guidance.minLength", -1),  # refused: the default 1 must not be judged against maxLength 0
+            ("spec.guidance.maxLength", 0),
+            ("spec.guidance.initialLength", 0),
+        )
+    )
+    assert set(found) == {"spec.training.numGenerations", "spec.guidance.minLength"}, found
+
+
+def test_a_check_of_the_whole_spec_is_reported_once_beside_an_error_outside_the_spec():
+    found = errors_of(with_changes(("metadata.name", "Bad_Name"), ("spec.guidance.ratio", 0.1)))
+    assert list(found) == ["metadata.name", "spec.guidance.ratio"]
+    with pytest.raises(SpecError) as info:
+        parse_job(with_changes(("metadata.name", "Bad_Name"), ("spec.guidance.ratio", 0.1)))
+    assert len(info.value.errors) == 2
+
+
+def test_cross_section_checks_also_run_behind_field_errors_of_parse_spec():
+    from g2rpo.api.spec import parse_spec
+
+    spec = with_changes(("spec.guidance.ratio", 0.1), ("spec.rollout.gpus", 0), ("spec.model.revision", 5))["spec"]
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec)
+    assert [".".join(map(str, path)) for path, _ in info.value.errors] == [
+        "spec.model.revision",
+        "spec.rollout.gpus",
+        "spec.guidance.ratio",
+    ]
+
+
 def test_camel_case_names_are_the_contract():
     job = parse_job(with_changes(("spec.training.perDeviceBatchSize", 12)))
     assert job.spec.training.per_device_batch_size == 12

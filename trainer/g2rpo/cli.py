@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -65,7 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="run a G2RPOJob on this machine (CPU or one GPU)")
     run.add_argument("file", type=Path, help=f"{JOB_FILE_HELP} (a relative dataset.name is read from its folder)")
     run.add_argument("--output", type=Path, help="run folder (default: runs/<job name>)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--no-progress", action="store_true", help="no progress bar: one short line per step (all in metrics.jsonl)"
+    )
+    run.add_argument(
+        "--no-heldout",
+        action="store_true",
+        help="skip the held-out check before and after training (builtin:arithmetic jobs)",
+    )
 
     _add_entry_point_verbs(verbs)
 
@@ -161,15 +169,21 @@ def _validate(job, args) -> int:
     if args.no_data:
         print(f"{args.file}: {what} (data not checked)")
         return 0
+    from g2rpo.data.load import HubUnreachable, load_training_dataset
+
     try:
         _resolve_dataset_name(job, args.file)
         if not (args.data or _is_local(job.spec.dataset)):
             print(f"{args.file}: {what}; hub dataset {job.spec.dataset.name!r} not downloaded (add --data)")
             return 0
         logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-        from g2rpo.data.load import load_training_dataset
-
+        # Without network, huggingface_hub warns once per retry (twice: its own handler and ours); the
+        # failure itself is reported below, in one line.
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
         rows = len(load_training_dataset(job.spec))
+    except HubUnreachable as exc:
+        print(f"{args.file}: data not checked: {exc.lines()[0]}", file=sys.stderr)
+        return 1
     except SpecError as exc:
         print(f"{args.file} is not a valid G2RPOJob:", file=sys.stderr)
         for line in exc.lines():
@@ -187,19 +201,23 @@ def _run(job, args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # TRL 1.16 still calls transformers' renamed gradient-checkpointing API on every step.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
-    from g2rpo.local.run import run_local
+    from g2rpo.local.run import HELDOUT_PROBLEMS, AlreadyFinished, run_local
     from g2rpo.train.lifecycle import StopRequested
     from g2rpo.train.preflight import FatalProblem
 
     run_dir = args.output or Path("runs") / job.metadata.name
+    heldout_problems = 0 if args.no_heldout else HELDOUT_PROBLEMS
     try:
-        result = run_local(job, run_dir, progress=not args.no_progress)
+        result = run_local(job, run_dir, progress=not args.no_progress, heldout_problems=heldout_problems)
     except StopRequested as stop:
         print(_stopped_line(stop, job, args, run_dir), file=sys.stderr)
         return stop.exit_code
     except FatalProblem as problem:  # e.g. no room for the next checkpoint (g2rpo.train.storage)
         print(problem, file=sys.stderr)
         return problem.exit_code
+    except AlreadyFinished as done:
+        print(_finished_lines(done, job, args, run_dir))
+        return 0
     except SpecError as exc:
         print(f"{args.file} cannot run:", file=sys.stderr)
         for line in exc.lines():
@@ -221,13 +239,43 @@ def _stopped_line(stop, job, args, run_dir: Path) -> str:
     from g2rpo.train.build import RunLayout
     from g2rpo.train.checkpoints import newest_complete
 
-    checkpoint = newest_complete(RunLayout.for_job(job, run_dir).checkpoint_dir).checkpoint
-    command = f"g2rpo run {args.file}" + (f" --output {args.output}" if args.output else "")
+    checkpoint = newest_complete(RunLayout.for_job(job, run_dir).checkpoint_dir.resolve()).checkpoint
+    command = _run_command(args, run_dir)
     if checkpoint is None:
         return f"stopped by {stop.name} before the first checkpoint; nothing to resume (rerun: {command})"
     if job.spec.checkpoint.resume != "auto":
         return f"stopped by {stop.name}; last checkpoint: {checkpoint}; to resume set checkpoint.resume: auto, then: {command}"
     return f"stopped by {stop.name}; last checkpoint: {checkpoint}; resume with: {command}"
+
+
+def _finished_lines(done, job, args, run_dir: Path) -> str:
+    """A rerun of a finished job: where its model is, and the two ways on (train further, start over)."""
+    final = done.layout.run_dir / "final"
+    checkpoint = done.checkpoint.resolve()
+    model = str(final.resolve()) if final.is_dir() else f"no final/ folder; step {done.step} is in {checkpoint}"
+    training = job.spec.training
+    limit = f"training.maxSteps (now {training.max_steps})" if training.max_steps else "training.epochs"
+    return "\n".join(
+        [
+            f"{job.metadata.name!r} already finished at step {done.step} ({checkpoint}); nothing was changed",
+            f"  final model:   {model}",
+            f"  to train on:   raise {limit} in {args.file.resolve()}, then: {_run_command(args, run_dir)}",
+            f"  to start over: delete {_folders(done.layout)}, or run with --output NEW_FOLDER",
+        ]
+    )
+
+
+def _folders(layout) -> str:
+    """The run folder, and the checkpoint folder where checkpoint.dir puts it elsewhere."""
+    run_dir, checkpoint_dir = layout.run_dir.resolve(), layout.checkpoint_dir.resolve()
+    return f"{run_dir}" if checkpoint_dir.is_relative_to(run_dir) else f"{run_dir} and {checkpoint_dir}"
+
+
+def _run_command(args, run_dir: Path) -> str:
+    """The command that runs this job into this run folder again, from any folder (absolute paths)."""
+    words = ["g2rpo", "run", str(args.file.resolve()), "--output", str(run_dir.resolve())]
+    words += [flag for flag, on in (("--no-progress", args.no_progress), ("--no-heldout", args.no_heldout)) if on]
+    return shlex.join(words)
 
 
 if __name__ == "__main__":

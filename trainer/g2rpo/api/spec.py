@@ -11,15 +11,17 @@ operator reads. The same file is valid for both.
 
 from __future__ import annotations
 
+import copy
 import decimal
 import difflib
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "g2rpo.dev"
@@ -112,6 +114,25 @@ OBJECT_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*
 """A Kubernetes object name that is a DNS-1123 subdomain (Secrets, ServiceAccounts)."""
 
 
+Checked = TypeVar("Checked", bound=BaseModel)
+HELD_CHECKS = "held_checks"
+"""Validation context key: the models whose checks (_check) stand aside while _every_error looks past them."""
+
+
+def _check(method: Callable[[Checked], Checked]) -> Any:
+    """A check of several fields of one model (a pydantic "after" model validator), which _every_error can
+    hold back: pydantic runs such a check only once every field of its model parsed, so with a field error
+    anywhere in the spec the cross-section checks would wait for the next round."""
+
+    def check(self: Checked, info: ValidationInfo) -> Checked:
+        if info.context and type(self) in info.context.get(HELD_CHECKS, ()):
+            return self
+        return method(self)
+
+    check.__name__ = method.__name__
+    return model_validator(mode="after")(check)
+
+
 class SpecModel(BaseModel):
     """Base for spec sections: camelCase in YAML, unknown fields rejected, values re-validated on assignment."""
 
@@ -161,7 +182,7 @@ class ArithmeticDatasetSpec(SpecModel):
     max_operand: PositiveInt = Field(20, description="Largest operand drawn for a step.")
     seed: int = Field(0, description="Generator seed: the same seed gives the same problems.")
 
-    @model_validator(mode="after")
+    @_check
     def _steps_ordered(self) -> ArithmeticDatasetSpec:
         if self.min_steps > self.max_steps:
             raise ValueError(f"minSteps ({self.min_steps}) must not exceed maxSteps ({self.max_steps})")
@@ -225,7 +246,7 @@ class DatasetSpec(SpecModel):
     def is_builtin_arithmetic(self) -> bool:
         return self.name == f"{BUILTIN_DATASET_PREFIX}arithmetic"
 
-    @model_validator(mode="after")
+    @_check
     def _known_builtin(self) -> DatasetSpec:
         if self.name.startswith(BUILTIN_DATASET_PREFIX) and not self.is_builtin_arithmetic:
             raise ValueError(f"unknown built-in dataset {self.name!r}; the built-in one is 'builtin:arithmetic'")
@@ -251,7 +272,7 @@ class RewardSpec(SpecModel):
     )
     memory_mb: PositiveInt = Field(512, description="code only: address-space limit of the sandboxed program.")
 
-    @model_validator(mode="after")
+    @_check
     def _finite_weight(self) -> RewardSpec:
         if not math.isfinite(self.weight):
             raise ValueError("weight must be a finite number")
@@ -319,13 +340,13 @@ class GuidanceSpec(SpecModel):
         "the length (maxChangeFactor), for noisy small-batch rewards. Not part of the paper.",
     )
 
-    @model_validator(mode="after")
+    @_check
     def _smoothing_is_adaptive(self) -> GuidanceSpec:
         if self.smoothing is not None and self.schedule != "adaptive":
             raise ValueError(f"smoothing applies to the adaptive schedule only, not to {self.schedule!r}")
         return self
 
-    @model_validator(mode="after")
+    @_check
     def _lengths_ordered(self) -> GuidanceSpec:
         if self.min_length > self.max_length:
             raise ValueError(f"minLength ({self.min_length}) must not exceed maxLength ({self.max_length})")
@@ -347,7 +368,7 @@ class CurriculumSpec(SpecModel):
     )
     unknown: Literal["first", "last", "error"] = Field("last", description="Where rows whose key is not in `order` go.")
 
-    @model_validator(mode="after")
+    @_check
     def _unique_tiers(self) -> CurriculumSpec:
         if self.order is not None and len(set(self.order)) != len(self.order):
             raise ValueError("order lists a tier twice")
@@ -551,7 +572,7 @@ class Toleration(SpecModel):
     )
     toleration_seconds: int | None = Field(None, ge=0, description="NoExecute only: how long the pod stays bound.")
 
-    @model_validator(mode="after")
+    @_check
     def _no_value_with_exists(self) -> Toleration:
         if self.operator == "Exists" and self.value:
             raise ValueError("a toleration with operator Exists takes no value")
@@ -599,7 +620,7 @@ class PodPlacementSpec(SpecModel):
         "{rdma/hca_shared_devices_a: '1'} for RDMA/InfiniBand devices or {vpc.amazonaws.com/efa: '4'}.",
     )
 
-    @model_validator(mode="after")
+    @_check
     def _unique_env(self) -> PodPlacementSpec:
         names = [var.name for var in self.env]
         twice = sorted({name for name in names if names.count(name) > 1})
@@ -742,7 +763,7 @@ class RolloutPlacementSpec(GpuPlacementSpec):
         "vllm_server_timeout).",
     )
 
-    @model_validator(mode="after")
+    @_check
     def _parallelism_fits(self) -> RolloutPlacementSpec:
         if self.data_parallel_size > 1:
             raise SpecError([(("dataParallelSize",), DATA_PARALLEL_REASON.format(self.data_parallel_size))])
@@ -875,42 +896,65 @@ class G2RPOJobSpec(SpecModel):
         """
         return math.floor(self.guidance.ratio * self.training.num_generations + 1e-9)
 
-    @model_validator(mode="after")
+    @_check
     def _consistent(self) -> G2RPOJobSpec:
-        errors: list[tuple[tuple[str | int, ...], str]] = []
-        names = [r.name for r in self.rewards]
+        errors = cross_section_errors(self)
+        if errors:
+            raise SpecError(errors)
+        return self
+
+
+FieldPath = tuple[str | int, ...]
+
+
+def cross_section_errors(
+    spec: G2RPOJobSpec, refused: frozenset[FieldPath] = frozenset()
+) -> list[tuple[FieldPath, str]]:
+    """The checks that read fields of several sections. `refused`: the fields (camelCase paths under spec)
+    whose value did not parse, so their default stands in; a check that reads one of them is skipped, so an
+    error never speaks of a value the user did not write."""
+
+    def parsed(*paths: FieldPath) -> bool:
+        return not any(path[: len(r)] == r or r[: len(path)] == path for path in paths for r in refused)
+
+    errors: list[tuple[FieldPath, str]] = []
+    names = [r.name for r in spec.rewards]
+    if parsed(("rewards",)):
         for i, name in enumerate(names):
             if name in names[:i]:
                 errors.append((("rewards", i, "name"), f"reward {name!r} is listed twice"))
-        flagged = [i for i, r in enumerate(self.rewards) if r.drives_guidance]
+        flagged = [i for i, r in enumerate(spec.rewards) if r.drives_guidance]
         if len(flagged) > 1:
             errors.append(
                 (("rewards", flagged[1], "drivesGuidance"), "only one reward can drive the guidance schedule")
             )
-        if "code" in names and not self.dataset.tests_column:
-            errors.append((("dataset", "testsColumn"), "the code reward needs a column of test code"))
-        if self.guidance.ratio > 0:
-            if not self.dataset.guidance_column:
-                errors.append(
-                    (
-                        ("dataset", "guidanceColumn"),
-                        "required when guidance.ratio > 0 (guided roll-outs need a trajectory)",
-                    )
+    if "code" in names and not spec.dataset.tests_column and parsed(("rewards",), ("dataset", "testsColumn")):
+        errors.append((("dataset", "testsColumn"), "the code reward needs a column of test code"))
+    if spec.guidance.ratio > 0 and parsed(("guidance", "ratio")):
+        if not spec.dataset.guidance_column and parsed(("dataset", "guidanceColumn")):
+            errors.append(
+                (
+                    ("dataset", "guidanceColumn"),
+                    "required when guidance.ratio > 0 (guided roll-outs need a trajectory)",
                 )
-            if self.guided_per_group == 0:
-                errors.append(
-                    (
-                        ("guidance", "ratio"),
-                        f"ratio*numGenerations = {self.guidance.ratio}*{self.training.num_generations} guides no "
-                        f"roll-out (floor rounds it to 0); raise the ratio to at least "
-                        f"{_one_in(self.training.num_generations)} or set it to 0 for vanilla GRPO",
-                    )
+            )
+        if spec.guided_per_group == 0 and parsed(("training", "numGenerations")):
+            errors.append(
+                (
+                    ("guidance", "ratio"),
+                    f"ratio*numGenerations = {spec.guidance.ratio}*{spec.training.num_generations} guides no "
+                    f"roll-out (floor rounds it to 0); raise the ratio to at least "
+                    f"{_one_in(spec.training.num_generations)} or set it to 0 for vanilla GRPO",
                 )
-        if self.training.epsilon_high is not None and self.training.epsilon_high < self.training.epsilon:
-            errors.append((("training", "epsilonHigh"), "must be at least training.epsilon"))
-        if errors:
-            raise SpecError(errors)
-        return self
+            )
+    training = spec.training
+    if (
+        training.epsilon_high is not None
+        and training.epsilon_high < training.epsilon
+        and parsed(("training", "epsilon"), ("training", "epsilonHigh"))
+    ):
+        errors.append((("training", "epsilonHigh"), "must be at least training.epsilon"))
+    return errors
 
 
 def _one_in(num_generations: int) -> str:
@@ -982,20 +1026,21 @@ def _dotted(path: tuple[str | int, ...]) -> str:
 def _from_validation_error(
     exc: ValidationError, root: type[BaseModel], prefix: tuple[str | int, ...] = ()
 ) -> SpecError:
-    errors: list[tuple[tuple[str | int, ...], str]] = []
-    for err in exc.errors():
-        nested = (err.get("ctx") or {}).get("error")
-        if isinstance(nested, SpecError):
-            errors.extend((prefix + tuple(err["loc"]) + path, reason) for path, reason in nested.errors)
-            continue
-        loc = tuple(part for part in err["loc"] if not (isinstance(part, str) and part.startswith("function-")))
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown field" + _did_you_mean(root, loc, prefix)
-        elif err["type"] == "literal_error":
-            message = f"{message} (got {err['input']!r})"
-        errors.append((prefix + loc, message))
-    return SpecError(errors)
+    return SpecError([reason for err in exc.errors() for reason in _reasons(err, root, prefix)])
+
+
+def _reasons(err: Any, root: type[BaseModel], prefix: tuple[str | int, ...]) -> list[tuple[FieldPath, str]]:
+    """One pydantic error as (field path, reason) pairs (a check raising SpecError names several fields)."""
+    nested = (err.get("ctx") or {}).get("error")
+    if isinstance(nested, SpecError):
+        return [(prefix + tuple(err["loc"]) + path, reason) for path, reason in nested.errors]
+    loc = _plain_loc(err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown field" + _did_you_mean(root, loc, prefix)
+    elif err["type"] == "literal_error":
+        message = f"{message} (got {err['input']!r})"
+    return [(prefix + loc, message)]
 
 
 def _did_you_mean(root: type[BaseModel], loc: tuple[str | int, ...], prefix: tuple[str | int, ...]) -> str:
@@ -1021,6 +1066,101 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return next((model for arg in get_args(annotation) if (model := _model_in(arg))), None)
 
 
+LOOK_PAST_ROUNDS = 4
+"""How often _every_error re-validates a spec with what was refused taken out (each round can only uncover
+checks of models whose own checks failed in the round before: a handful at most)."""
+_REMOVED = object()
+
+
+def _every_error(
+    exc: ValidationError, root: type[BaseModel], prefix: FieldPath, raw_spec: Any, spec_loc: FieldPath
+) -> SpecError:
+    """Every problem at once: the errors of `exc`, and the errors that pydantic held back behind them.
+
+    Pydantic runs a model's checks (_check) only once every field of that model parsed, so a negative
+    learning rate hides that the ratio guides no roll-out (a check of the whole spec), and an unknown field
+    in `guidance` hides that its lengths are out of order. So the spec is validated again with each refused
+    value taken out (its default stands in), and the checks that failed already held back; a check that
+    fails now is reported only where no value it could have read was taken out (an unknown field takes out
+    nothing), and the checks of the whole spec run last, skipping those that read a refused field
+    (cross_section_errors). `spec_loc`: where the spec sits in `exc`'s locations; `prefix`: what goes before
+    them in the reported paths.
+    """
+    errors = _from_validation_error(exc, root, prefix).errors
+    failed = [err for err in exc.errors() if err["loc"][: len(spec_loc)] == spec_loc]
+    if not isinstance(raw_spec, dict) or any(not _plain_loc(err["loc"][len(spec_loc) :]) for err in failed):
+        return SpecError(errors)  # not a mapping; or the spec's own check ran, so every field of it parsed
+    raw = copy.deepcopy(raw_spec)
+    refused: set[FieldPath] = set()
+    held: set[type[BaseModel]] = {G2RPOJobSpec}
+    spec_prefix = prefix + spec_loc
+    for _ in range(LOOK_PAST_ROUNDS):
+        for err in failed:
+            loc = _plain_loc(err["loc"][len(spec_loc) :])
+            checked = _model_at(G2RPOJobSpec, loc) if err["type"] == "value_error" else None
+            if checked is not None:  # a check of a model whose fields all parsed
+                held.add(checked)
+            elif err["type"] == "missing" or not _take_out(raw, loc):
+                return SpecError(errors)  # no value to stand in for a required field: the rest waits
+            elif err["type"] != "extra_forbidden":
+                refused.add(loc)
+        raw = _without_removed(raw)
+        try:
+            spec = G2RPOJobSpec.model_validate(raw, context={HELD_CHECKS: held})
+        except ValidationError as again:
+            failed = again.errors()
+            for err in failed:
+                loc = _plain_loc(err["loc"])
+                if err["type"] == "value_error" and not any(r[: len(loc)] == loc for r in refused):
+                    errors += _reasons(err, G2RPOJobSpec, spec_prefix)
+            continue
+        cross = cross_section_errors(spec, frozenset(refused))
+        return SpecError(errors + [(spec_prefix + path, reason) for path, reason in cross])
+    return SpecError(errors)
+
+
+def _plain_loc(loc: tuple) -> FieldPath:
+    return tuple(part for part in loc if not (isinstance(part, str) and part.startswith("function-")))
+
+
+def _model_at(root: type[BaseModel], loc: FieldPath) -> type[BaseModel] | None:
+    """The model at `loc` (camelCase field names; list indexes pass through), or None where loc is no model."""
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        fields = {field.alias or name: field for name, field in model.model_fields.items()}
+        model = _model_in(fields[part].annotation) if part in fields else None
+    return model
+
+
+def _take_out(raw: Any, loc: FieldPath) -> bool:
+    """Remove the value at `loc` from the parsed document (list items are marked, then dropped together)."""
+    if not loc:
+        return False
+    *parents, last = loc
+    for part in parents:
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if isinstance(raw, dict) and last in raw:
+        del raw[last]
+        return True
+    if isinstance(raw, list) and isinstance(last, int) and 0 <= last < len(raw):
+        raw[last] = _REMOVED
+        return True
+    return False
+
+
+def _without_removed(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {key: _without_removed(value) for key, value in raw.items()}
+    if isinstance(raw, list):
+        return [_without_removed(item) for item in raw if item is not _REMOVED]
+    return raw
+
+
 def parse_job(document: Any) -> G2RPOJob:
     """Validate a parsed YAML/JSON document as a G2RPOJob; raises SpecError listing every problem."""
     if not isinstance(document, dict):
@@ -1028,7 +1168,7 @@ def parse_job(document: Any) -> G2RPOJob:
     try:
         return G2RPOJob.model_validate(document)
     except ValidationError as exc:
-        raise _from_validation_error(exc, G2RPOJob) from None
+        raise _every_error(exc, G2RPOJob, (), document.get("spec"), ("spec",)) from None
 
 
 def parse_spec(spec: Any) -> G2RPOJobSpec:
@@ -1036,7 +1176,7 @@ def parse_spec(spec: Any) -> G2RPOJobSpec:
     try:
         return G2RPOJobSpec.model_validate(spec)
     except ValidationError as exc:
-        raise _from_validation_error(exc, G2RPOJobSpec, ("spec",)) from None
+        raise _every_error(exc, G2RPOJobSpec, ("spec",), spec, ()) from None
 
 
 def check_batch_layout(spec: G2RPOJobSpec, num_processes: int) -> None:

@@ -268,6 +268,21 @@ def _load_source(dataset: DatasetSpec) -> Dataset:
         return datasets.load_dataset(dataset.name, dataset.config, split=dataset.split)
     except datasets.exceptions.DatasetNotFoundError as exc:
         raise SpecError([(NAME_PATH, f"not a local path, and the hub has no dataset {dataset.name!r}: {exc}")]) from exc
+    except ConnectionError as exc:  # datasets' own "Couldn't reach '<name>' on the Hub (<cause>)" (datasets/load.py)
+        raise HubUnreachable(
+            [
+                (
+                    NAME_PATH,
+                    f"could not download {dataset.name!r}: {exc}; connect to the network (check HF_ENDPOINT, "
+                    "HF_HUB_OFFLINE, proxy settings) and retry, or set dataset.name to a local copy (a .jsonl, "
+                    ".json, .parquet or .csv file, or a folder)",
+                )
+            ]
+        ) from exc
+
+
+class HubUnreachable(SpecError):
+    """The job names a hub dataset and the hub cannot be reached: the job may be right, its data is unchecked."""
 
 
 def _load_file(path: Path) -> Dataset:

@@ -92,6 +92,13 @@ class EvalReport:
             "per_problem": [{**problem.__dict__, "pass_at_1": problem.pass_at_1} for problem in self.per_problem],
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvalReport:
+        """The report that to_json wrote."""
+        fields = ("id", "tier", "correct", "completion_tokens", "truncated", "completions")
+        problems = [ProblemResult(**{name: problem[name] for name in fields}) for problem in data["per_problem"]]
+        return cls(task=data["task"], samples=data["samples"], settings=data["settings"], per_problem=problems)
+
     def table(self) -> str:
         rows = [("all", self.n_problems, self.pass_at_1)]
         counts = self.to_json()["tier_problems"]

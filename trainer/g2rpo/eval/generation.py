@@ -91,8 +91,13 @@ def transformers_generate(
 def _generate_batches(model, prompt_ids, batches, results, config, eos, pad, device, sampling, progress) -> None:
     import torch
     from tqdm.auto import tqdm
+    from transformers import StoppingCriteriaList
 
-    for index, batch in enumerate(tqdm(batches, desc="generating", unit="batch", disable=not progress)):
+    # Counted in decoding steps, not batches: on a CPU one batch of a 135M model takes minutes, and a bar
+    # that moves only when a batch ends looks hung.
+    bar = tqdm(total=len(batches) * sampling.max_new_tokens, desc="generating", unit="tok", disable=not progress)
+    for index, batch in enumerate(batches):
+        bar.set_postfix_str(f"batch {index + 1}/{len(batches)}")
         width = max(len(prompt_ids[p]) for p, _ in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -103,10 +108,28 @@ def _generate_batches(model, prompt_ids, batches, results, config, eos, pad, dev
         torch.manual_seed(sampling.seed + index)
         with torch.no_grad():
             output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=config,
+                stopping_criteria=StoppingCriteriaList([_CountSteps(bar)]),
             )
+        bar.update((index + 1) * sampling.max_new_tokens - bar.n)  # a batch that ended early on EOS
         for row, (p, s) in enumerate(batch):
             results[p][s] = _until_eos(output[row, width:].tolist(), eos, sampling.max_new_tokens)
+    bar.close()
+
+
+class _CountSteps:
+    """A stopping criterion that never stops: it moves the bar one step per decoded token."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def vllm_generate(model_path: str, prompt_ids: Sequence[list[int]], sampling: Sampling) -> list[list[Completion]]:

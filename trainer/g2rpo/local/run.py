@@ -21,6 +21,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class AlreadyFinished(Exception):
+    """The run folder holds this job's run, trained to its last step: nothing to train, nothing was changed."""
+
+    def __init__(self, layout: RunLayout, checkpoint: Path, step: int):
+        super().__init__(f"{checkpoint} is the run's last step ({step})")
+        self.layout = layout
+        self.checkpoint = checkpoint
+        self.step = step
+
+
 @dataclass
 class LocalRunResult:
     layout: RunLayout
@@ -40,7 +50,8 @@ def run_local(
     """Train `job` here. `heldout_problems` > 0: also evaluate the model before and after (see HeldoutCheck).
 
     Ctrl-C or SIGTERM stops after the current step with a checkpoint, then raises StopRequested
-    (g2rpo.train.lifecycle); the caller says where to resume from."""
+    (g2rpo.train.lifecycle); the caller says where to resume from. A run folder whose newest checkpoint
+    is already the job's last step raises AlreadyFinished before anything is loaded or written."""
     from g2rpo.train.lifecycle import StopSignals
 
     signals = StopSignals().install()
@@ -52,29 +63,34 @@ def run_local(
 
 def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: int, signals) -> LocalRunResult:
     from g2rpo.local.plot import plot_run, read_metrics
-    from g2rpo.train.build import RunLayout, build_trainer, resolve_resume, save_final_model
-    from g2rpo.train.callbacks import ProgressCallback
+    from g2rpo.train.build import RunLayout, build_trainer, finished_step, resolve_resume, save_final_model
+    from g2rpo.train.callbacks import ProgressCallback, StepLineCallback
     from g2rpo.train.lifecycle import StopAtStepBoundary, StopRequested
 
     started = time.monotonic()
     layout = RunLayout.for_job(job, run_dir)
     driving = job.spec.guidance_reward.name
     resume = resolve_resume(job.spec, layout.checkpoint_dir)
+    if resume:
+        step = finished_step(job.spec, Path(resume))
+        if step is not None:
+            raise AlreadyFinished(layout, Path(resume), step)
+        log.info("resuming from %s", resume)
     trainer = build_trainer(
         job,
         layout,
         guidance_client_factory=lambda params: InProcessGuidanceClient(GuidanceController(params)),
-        extra_callbacks=[StopAtStepBoundary(signals), *([ProgressCallback(driving)] if progress else [])],
+        extra_callbacks=[
+            StopAtStepBoundary(signals),
+            ProgressCallback(driving) if progress else StepLineCallback(driving),
+        ],
     )
-    if progress:
-        from transformers import PrinterCallback
+    from transformers import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)  # the progress bar replaces the per-step log dicts
+    trainer.remove_callback(PrinterCallback)  # the bar or the step lines replace its per-step dicts
     heldout = HeldoutCheck.for_job(job, heldout_problems, progress)
-    before = heldout.evaluate(trainer, "before training") if heldout else None
-    if resume:
-        log.info("resuming from %s", resume)
-    with hf_progress_bars_off():
+    before = heldout.before_training(trainer, layout.run_dir, resumed=bool(resume)) if heldout else None
+    with hf_progress_bars_off(), logs_above_the_bar(progress):
         trainer.train(resume_from_checkpoint=resume)
         if signals.stopped_by:
             raise StopRequested(signals.stopped_by)
@@ -88,7 +104,7 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: i
             reward=driving,
         )
     summary = summarise(records, driving)
-    if heldout and before:
+    if heldout:
         summary.update(heldout.compare(before, heldout.evaluate(trainer, "after training"), layout.run_dir))
     return LocalRunResult(
         layout=layout,
@@ -111,6 +127,19 @@ def hf_progress_bars_off():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def logs_above_the_bar(progress: bool):
+    """Log lines printed above the step bar, not into its line (tqdm's logging redirect: the console
+    handlers of these loggers write through tqdm.write while the block runs)."""
+    if not progress:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("transformers")]):
+        yield
 
 
 @dataclass
@@ -140,6 +169,25 @@ class HeldoutCheck:
         problems = load_math_problems("builtin:arithmetic", split="heldout", n=n, seed=0, train=dataset.arithmetic)
         return cls(problems, dataset.system_prompt, job.spec.training.max_completion_length, progress)
 
+    def before_training(self, trainer, run_dir: Path, resumed: bool):
+        """The check before training, asked once per run folder: a first run asks it and keeps the result in
+        heldout.json at once; a resumed run reads it back (the model it would ask now has trained already).
+        None when a resumed run has no kept result (its first run skipped the check)."""
+        from g2rpo.eval.core import EvalReport
+
+        kept = _read_json(run_dir / HELDOUT_FILE).get("before") if resumed else None
+        if kept is not None:
+            report = EvalReport.from_json(kept)
+            print(f"\nheld-out problems, unguided, before training (kept from the first run):\n{report.table()}")
+            return report
+        if resumed:
+            log.info("no held-out result from before training in %s: only the check after training runs", run_dir)
+            return None
+        report = self.evaluate(trainer, "before training")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / HELDOUT_FILE).write_text(json.dumps({"before": report.to_json()}, indent=1))
+        return report
+
     def evaluate(self, trainer, when: str):
         from g2rpo.eval import evaluate
 
@@ -166,16 +214,25 @@ class HeldoutCheck:
 
     @staticmethod
     def compare(before, after, run_dir: Path) -> dict[str, float]:
-        """The summary lines, and heldout.json in the run folder with both reports."""
-        (run_dir / "heldout.json").write_text(
-            json.dumps({"before": before.to_json(), "after": after.to_json()}, indent=1)
-        )
-        return {
-            "heldout_accuracy_before": before.pass_at_1,
-            "heldout_accuracy_after": after.pass_at_1,
-            "heldout_truncated_before": before.truncation_rate,
-            "heldout_truncated_after": after.truncation_rate,
-        }
+        """The summary lines, and heldout.json in the run folder with both reports (`before` may be None)."""
+        reports = {"before": before, "after": after} if before else {"after": after}
+        (run_dir / HELDOUT_FILE).write_text(json.dumps({k: r.to_json() for k, r in reports.items()}, indent=1))
+        summary = {}
+        for when, report in reports.items():
+            summary[f"heldout_accuracy_{when}"] = report.pass_at_1
+        for when, report in reports.items():
+            summary[f"heldout_truncated_{when}"] = report.truncation_rate
+        return summary
+
+
+HELDOUT_FILE = "heldout.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def summarise(records: list[dict], driving_reward: str = "accuracy") -> dict[str, float]:

@@ -47,6 +47,7 @@ def resolve_model_path(model: ModelSpec, cache_dir: Path | None = None) -> str:
         raise SpecError([(("spec", "model", "name"), f"unknown bundled model {model.name!r}; known: {known}")])
     target = Path(cache_dir or default_cache_dir()) / "models" / short_name
     if target.is_dir():  # only ever created complete, by the rename below
+        _no_space_clean_up(target)
         return str(target)
     gguf = find_gguf(bundled)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +55,20 @@ def resolve_model_path(model: ModelSpec, cache_dir: Path | None = None) -> str:
         if not target.is_dir():  # another process may have finished while we waited
             _convert_atomically(gguf, bundled, target)
     return str(target)
+
+
+def _no_space_clean_up(folder: Path) -> None:
+    """A folder converted before clean_up_tokenization_spaces was set to False in _convert gets it now
+    (one small file, rewritten atomically), so an old cache does not warn on every decode either."""
+    import json
+
+    from g2rpo.durable import atomic_write_text
+
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("clean_up_tokenization_spaces"):
+        config["clean_up_tokenization_spaces"] = False
+        atomic_write_text(config_file, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def find_gguf(bundled: BundledModel) -> Path:
@@ -135,6 +150,10 @@ def _convert(gguf: Path, bundled: BundledModel, out: Path) -> None:
     # converts the tokenizer (integrations/ggml.py reads eos from bos_token_id); the file is the authority.
     tokenizer.eos_token = eos
 
+    # transformers' GGUF tokenizer converter sets clean_up_tokenization_spaces=True (integrations/ggml.py,
+    # GGUFGPTConverter); the BPE tokenizer never applies it and warns about it on every decode
+    # (tokenization_utils_tokenizers.py, "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer").
+    tokenizer.clean_up_tokenization_spaces = False
     tokenizer.pad_token = bundled.pad_token
     tokenizer.model_max_length = model.config.max_position_embeddings
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id

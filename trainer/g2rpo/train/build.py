@@ -7,6 +7,7 @@ controller lives (in process, or the job's controller service).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -72,6 +73,25 @@ def resolve_resume(spec: G2RPOJobSpec, checkpoint_dir: Path) -> str | None:
     if reason is not None:
         raise SpecError([(("spec", "checkpoint", "resume"), f"{resume} is not a complete checkpoint: {reason}")])
     return resume
+
+
+def finished_step(spec: G2RPOJobSpec, checkpoint: Path) -> int | None:
+    """The checkpoint's step when it is the last step the job asks for (training.maxSteps; without it, as many
+    whole epochs as the run that wrote the checkpoint), else None.
+
+    A resume from the last step must not train: transformers decides that training ends only after a step
+    (DefaultFlowCallback.on_step_end, transformers/trainer_callback.py), so train(resume_from_checkpoint=...)
+    from global_step == max_steps trains one step past the end, saves it and overwrites the final model.
+    """
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    step = state["global_step"]
+    if spec.training.max_steps:
+        last = spec.training.max_steps
+    elif state.get("num_train_epochs") == math.ceil(spec.training.epochs):
+        last = state["max_steps"]  # the same epochs over the same data: the same number of steps
+    else:
+        return None
+    return step if step >= last else None
 
 
 def build_trainer(

@@ -123,13 +123,7 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
         if self.bar is None or not logs:
             return
-        shown = {
-            self.reward_label: logs.get("g2rpo/accuracy"),
-            "guided": logs.get("g2rpo/accuracy_guided"),
-            "unguided": logs.get("g2rpo/accuracy_unguided"),
-            "l_k": logs.get("g2rpo/guidance_length"),
-        }
-        self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items() if isinstance(v, (int, float))})
+        self.bar.set_postfix(_headline(logs, self.reward_label))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -139,6 +133,37 @@ class ProgressCallback(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class StepLineCallback(TrainerCallback):
+    """Instead of a progress bar (g2rpo run --no-progress): one short line per logged step, rank 0 only, in
+    place of transformers' PrinterCallback and its dict of every logged value (those are in metrics.jsonl)."""
+
+    def __init__(self, driving_reward: str = "accuracy"):
+        self.reward_label = "acc" if driving_reward == "accuracy" else driving_reward
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if not state.is_world_process_zero or not logs or "g2rpo/accuracy" not in logs:
+            return
+        shown = {**_headline(logs, self.reward_label), "loss": _short(logs.get("loss"))}
+        seconds = logs.get("step_time")
+        line = f"step {state.global_step}/{state.max_steps} " + " ".join(f"{k}={v}" for k, v in shown.items() if v)
+        print(line + (f" ({seconds:.1f} s)" if isinstance(seconds, (int, float)) else ""), flush=True)
+
+
+def _headline(logs: dict[str, Any], reward_label: str) -> dict[str, str]:
+    """The driving reward (all, guided, unguided roll-outs) and l_k, as the bar and the step lines show them."""
+    shown = {
+        reward_label: logs.get("g2rpo/accuracy"),
+        "guided": logs.get("g2rpo/accuracy_guided"),
+        "unguided": logs.get("g2rpo/accuracy_unguided"),
+        "l_k": logs.get("g2rpo/guidance_length"),
+    }
+    return {k: _short(v) for k, v in shown.items() if _short(v)}
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else ""
 
 
 def _json_number(value: Any) -> Any:
