@@ -524,7 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = _run_arms(bed, sets, test, warm_dir, args, tasks, stream_tiers, warm_seeds=range(args.seeds))
     warm = [r for r in runs if r["arm"] == "warm-start"]
     document = results_document(
-        bed, strata, warm, [r for r in runs if r["arm"] != "warm-start"], _protocol_commit(), {"machine": _machine()}
+        bed,
+        {key: strata[key] for key in ("L", "H", "per_tier")},
+        warm,
+        [r for r in runs if r["arm"] != "warm-start"],
+        _protocol_commit(),
+        {"machine": _machine()},
     )
     _write(args.output / _name("efficacy", args.quick), document, started)
     plot(document, (args.output / _name("efficacy", args.quick)).with_suffix(".png"))
