@@ -342,7 +342,11 @@ class G2RPOTrainer(GRPOTrainer):
             if is_conversational({"prompt": prompts[0]})
             else texts
         )
-        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key not in ("prompt", "completion")}
+        columns = {
+            key: [row[key] for row in inputs]
+            for key in inputs[0]
+            if key not in ("prompt", "completion", "completion_ids")
+        }
         # a plain function: checked in __init__ (TRL types the list loosely, names included)
         reward_func = cast(Callable[..., list[float | None]], self.reward_funcs[self.driving_reward_index])
         values = reward_func(
