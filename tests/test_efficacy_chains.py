@@ -39,10 +39,11 @@ def test_every_one_step_fact_is_a_warm_start_problem_and_values_stay_bounded():
     facts = one_step_facts()
     assert len(facts) == len(set(facts)) == 774
     assert all(LOW <= v <= HIGH and LOW <= r <= HIGH and 1 <= a <= MAX_OPERAND for v, _, a, r in facts)
-    warm = warm_start_rows(Chains(warm_two_step=10))
+    warm = warm_start_rows(Chains(warm_two_step=10, warm_longer=((3, 4), (4, 2))))
     one_step = {row["problem"] for row in warm if row["steps"] == 1}
     assert one_step == {f"Start at {v}. Apply {op}{a}." for v, op, a, _ in facts}
-    assert sum(row["steps"] == 2 for row in warm) == 10
+    assert [sum(row["steps"] == t for row in warm) for t in (2, 3, 4, 5)] == [10, 4, 2, 0]
+    assert len({row["problem"] for row in warm}) == len(warm)
 
 
 def test_chains_compute_their_answer_and_the_reward_scores_the_reference():

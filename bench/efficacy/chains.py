@@ -50,8 +50,10 @@ class Chains:
     """Every knob; written into each results file so that a number can be traced to its setup."""
 
     tiers: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
-    # warm start: every one-step fact, plus two-step chains for the chaining format
+    # warm start: every one-step fact, two-step chains for the chaining format, and a few longer ones
+    # (protocol v2: with two-step chains alone, tier 3 fell to pass@8 0.11 and L was empty)
     warm_two_step: int = 1500
+    warm_longer: tuple[tuple[int, int], ...] = ((3, 200), (4, 50))
     warm_steps: int = 1500
     warm_batch_size: int = 32
     warm_learning_rate: float = 3e-3
@@ -128,9 +130,14 @@ for _fact in one_step_facts():
 
 
 def warm_start_rows(bed: Chains, seed: int = 1000) -> list[dict]:
-    """Every one-step fact as a one-step problem, then `warm_two_step` distinct two-step chains."""
+    """Every one-step fact as a one-step problem, then `warm_two_step` distinct two-step chains and
+    `warm_longer` (tier, count) longer ones, all distinct."""
     rows = [chain_row(v, [(op, a)]) for v, op, a, _ in one_step_facts()]
-    return rows + draw(random.Random(seed), [2], bed.warm_two_step, exclude=set())
+    seen: set[str] = set()
+    rows += draw(random.Random(seed), [2], bed.warm_two_step, exclude=seen)
+    for tier, count in bed.warm_longer:
+        rows += draw(random.Random(seed + tier), [tier], count, exclude=seen)
+    return rows
 
 
 def draw(rng: random.Random, tiers: Sequence[int], n: int, exclude: set[str]) -> list[dict]:
@@ -474,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     bed = Chains()
     if args.quick:
         bed = replace(
-            bed, warm_two_step=50, warm_steps=20, strata_problems_per_tier=4, validation_problems_per_stratum=4,
+            bed, warm_two_step=50, warm_longer=((3, 4),), warm_steps=20, strata_problems_per_tier=4, validation_problems_per_stratum=4,
             test_problems_per_stratum=4, samples=2, rl_steps=2, prompts_per_step=2, num_generations=4,
         )  # fmt: skip
     if args.learning_rate:
@@ -569,7 +576,7 @@ def _name(stem: str, quick: bool) -> str:
 def _warm_start(bed: Chains, sets: ProblemSets, run_dir: Path) -> Path:
     from bench.efficacy.warmstart import WarmStartConfig, warm_start
 
-    warm_dir = run_dir / f"warm-{bed.warm_steps}"
+    warm_dir = run_dir / f"warm-{bed.warm_steps}-{len(sets.warm)}"
     if (warm_dir / "model.safetensors").is_file():
         return warm_dir
     config = WarmStartConfig(
