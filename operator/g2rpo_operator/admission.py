@@ -51,7 +51,9 @@ def validate(
             "spec.checkpoint.volumeClaim: required on a cluster (restarts and resume continue from checkpoints "
             "on this PersistentVolumeClaim)"
         )
-    if spec.guidance.schedule in ("linear", "concave", "cosine") and not (spec.guidance.total_steps or spec.training.max_steps):
+    if spec.guidance.schedule in ("linear", "concave", "cosine") and not (
+        spec.guidance.total_steps or spec.training.max_steps
+    ):
         errors.append(
             f"spec.guidance.totalSteps: the {spec.guidance.schedule} schedule needs the run's length on a cluster "
             "(set guidance.totalSteps or training.maxSteps): the controller pod computes l_k without the dataset"
