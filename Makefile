@@ -1,7 +1,8 @@
 # Two commands on a fresh machine (README.md):
 #   make run    install (CPU) and run the embedded default job locally
 #   make test   install (CPU), lint, and run the test suite (make test-fast: the fast part only)
-#   make efficacy  the G2RPO-A vs GRPO testbed (bench/efficacy; under an hour on 2 cores)
+#   make efficacy  issue 9's G2RPO-A vs GRPO testbed (bench/efficacy/testbed.py; under an hour on 2 cores);
+#                  issue 18's redesign: bench/efficacy/PROTOCOL.md
 # Both create .venv once; the CPU install never pulls a CUDA torch (constraints/cpu.txt).
 
 VENV ?= .venv
@@ -63,6 +64,6 @@ lock:
 	$(LOCK_TOOLS)/bin/python -m pip install -q uv==0.13.9 'packaging>=24'
 	$(LOCK_TOOLS)/bin/python scripts/lock_images.py
 
-# Writes bench/results/efficacy.json and efficacy.png (README, Results).
+# Writes bench/results/efficacy-issue9.json and .png (README, Results).
 efficacy: $(INSTALLED)
 	$(VENV)/bin/python -m bench.efficacy

@@ -201,6 +201,7 @@ VIOLATIONS = [
     ({"training": {"epsilon": 0.3, "epsilonHigh": 0.2}}, "spec.training.epsilonHigh:"),
     ({"checkpoint": {"volumeClaim": None}}, "spec.checkpoint.volumeClaim:"),
     ({"guidance": {"schedule": "concave"}}, "spec.guidance.totalSteps:"),
+    ({"guidance": {"schedule": "cosine", "minLength": 0}}, "spec.guidance.totalSteps:"),
     ({"checkpoint": {"dir": "/checkpointsX/a"}}, "spec.checkpoint.dir:"),
     ({"dataset": {"name": "builtin:gsm8k"}}, "spec.dataset.name:"),
     (

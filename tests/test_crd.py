@@ -80,7 +80,8 @@ def test_types_ranges_enums_defaults_and_descriptions_come_from_the_model():
     spec = schema()["properties"]["spec"]
     guidance = spec["properties"]["guidance"]["properties"]
     assert guidance["ratio"]["minimum"] == 0.0 and guidance["ratio"]["maximum"] == 1.0
-    assert guidance["schedule"]["enum"] == ["fixed", "linear", "concave", "stepwise", "adaptive"]
+    assert guidance["schedule"]["enum"] == ["fixed", "linear", "concave", "stepwise", "adaptive", "cosine"]
+    assert guidance["groups"]["enum"] == ["all", "unsolved"] and guidance["groups"]["default"] == "all"
     assert guidance["schedule"]["default"] == "adaptive"
     assert "alpha" in guidance["ratio"]["description"]
     trainer = spec["properties"]["trainer"]["properties"]
@@ -119,7 +120,7 @@ def test_kubernetes_defaults_agree_with_the_model():
 @pytest.mark.parametrize(
     "change, error",
     [
-        ({"guidance": {"schedule": "cosine"}}, "is not one of"),
+        ({"guidance": {"schedule": "exponential"}}, "is not one of"),
         ({"guidance": {"ratio": 1.5}}, "greater than the maximum"),
         ({"trainer": {"replicas": 0}}, "less than the minimum"),
         ({"trainer": {"zeroStage": 4}}, "is not one of"),

@@ -59,3 +59,43 @@ def test_a_missing_key_that_is_not_a_tied_weight_is_still_reported(tiny_model_di
     with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
         trainer._issue_warnings_after_load(_IncompatibleKeys(["lm_head.weight", "model.norm.weight"], []))
     assert "There were missing keys in the checkpoint model loaded: ['model.norm.weight']" in caplog.text
+
+
+def test_resume_with_unsolved_groups_and_a_cosine_schedule_continues_exactly(tiny_model_dir, tmp_path):
+    """A resumed run of `guidance.groups: unsolved` with `schedule: cosine` uses the same l_k and guides
+    the same rows as the uninterrupted run (both beyond the paper, same exactness as its rule)."""
+    from test_guidance_groups import SolvedByPrompt
+
+    SOLVED = {0, 2, 5}  # problems 2k and 2k+1 make step k's two groups
+    setup = {
+        "schedule": "cosine",
+        "total_steps": 4,
+        "initial_length": 8,
+        "min_length": 0,
+        "guided_per_group": 2,
+        "groups_per_step": 2,
+        "guidance_groups": "unsolved",
+        "max_steps": 4,
+    }
+    full, full_reward, tokenizer = make_trainer(
+        tiny_model_dir, tmp_path / "a", reward=SolvedByPrompt(SOLVED), save_steps=1, **setup
+    )
+    full.train()
+    expected = lengths_for(
+        ScheduleParams(schedule="cosine", initial_length=8, min_length=0, max_length=64, total_steps=4), [0.0] * 4
+    )
+    assert [r.length_used for r in full.guidance_client.controller.history] == expected[:4] == [8, 7, 4, 1]
+
+    resumed, reward, _ = make_trainer(tiny_model_dir, tmp_path / "b", reward=SolvedByPrompt(SOLVED), **setup)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    history = resumed.guidance_client.controller.history
+    assert [r.length_used for r in history] == expected[:4]
+    assert [r.metrics["guided_groups"] for r in history] == [0.5, 0.5, 0.5, 1.0]
+    # steps 2 and 3 (probe + trained batch each): the unsolved group's first two rows carry l_k ids
+    for step, (probe, final) in enumerate(zip(reward.calls[::2], reward.calls[1::2], strict=True), start=2):
+        unsolved = [g for g in range(2) if 2 * step + g not in SOLVED]
+        for row, ids in enumerate(final["completion_ids"]):
+            guided = row // 4 in unsolved and row % 4 < 2 and expected[step] > 0
+            head = tokenizer(final["guidance"][row], add_special_tokens=False)["input_ids"][: expected[step]]
+            assert (ids[: expected[step]] == head) if guided else (ids == probe["completion_ids"][row])
+        assert full_reward.calls[2 * step + 1]["guidance"] == final["guidance"]

@@ -71,10 +71,33 @@ def test_fractional_lengths_accumulate_without_rounding_drift():
         ("linear", {"total_steps": 4}, [100, 75, 50, 25, 1]),
         ("concave", {"total_steps": 4, "power": 2.0}, [100, 56, 25, 6, 1]),
         ("stepwise", {"decay": 0.5, "interval": 2}, [100, 100, 50, 50, 25]),
+        # 100 * (1 + cos(pi * k/4)) / 2: 85.36, 50, 14.64, then 0 clipped to minLength 1
+        ("cosine", {"total_steps": 4}, [100, 85, 50, 15, 1]),
     ],
 )
 def test_timed_schedules(schedule, extra, expected):
     assert lengths_for(params(schedule, **extra), [0.3, 0.9, 0.1, 0.5]) == expected
+
+
+def test_cosine_anneals_to_zero_at_the_end_step_and_stays_there():
+    cosine = params("cosine", total_steps=6, min_length=0)
+    lengths = lengths_for(cosine, [0.0, 1.0, 0.5, 0.0, 1.0, 0.2, 0.9, 0.0])
+    assert lengths == [100, 93, 75, 50, 25, 7, 0, 0, 0], "the rewards do not move it"
+    assert all(a >= b for a, b in itertools.pairwise(lengths))
+    state = initial_state(cosine)
+    for r in [0.5] * 4:
+        state = advance(cosine, state, r)
+    assert rewind(state, 2).tokens == lengths[2]
+
+
+def test_cosine_needs_an_end_step():
+    from g2rpo.api.spec import GuidanceSpec
+
+    spec = GuidanceSpec(schedule="cosine", initial_length=64, max_length=64, min_length=0)
+    with pytest.raises(ValueError, match=r"the cosine schedule needs guidance\.totalSteps"):
+        ScheduleParams.from_spec(spec)
+    assert ScheduleParams.from_spec(spec, run_total_steps=40).total_steps == 40
+    assert ScheduleParams.from_spec(spec.model_copy(update={"total_steps": 30}), run_total_steps=40).total_steps == 30
 
 
 def test_reward_must_be_finite():

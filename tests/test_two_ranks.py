@@ -23,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(*worker_args: str) -> subprocess.CompletedProcess:
+def _torchrun(*worker_args: str, worker: Path = WORKER) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
@@ -35,7 +35,7 @@ def _torchrun(*worker_args: str) -> subprocess.CompletedProcess:
             "127.0.0.1",
             "--master_port",
             str(_free_port()),
-            str(WORKER),
+            str(worker),
             *worker_args,
         ],
         env=env,
@@ -90,3 +90,21 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step_with_a_complete_checkpo
     assert [len(r["calls"]) for r in ranks] == [2, 2]
     assert is_complete(tmp_path / "trainer" / "checkpoint-2")
     assert "terminate called" not in result.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_guide_a_group_only_when_its_rows_on_both_ranks_failed(tiny_model_dir, tmp_path):
+    """`guidance.groups: unsolved` across ranks (tests/dist/two_rank_unsolved_worker.py): the group's
+    verdict reads both ranks' unguided rewards, and a rank with no row to regenerate still takes part
+    in the second generation (TRL's vLLM paths need the same number of rows from every rank)."""
+    result = _torchrun(str(tiny_model_dir), str(tmp_path), worker=WORKER.with_name("two_rank_unsolved_worker.py"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["guided_groups"] == [0.0, 1.0, 1.0]
+    for step in range(3):
+        probe, final = ranks[0]["calls"][2 * step], ranks[0]["calls"][2 * step + 1]
+        guidance = final["guidance_ids"][0][:5]
+        assert probe["completion_ids"][0][:5] != guidance
+        assert (final["completion_ids"][0][:5] == guidance) == (step > 0), f"step {step}"
+        assert final["completion_ids"][1] == probe["completion_ids"][1]
+        assert ranks[1]["calls"][2 * step + 1]["completion_ids"] == ranks[1]["calls"][2 * step]["completion_ids"]

@@ -60,6 +60,8 @@ def make_trainer(
     min_length: int = 0,
     max_length: int = 64,
     guidance_loss: str = "include",
+    guidance_groups: str = "all",
+    total_steps: int | None = None,
     reward: ScriptedReward | None = None,
     max_steps: int = 2,
     save_steps: int = 100,
@@ -73,7 +75,12 @@ def make_trainer(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     params = ScheduleParams(
-        schedule=schedule, initial_length=initial_length, min_length=min_length, max_length=max_length, window=2
+        schedule=schedule,
+        initial_length=initial_length,
+        min_length=min_length,
+        max_length=max_length,
+        window=2,
+        total_steps=total_steps,
     )
     controller = controller or GuidanceController(params)
     reward = reward or ScriptedReward()
@@ -104,6 +111,7 @@ def make_trainer(
         guided_per_group=guided_per_group,
         guidance_loss=guidance_loss,
         driving_reward=reward.__name__,
+        guidance_groups=guidance_groups,
         sandbox_layers=sandbox_layers,
         callbacks=[MetricsFileCallback(Path(output_dir) / "metrics.jsonl")],
     )

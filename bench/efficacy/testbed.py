@@ -1,7 +1,9 @@
-"""bench/efficacy: does guidance help a small model learn what GRPO alone cannot? (issue 9, item 4)
+"""bench/efficacy, issue 9's testbed (kept to reproduce its results; issue 18's redesign is chains.py).
+
+Does guidance help a small model learn what GRPO alone cannot? (issue 9, item 4)
 
     .venv/bin/python -m bench.efficacy            # the full bench: 4 arms x 3 seeds, writes
-                                                  # bench/results/efficacy.json and efficacy.png
+                                                  # bench/results/efficacy-issue9.{json,png}
     .venv/bin/python -m bench.efficacy --quick    # a smoke run of the whole pipeline (~2 minutes)
 
 The testbed, seeded end to end, on CPU:
@@ -211,10 +213,12 @@ def main(argv: list[str] | None = None) -> int:
             report = build_report(bed, results, warm, time.monotonic() - started, complete=len(results) == len(tasks))
             if report is not None:
                 output.mkdir(parents=True, exist_ok=True)
-                (output / "efficacy.json").write_text(json.dumps(report, indent=1) + "\n")
-                plot(report, output / "efficacy.png")
+                (output / "efficacy-issue9.json").write_text(json.dumps(report, indent=1) + "\n")
+                plot(report, output / "efficacy-issue9.png")
     print(table(report))
-    print(f"wrote {output / 'efficacy.json'} and {output / 'efficacy.png'} in {report['wall_seconds']:.0f} s")
+    print(
+        f"wrote {output / 'efficacy-issue9.json'} and {output / 'efficacy-issue9.png'} in {report['wall_seconds']:.0f} s"
+    )
     return 0
 
 

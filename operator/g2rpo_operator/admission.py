@@ -34,8 +34,8 @@ def validate(
 
     Beyond the model's own validation (which the CRD schema cannot fully express: cross-field
     rules), a cluster run needs a name that fits its children's names and a checkpoint claim:
-    suspend/resume and restarts continue from checkpoints, which must outlive the pods. A linear
-    or concave schedule needs its length up front: the controller pod has no dataset to count.
+    suspend/resume and restarts continue from checkpoints, which must outlive the pods. A linear,
+    concave or cosine schedule needs its length up front: the controller pod has no dataset to count.
     """
     errors = [f"metadata.name: {reason}" for reason in job_name_errors(name)]
     try:
@@ -49,7 +49,9 @@ def validate(
             "spec.checkpoint.volumeClaim: required on a cluster (restarts and resume continue from checkpoints "
             "on this PersistentVolumeClaim)"
         )
-    if spec.guidance.schedule in ("linear", "concave") and not (spec.guidance.total_steps or spec.training.max_steps):
+    if spec.guidance.schedule in ("linear", "concave", "cosine") and not (
+        spec.guidance.total_steps or spec.training.max_steps
+    ):
         errors.append(
             f"spec.guidance.totalSteps: the {spec.guidance.schedule} schedule needs the run's length on a cluster "
             "(set guidance.totalSteps or training.maxSteps): the controller pod computes l_k without the dataset"

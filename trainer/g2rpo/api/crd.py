@@ -317,11 +317,11 @@ CROSS_FIELD_RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "spec",
-        "!(self.guidance.schedule in ['linear', 'concave']) || "
+        "!(self.guidance.schedule in ['linear', 'concave', 'cosine']) || "
         + _set("self.guidance.totalSteps", "int")
         + " || "
         + _set("self.training.maxSteps", "int"),
-        "spec.guidance.totalSteps: the linear and concave schedules need the run's length on a cluster (set "
+        "spec.guidance.totalSteps: the linear, concave and cosine schedules need the run's length on a cluster (set "
         "guidance.totalSteps or training.maxSteps): the controller pod computes l_k without the dataset",
         ".guidance.totalSteps",
         "FieldValueRequired",

@@ -279,7 +279,7 @@ class RewardSpec(SpecModel):
         return self
 
 
-ScheduleName = Literal["fixed", "linear", "concave", "stepwise", "adaptive"]
+ScheduleName = Literal["fixed", "linear", "concave", "stepwise", "adaptive", "cosine"]
 
 
 class SmoothingSpec(SpecModel):
@@ -311,7 +311,14 @@ class GuidanceSpec(SpecModel):
     schedule: ScheduleName = Field(
         "adaptive",
         description="How the guidance length l_k evolves: fixed l0; linear l0(1-t/T); concave l0(1-t/T)^power; "
-        "stepwise l0*decay^floor(t/interval); adaptive (paper Eq. 5, reward up -> guidance down).",
+        "stepwise l0*decay^floor(t/interval); adaptive (paper Eq. 5, reward up -> guidance down); cosine "
+        "l0*(1+cos(pi*t/T))/2, annealed to 0 at step T = totalSteps (beyond the paper; minLength 0 lets it reach 0).",
+    )
+    groups: Literal["all", "unsolved"] = Field(
+        "all",
+        description="Which groups get guided roll-outs. all: every group (paper Eq. 3). unsolved (beyond the "
+        "paper): every roll-out is first generated unguided; only in groups where none of them scored above 0 on "
+        "the driving reward are the first floor(alpha*G) replaced by guided ones.",
     )
     initial_length: int = Field(3072, ge=0, description="l_0: guidance tokens at the first step.")
     min_length: int = Field(1, ge=0, description="Lower clip of the guidance length, in tokens.")
@@ -323,7 +330,8 @@ class GuidanceSpec(SpecModel):
         "code); mask: guidance tokens give no gradient.",
     )
     total_steps: PositiveInt | None = Field(
-        None, description="T of linear/concave: the step where guidance reaches 0. Default: the run's total steps."
+        None,
+        description="T of linear/concave/cosine: the step where guidance reaches 0. Default: the run's total steps.",
     )
     power: float = Field(2.0, gt=0, description="concave: exponent of (1-t/T).")
     decay: float = Field(0.5, gt=0, lt=1, description="stepwise: factor applied every `interval` steps.")

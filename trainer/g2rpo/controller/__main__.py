@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
         "--run-total-steps",
         type=int,
         metavar="N",
-        help="the run's length, for linear/concave schedules without guidance.totalSteps "
+        help="the run's length, for linear/concave/cosine schedules without guidance.totalSteps "
         "(default: spec.training.maxSteps of --schedule-from)",
     )
     p.add_argument(

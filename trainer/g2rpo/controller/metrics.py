@@ -41,6 +41,7 @@ REPORT_METRICS: dict[str, ReportMetric] = {
     "zero_std_groups": ReportMetric(0.0, 1.0, "fraction of groups whose rewards are all equal (no gradient)"),
     "guidance_length": ReportMetric(0.0, math.inf, "guidance length the step used, in tokens"),
     "guided_fraction": ReportMetric(0.0, 1.0, "fraction of roll-outs that were guided"),
+    "guided_groups": ReportMetric(0.0, 1.0, "fraction of groups with a guided roll-out (guidance.groups)"),
     "completion_length": ReportMetric(0.0, math.inf, "mean completion length, in tokens"),
     "decoded_tokens": ReportMetric(0.0, math.inf, "tokens decoded during the step"),
 }
@@ -115,6 +116,10 @@ class ControllerMetrics:
             ),
             "guided_fraction": (
                 gauge("guided_fraction", "Fraction of the last step's roll-outs that were guided."),
+                (job,),
+            ),
+            "guided_groups": (
+                gauge("guided_group_fraction", "Fraction of the last step's groups with a guided roll-out."),
                 (job,),
             ),
             "completion_length": (

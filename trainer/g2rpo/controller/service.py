@@ -189,7 +189,7 @@ def overridden_params(current: ScheduleParams, changes: dict[str, Any]) -> Sched
             )
             for err in exc.errors()
         ]
-    except ValueError as exc:  # a linear or concave schedule without totalSteps
+    except ValueError as exc:  # a linear, concave or cosine schedule without totalSteps
         problems = [("params.totalSteps", str(exc), False)]
     raise problems_error(problems)
 

@@ -10,10 +10,26 @@ global index makes the same rows guided whatever the number of ranks or the per-
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
-def guided_rows(num_rows: int, global_offset: int, num_generations: int, guided_per_group: int) -> list[bool]:
-    """For each local row, whether it is one of the guided roll-outs of its group."""
-    return [(global_offset + i) % num_generations < guided_per_group for i in range(num_rows)]
+
+def guided_rows(
+    num_rows: int,
+    global_offset: int,
+    num_generations: int,
+    guided_per_group: int,
+    guided_groups: Sequence[bool] | None = None,
+) -> list[bool]:
+    """For each local row, whether it is one of the guided roll-outs of its group.
+
+    `guided_groups` (indexed by global group, see g2rpo.guidance.groups) leaves the rows of unflagged
+    groups unguided; None guides every group.
+    """
+    return [
+        (j := global_offset + i) % num_generations < guided_per_group
+        and (guided_groups is None or guided_groups[j // num_generations])
+        for i in range(num_rows)
+    ]
 
 
 def join_guidance(prompt_ids: list[list[int]], guidance_ids: list[list[int]]) -> list[list[int]]:

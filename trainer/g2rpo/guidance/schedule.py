@@ -16,6 +16,10 @@ Schedules (l0 = initialLength; results are clipped to [minLength, maxLength]):
 - concave    l_k = l0 * (1 - k/T_total) ** power
 - stepwise   l_k = l0 * decay ** floor(k / interval)
 - adaptive   l_{k+1} = l_k * mean(r_{k-1}, ..., r_{k-min(T,k)}) / r_k       (paper Eq. 5, see below)
+- cosine     l_k = l0 * (1 + cos(pi * min(k, T_total) / T_total)) / 2              (beyond the paper)
+
+cosine anneals the guidance to 0 at step T_total and keeps it there, as the hint-annealing methods
+that report gains over GRPO do (UFT, Prefix-RFT, QuestA); it reaches 0 only with minLength 0.
 
 The adaptive rule, direction. The paper's text ("when recent rewards rise, l_k is reduced") and
 the official code agree: reward up -> guidance down. Eq. 5 as printed has the ratio upside down
@@ -80,7 +84,7 @@ class ScheduleParams:
     @classmethod
     def from_spec(cls, guidance: GuidanceSpec, run_total_steps: int | None = None) -> ScheduleParams:
         total = guidance.total_steps or run_total_steps
-        if guidance.schedule in ("linear", "concave") and not total:
+        if guidance.schedule in ("linear", "concave", "cosine") and not total:
             raise ValueError(f"the {guidance.schedule} schedule needs guidance.totalSteps or a known run length")
         return cls(
             schedule=guidance.schedule,
@@ -220,8 +224,10 @@ def _timed_length(params: ScheduleParams, k: int) -> float:
         return l0
     if params.schedule == "stepwise":
         return l0 * params.decay ** (k // params.interval)
-    assert params.total_steps, "linear and concave schedules need total_steps"
+    assert params.total_steps, "linear, concave and cosine schedules need total_steps"
     remaining = max(0.0, 1.0 - k / params.total_steps)
+    if params.schedule == "cosine":
+        return l0 * (1.0 + math.cos(math.pi * (1.0 - remaining))) / 2.0
     if params.schedule == "linear":
         return l0 * remaining
     if params.schedule == "concave":

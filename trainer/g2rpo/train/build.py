@@ -155,6 +155,7 @@ def build_trainer(
         guided_per_group=spec.guided_per_group,
         guidance_loss=spec.guidance.loss,
         driving_reward=spec.guidance_reward.name,
+        guidance_groups=spec.guidance.groups,
         sandbox_layers=_sandbox_layers(spec),
         model_card=model_card(job),
         callbacks=[MetricsFileCallback(layout.metrics_file), *(extra_callbacks or [])],

@@ -5,7 +5,8 @@
 - reward_mean, reward_std: the weighted reward sum that GRPO normalises.
 - advantage_std: the paper's Figure 5b signal; near zero means GRPO has nothing to learn from.
 - zero_std_groups: fraction of groups whose rewards are all equal (zero advantage everywhere).
-- guidance_length: l_k used this step; guided_fraction: roll-outs that got guidance tokens.
+- guidance_length: l_k used this step; guided_fraction: roll-outs that got guidance tokens;
+  guided_groups: groups with at least one such roll-out (below 1 with `guidance.groups: unsolved`).
 - completion_length: trained tokens per roll-out (guidance + generated);
   decoded_tokens: generated tokens per roll-out (what the policy wrote).
 """
@@ -38,6 +39,7 @@ def step_statistics(
         "zero_std_groups": _zero_std_fraction(total, num_generations),
         "guidance_length": float(guidance_length),
         "guided_fraction": (guidance_lengths > 0).float().mean().item(),
+        "guided_groups": (guidance_lengths > 0).view(-1, num_generations).any(dim=1).float().mean().item(),
         "completion_length": completion_lengths.float().mean().item(),
         "decoded_tokens": (completion_lengths - guidance_lengths).float().mean().item(),
     }

@@ -40,7 +40,8 @@ def model_card(job: G2RPOJob) -> str:
             f"- Data: `{dataset.name}`" + ("" if dataset.is_builtin_arithmetic else f", split `{dataset.split}`"),
             f"- Rewards: {rewards}; the `{spec.guidance_reward.name}` reward drives the guidance schedule",
             f"- Guidance: {spec.guided_per_group} of every {training.num_generations} roll-outs guided "
-            f"(alpha {guidance.ratio:g}), {guidance.schedule} schedule, l_0 = {guidance.initial_length} tokens "
+            f"(alpha {guidance.ratio:g}) in {'every group' if guidance.groups == 'all' else 'unsolved groups only'}, "
+            f"{guidance.schedule} schedule, l_0 = {guidance.initial_length} tokens "
             f"within [{guidance.min_length}, {guidance.max_length}], guidance tokens in the loss: {guidance.loss}",
             f"- Training: {steps}, learning rate {training.learning_rate:g}, "
             f"{training.max_completion_length} new tokens per roll-out, seed {training.seed}",

@@ -2,7 +2,9 @@
 
 Per training step k (one generation batch; one optimizer step when numIterations = 1):
 
-1. In every group of G roll-outs the first floor(alpha*G) are guided (g2rpo.guidance.rows).
+1. In every group of G roll-outs the first floor(alpha*G) are guided (g2rpo.guidance.rows), in
+   the groups that the job's group rule picks (g2rpo.guidance.groups: every group, or, after an
+   unguided generation of the whole batch, only the groups none of whose roll-outs succeeded).
 2. A guided roll-out is generated from `prompt ids + the first l_k ids of the reference
    trajectory`, joined at the token level: what the model was conditioned on is exactly what it
    is trained on (the official code decodes and re-tokenises, which can differ).
@@ -21,6 +23,7 @@ pyproject.toml for the same reason.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -28,14 +31,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from accelerate.utils import broadcast_object_list
 from trl import GRPOTrainer
+from trl.data_utils import is_conversational
 
 from g2rpo.controller.client import GuidanceClient
 from g2rpo.durable import atomic_write_text
+from g2rpo.guidance.groups import GROUP_RULES
 from g2rpo.guidance.rows import generated_token_mask, guided_rows, join_guidance, prepend_guidance
 from g2rpo.train.callbacks import CheckpointRoomCallback, GuidanceCheckpointCallback
 from g2rpo.train.checkpoints import incomplete_reason, newest_complete
@@ -76,12 +81,31 @@ T = TypeVar("T")
 
 
 class _GuidancePlan:
-    """The guidance of one generation batch on this rank: token ids per row and which rows are guided."""
+    """The guidance of one generation batch on this rank: token ids per row and which rows are guided.
 
-    def __init__(self, guided: list[bool], guidance_ids: list[list[int]], length: int):
-        self.guided = guided
-        self.guidance_ids = guidance_ids
+    `candidate_ids`: the guidance each row gets if it is guided. A plan whose group rule reads the
+    unguided roll-outs' rewards starts with no row guided (`awaiting_probe`) and is completed by
+    `choose` once those rewards are known.
+    """
+
+    def __init__(
+        self,
+        candidate_ids: list[list[int]],
+        length: int,
+        inputs: list[dict[str, Any]],
+        global_offset: int,
+        guided: list[bool] | None,
+    ):
+        self.candidate_ids = candidate_ids
         self.length = length
+        self.inputs = inputs
+        self.global_offset = global_offset
+        self.awaiting_probe = guided is None
+        self.choose(guided or [False] * len(candidate_ids))
+
+    def choose(self, guided: list[bool]) -> None:
+        self.guided = guided
+        self.guidance_ids = [ids if g else [] for ids, g in zip(self.candidate_ids, guided, strict=True)]
 
     @property
     def lengths(self) -> list[int]:
@@ -96,13 +120,15 @@ class G2RPOTrainer(GRPOTrainer):
         guided_per_group: int,
         guidance_loss: str,
         driving_reward: str,
+        guidance_groups: str = "all",
         sandbox_layers: dict[str, bool] | None = None,
         model_card: str | None = None,
         **kwargs: Any,
     ):
         """`guidance_client` is needed on rank 0 only (other ranks receive lengths by broadcast).
 
-        `driving_reward` names the reward function whose per-step mean is r_k. `sandbox_layers`
+        `driving_reward` names the reward function whose per-step mean is r_k. `guidance_groups` names
+        the rule picking the guided groups (g2rpo.guidance.groups.GROUP_RULES). `sandbox_layers`
         (jobs with a code reward) goes with every step report, so the controller, and the job's
         status on a cluster, show how strong the code sandbox's wall is. `model_card` (README.md text,
         g2rpo.train.model_card) replaces the card TRL writes beside the checkpoints.
@@ -121,6 +147,17 @@ class G2RPOTrainer(GRPOTrainer):
         self.guided_per_group = guided_per_group
         self.guidance_loss = guidance_loss
         self.driving_reward_index = self.reward_func_names.index(driving_reward)
+        if guidance_groups not in GROUP_RULES:
+            raise ValueError(f"guidance_groups must be one of {sorted(GROUP_RULES)}, got {guidance_groups!r}")
+        self.group_rule = GROUP_RULES[guidance_groups]
+        driving_func = self.reward_funcs[self.driving_reward_index]
+        if self.group_rule.needs_probe and (
+            isinstance(driving_func, torch.nn.Module) or inspect.iscoroutinefunction(driving_func)
+        ):
+            raise ValueError(
+                f"guidance.groups: {guidance_groups} scores unguided roll-outs with the driving reward "
+                f"{driving_reward!r}, which must be a plain (synchronous) reward function"
+            )
         self._sandbox_report = {f"sandbox_{layer}": float(held) for layer, held in (sandbox_layers or {}).items()}
         self._guidance_ids_cache: OrderedDict[str, list[int]] = OrderedDict()
         self._guidance_plan: _GuidancePlan | None = None
@@ -249,6 +286,10 @@ class G2RPOTrainer(GRPOTrainer):
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
+        if plan.awaiting_probe:
+            return self._generate_then_guide_chosen_groups(
+                plan, prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         # Rows of one group no longer share a prefix, so each is its own request: TRL's vLLM server
         # path would otherwise send one prompt per group (`prompts[::num_generations]`) with n=G.
         # The decision depends only on l_k and alpha, which are the same on every rank.
@@ -256,6 +297,80 @@ class G2RPOTrainer(GRPOTrainer):
             join_guidance(prompt_ids, plan.guidance_ids), images, multimodal_fields, 1, has_tool_images
         )
         return prepend_guidance(plan.guidance_ids, completion_ids, logprobs, self._tokenizer.eos_token_id)
+
+    def _generate_then_guide_chosen_groups(
+        self, plan, prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+    ):
+        """Generate every row unguided, let the group rule read their driving rewards, then regenerate
+        the guided rows of the chosen groups (prompt + guidance ids, n=1) in place of their unguided ones.
+
+        TRL's vLLM paths slice a gathered request by `process_index * len(prompts)` (trl/generation/
+        vllm_generation.py, VLLMGeneration.generate), so every rank sends the same number of rows: the
+        most any rank regenerates, padded with repeats whose answers are dropped. Every rank reaches the
+        same decision from the same gathered rewards, so all or none take part in the second call.
+        """
+        completion_ids, logprobs = super()._generate_single_turn(
+            prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+        )
+        if multimodal_fields:
+            raise ValueError("guidance.groups: unsolved supports text prompts only (multimodal fields were given)")
+        rewards = self._unguided_driving_rewards(plan.inputs, completion_ids)
+        group_size, rows = self._group_size(), len(prompt_ids)
+        chosen = self.group_rule.select(rewards, len(rewards) // group_size, group_size)
+        guided_everywhere = guided_rows(len(rewards), 0, group_size, self.guided_per_group, chosen)
+        plan.choose(guided_everywhere[plan.global_offset : plan.global_offset + rows])
+        slots = max(sum(guided_everywhere[start : start + rows]) for start in range(0, len(rewards), rows))
+        if slots == 0:
+            return completion_ids, logprobs
+        regenerated = [i for i, is_guided in enumerate(plan.guided) if is_guided]
+        request = regenerated + [regenerated[0] if regenerated else 0] * (slots - len(regenerated))
+        guidance = [plan.guidance_ids[i] for i in request]
+        new_ids, new_logprobs = super()._generate_single_turn(
+            join_guidance([prompt_ids[i] for i in request], guidance),
+            None if images is None else [images[i] for i in request],
+            multimodal_fields,
+            1,
+            has_tool_images,
+        )
+        new_ids, new_logprobs = prepend_guidance(guidance, new_ids, new_logprobs, self._tokenizer.eos_token_id)
+        completion_ids = list(completion_ids)
+        for slot, i in enumerate(regenerated):
+            completion_ids[i] = new_ids[slot]
+        if logprobs is not None and new_logprobs is not None:
+            logprobs = list(logprobs)
+            for slot, i in enumerate(regenerated):
+                logprobs[i] = new_logprobs[slot]
+        return completion_ids, logprobs
+
+    def _unguided_driving_rewards(self, inputs: list[dict[str, Any]], completion_ids: list[list[int]]) -> list[float]:
+        """The driving reward of each roll-out, over the global batch (global row order), scored as TRL's
+        `_calculate_rewards` scores a plain reward function (the same inputs columns and decoding) but
+        without logging: these roll-outs may be replaced and are never trained on as scored here."""
+        prompts = [row["prompt"] for row in inputs]
+        texts = self._tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        completions: list[Any] = (
+            [[{"role": "assistant", "content": text}] for text in texts]
+            if is_conversational({"prompt": prompts[0]})
+            else texts
+        )
+        columns = {
+            key: [row[key] for row in inputs]
+            for key in inputs[0]
+            if key not in ("prompt", "completion", "completion_ids")
+        }
+        # a plain function: checked in __init__ (TRL types the list loosely, names included)
+        reward_func = cast(Callable[..., list[float | None]], self.reward_funcs[self.driving_reward_index])
+        values = reward_func(
+            prompts=prompts,
+            completions=completions,
+            completion_ids=completion_ids,
+            trainer_state=self.state,
+            log_extra=_ignore,
+            log_metric=_ignore,
+            **columns,
+        )
+        local = torch.tensor([math.nan if v is None else float(v) for v in values], device=self.accelerator.device)
+        return self.accelerator.gather(local).tolist()
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # TRL private hook
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -265,14 +380,20 @@ class G2RPOTrainer(GRPOTrainer):
     # --- guidance --------------------------------------------------------------------------------
 
     def _plan_guidance(self, inputs: list[dict[str, Any]]) -> _GuidancePlan:
-        offset = self.accelerator.process_index * len(inputs)
-        guided = guided_rows(len(inputs), offset, self._group_size(), self.guided_per_group)
+        group_size, rows = self._group_size(), len(inputs)
+        offset = self.accelerator.process_index * rows
         length = self.guidance_length
-        guidance_ids = [
-            self._guidance_token_ids(row.get("guidance") or "")[:length] if is_guided and length > 0 else []
-            for row, is_guided in zip(inputs, guided, strict=True)
+        guided_position = guided_rows(rows, offset, group_size, self.guided_per_group)
+        candidate_ids = [
+            self._guidance_token_ids(row.get("guidance") or "")[:length] if position and length > 0 else []
+            for row, position in zip(inputs, guided_position, strict=True)
         ]
-        return _GuidancePlan(guided, guidance_ids, length)
+        if self.group_rule.needs_probe:
+            return _GuidancePlan(candidate_ids, length, inputs, offset, guided=None)
+        num_groups = rows * self.accelerator.num_processes // group_size
+        chosen = self.group_rule.select(None, num_groups, group_size)
+        guided = guided_rows(rows, offset, group_size, self.guided_per_group, chosen)
+        return _GuidancePlan(candidate_ids, length, inputs, offset, guided=guided)
 
     def _guidance_token_ids(self, text: str) -> list[int]:
         """The trajectory's token ids, tokenised on its own and ended with EOS (a reference answer
@@ -374,6 +495,10 @@ def _tied_names_loaded_through_a_twin(model: torch.nn.Module, missing_keys: list
         for name in names
         if name in missing
     }
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """log_extra/log_metric for reward functions scoring roll-outs that are not logged."""
 
 
 def _pause_for_test(folder: Path) -> None:
