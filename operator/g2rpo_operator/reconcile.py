@@ -283,6 +283,7 @@ class Reconciler:
         wanted = [
             (PVCS, checkpoint.volume_claim, "spec.checkpoint.volumeClaim"),
             (SECRETS, ctx.spec.env_from_secret, "spec.envFromSecret"),
+            (SECRETS, checkpoint.credentials_secret, "spec.checkpoint.credentialsSecret"),
         ]
         return [
             f"{res.kind} {name!r} ({field}) not found in namespace {ctx.namespace!r}; "

@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.job)
         check_batch_layout(job.spec, int(os.environ.get("WORLD_SIZE", "1")))
         if args.check:
+            if job.spec.checkpoint.uri:
+                from g2rpo.train.store import check_backend
+
+                check_backend(job.spec.checkpoint.uri)
             return 0
         from g2rpo.train.build import RunLayout
 
