@@ -5,8 +5,9 @@ Amazon S3, not S3 itself. s3fs, aiobotocore and botocore are the real clients th
 runs, and they are configured only through the environment, as on a cluster where the keys of
 checkpoint.credentialsSecret become the trainer pods' env: AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY (botocore/credentials.py, EnvProvider) and AWS_ENDPOINT_URL, botocore's
-global endpoint variable (botocore/configprovider.py, EnvironmentProvider of
-`_get_global_endpoint_url`; botocore logs "Found endpoint for s3 via: environment_global").
+global endpoint variable (botocore/configprovider.py, ConfiguredEndpointProvider: the service's
+AWS_ENDPOINT_URL_S3 first, then AWS_ENDPOINT_URL; botocore logs "Found endpoint for s3 via:
+environment_global").
 The bucket is made with boto3 in us-east-1: s3fs's own mkdir sends a location constraint that
 moto refuses for that region.
 

@@ -110,7 +110,8 @@ class ObjectStore:
     @classmethod
     def open(cls, uri: str, keep: int | None) -> ObjectStore:
         """The store at `uri`. Credentials and endpoint come from the backend's own environment
-        (s3fs: botocore's AWS_* variables; gcsfs: GOOGLE_APPLICATION_CREDENTIALS; adlfs: AZURE_STORAGE_*)."""
+        (s3fs: botocore's AWS_* variables; gcsfs: Google's default credentials; any backend: fsspec's
+        FSSPEC_<PROTOCOL>_<ARGUMENT> variables, fsspec/config.py)."""
         import fsspec.core
 
         check_backend(uri)
