@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from g2rpo.api.spec import CheckpointSpec, SpecError
+from g2rpo.api.names import TRAINER_CHECK_FLAG, TRAINER_JOB_FLAG, TRAINER_MODULE
+from g2rpo.api.spec import EXIT_INVALID_SPEC, CheckpointSpec, SpecError
 from g2rpo.train.checkpoints import COMPLETE_MARKER, mark_complete
 
 pytest.importorskip("s3fs", reason="checkpoint.uri needs the objectstore extra (s3fs)")
@@ -172,6 +173,27 @@ def test_a_missing_backend_names_the_package_and_the_extra():
         check_backend(CheckpointSpec(uri="gs://bucket/run").uri or "")
     assert "spec.checkpoint.uri: gs:// needs the Python package gcsfs" in str(error.value)
     assert "pip install 'g2rpo[objectstore-gcs]'" in str(error.value)
+
+
+def test_the_check_spec_container_refuses_a_store_whose_package_is_missing(tmp_path):
+    """The trainer pods' init container (`python -m g2rpo.train --job FILE --check`, the operator's
+    check_command) exits EXIT_INVALID_SPEC before any GPU work when the uri's backend is absent."""
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("gcsfs is installed here")
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(JOB.format(model="Qwen/Qwen3-0.6B", uri="gs://bucket/run"))
+    check = [sys.executable, "-m", TRAINER_MODULE, TRAINER_JOB_FLAG, str(job_file), TRAINER_CHECK_FLAG]
+    result = subprocess.run(check, capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "1"})
+    assert result.returncode == EXIT_INVALID_SPEC, result.stderr[-2000:]
+    assert "spec.checkpoint.uri: gs:// needs the Python package gcsfs" in result.stderr
+    job_file.write_text(JOB.format(model="Qwen/Qwen3-0.6B", uri=f"s3://{BUCKET}/run"))
+    assert (
+        subprocess.run(check, capture_output=True, timeout=300, env={**os.environ, "WORLD_SIZE": "1"}).returncode == 0
+    )
 
 
 # --- the trainer: a kill in the middle of an upload, then a resume on a node without the old folder ----
