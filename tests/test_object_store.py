@@ -127,6 +127,9 @@ def test_uploads_marker_last_keeps_the_newest_and_downloads_a_complete_one(s3_en
     assert {key.split("/")[0] for key in keys} == {"checkpoint-2", "checkpoint-3"}, "keep: 2 in the store"
     assert {"checkpoint-3/model.safetensors", "checkpoint-3/sub/state.json", f"checkpoint-3/{COMPLETE_MARKER}"} <= keys
 
+    stale = tmp_path / "elsewhere" / ".downloading-checkpoint-9"  # left by a download that was killed
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"cut")
     fetched = store.fetch_newest(tmp_path / "elsewhere")
     assert fetched == tmp_path / "elsewhere" / "checkpoint-3"
     assert (fetched / "model.safetensors").read_bytes() == b"weights" * 3

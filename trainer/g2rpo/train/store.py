@@ -177,8 +177,9 @@ class ObjectStore:
         self.fs.pipe_file(self._path(name, COMPLETE_MARKER), marker)
 
     def _download(self, name: str, marker: bytes, checkpoint_dir: Path) -> Path:
+        for stale in checkpoint_dir.glob(f"{DOWNLOADING_PREFIX}*"):  # left by a download that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         partial = checkpoint_dir / f"{DOWNLOADING_PREFIX}{name}"
-        shutil.rmtree(partial, ignore_errors=True)  # left by a download that was killed
         files = json.loads(marker)["files"]
         for relative in files:
             (partial / relative).parent.mkdir(parents=True, exist_ok=True)
