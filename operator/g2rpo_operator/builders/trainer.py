@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from g2rpo.api.names import (
     ACCELERATE_FILE,
+    CHECKPOINT_CREDENTIALS_DIR,
     CHECKPOINT_MOUNT,
     CONFIG_DIR,
     CONTROLLER_TOKEN_FILE_ENV,
@@ -196,7 +197,7 @@ def _pod_spec(ctx: JobContext) -> Manifest:
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": launch_command(),
                 "env": trainer_env(ctx),
-                **secret_env(ctx),
+                **_env_from(ctx),
                 "ports": [
                     {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
                     {"name": "weight-sync", "containerPort": ROLLOUT_GROUP_PORT, "protocol": "TCP"},
@@ -215,6 +216,7 @@ def _pod_spec(ctx: JobContext) -> Manifest:
                     {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
                     {"name": "dshm", "mountPath": "/dev/shm"},
                     {"name": "cache", "mountPath": CACHE_MOUNT},
+                    *_credentials_mounts(ctx),
                 ],
             }
         ],
@@ -224,6 +226,7 @@ def _pod_spec(ctx: JobContext) -> Manifest:
             {"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint.volume_claim}},
             shm_volume(placement.shared_memory),
             scratch_volume("cache", cache),
+            *_credentials_volumes(ctx),
         ],
     }
     if spec.run_policy.priority_class_name:
@@ -231,6 +234,27 @@ def _pod_spec(ctx: JobContext) -> Manifest:
     if spec.run_policy.gang_scheduler == "volcano":
         pod["schedulerName"] = "volcano"
     return pod
+
+
+def _env_from(ctx: JobContext) -> Manifest:
+    """spec.envFromSecret, then checkpoint.credentialsSecret (the object store's keys, trainer pods only)."""
+    sources = secret_env(ctx).get("envFrom", [])
+    if ctx.spec.checkpoint.credentials_secret:
+        sources = [*sources, {"secretRef": {"name": ctx.spec.checkpoint.credentials_secret}}]
+    return {"envFrom": sources} if sources else {}
+
+
+def _credentials_mounts(ctx: JobContext) -> list[Manifest]:
+    if not ctx.spec.checkpoint.credentials_secret:
+        return []
+    return [{"name": "checkpoint-credentials", "mountPath": CHECKPOINT_CREDENTIALS_DIR, "readOnly": True}]
+
+
+def _credentials_volumes(ctx: JobContext) -> list[Manifest]:
+    name = ctx.spec.checkpoint.credentials_secret
+    if not name:
+        return []
+    return [{"name": "checkpoint-credentials", "secret": {"secretName": name, "defaultMode": 0o440}}]
 
 
 def pod_failure_policy() -> Manifest:

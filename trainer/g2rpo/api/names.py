@@ -52,6 +52,8 @@ TOKEN_KEY = "token"
 TOKEN_FILE = f"{TOKEN_DIR}/{TOKEN_KEY}"
 CHECKPOINT_MOUNT = "/checkpoints"
 """Where the checkpoint claim is mounted; checkpoint.dir must lie under it."""
+CHECKPOINT_CREDENTIALS_DIR = "/var/run/secrets/g2rpo/checkpoint"
+"""Where checkpoint.credentialsSecret is mounted in the trainer pods (key files for the object store)."""
 
 # --- the controller's HTTP paths that the operator uses --------------------------------------------
 

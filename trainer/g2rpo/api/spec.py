@@ -453,7 +453,26 @@ class CheckpointSpec(SpecModel):
         description="auto: continue from the newest checkpoint in dir, if any; never: start fresh; or a "
         "checkpoint folder to resume from.",
     )
-    keep: PositiveInt | None = Field(3, description="Keep only the newest N checkpoints (None keeps all).")
+    keep: PositiveInt | None = Field(
+        3, description="Keep only the newest N checkpoints (None keeps all), in dir and in the store at `uri`."
+    )
+    uri: str | None = Field(
+        None,
+        max_length=REFERENCE_MAX,
+        pattern=r"^(s3|gs|gcs|az|abfs)://[^/\s]+(/\S*)?$",
+        description="Object store that also holds the checkpoints (s3://bucket/prefix, gs://..., az://container/...; "
+        "through fsspec: s3fs, gcsfs or adlfs). Each complete checkpoint is uploaded from dir by rank 0, its "
+        "completion marker last; resume: auto downloads the newest complete one when dir has none; the final model "
+        "goes to <uri>/final. Unset: checkpoints stay in dir only.",
+    )
+    credentials_secret: str | None = Field(
+        None,
+        max_length=NAME_MAX,
+        description="cluster only: a Secret in the job's namespace whose keys become environment variables of the "
+        "trainer pods, for the store at `uri` (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL); it "
+        "is also mounted read-only at /var/run/secrets/g2rpo/checkpoint, for a key file that an env key names "
+        "(GOOGLE_APPLICATION_CREDENTIALS=/var/run/secrets/g2rpo/checkpoint/key.json).",
+    )
 
 
 TrackingBackend = Literal["tensorboard", "mlflow", "wandb"]

@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         signals = StopSignals().install()
         job = load_job(args.job)
         check_batch_layout(job.spec, int(os.environ.get("WORLD_SIZE", "1")))
+        if args.check and job.spec.checkpoint.uri:
+            from g2rpo.train.store import check_backend
+
+            check_backend(job.spec.checkpoint.uri)
         from g2rpo.train.build import RunLayout
         from g2rpo.train.storage import check_writable
 

@@ -53,7 +53,9 @@ def resolve_resume(spec: G2RPOJobSpec, checkpoint_dir: Path) -> str | None:
 
     With `auto`, newer incomplete checkpoints are logged and set aside by global rank 0
     (g2rpo.train.checkpoints); every rank computes the same answer, since setting aside never
-    touches a complete checkpoint.
+    touches a complete checkpoint. When the folder holds no complete checkpoint and
+    checkpoint.uri is set, rank 0 downloads the store's newest complete one into the folder
+    first (g2rpo.train.store) while the other ranks wait.
     """
     from g2rpo.train.checkpoints import incomplete_reason, newest_complete, set_aside
 
@@ -66,6 +68,8 @@ def resolve_resume(spec: G2RPOJobSpec, checkpoint_dir: Path) -> str | None:
             log.warning("skipping incomplete checkpoint %s: %s", folder, skipped_because)
         if point.skipped and os.environ.get("RANK", "0") == "0":
             set_aside(point.skipped)
+        if point.checkpoint is None and spec.checkpoint.uri:
+            return _fetch_from_store(spec, checkpoint_dir)
         return str(point.checkpoint) if point.checkpoint else None
     if not Path(resume).is_dir():
         raise SpecError([(("spec", "checkpoint", "resume"), f"no checkpoint folder at {resume}")])
@@ -94,6 +98,21 @@ def finished_step(spec: G2RPOJobSpec, checkpoint: Path) -> int | None:
     return step if step >= last else None
 
 
+def _fetch_from_store(spec: G2RPOJobSpec, checkpoint_dir: Path) -> str | None:
+    """The store's newest complete checkpoint, downloaded into `checkpoint_dir` by rank 0 (a shared folder)."""
+    from g2rpo.train.checkpoints import newest_complete
+    from g2rpo.train.store import open_store
+
+    world = PartialState()
+    if world.is_main_process:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if open_store(spec.checkpoint).fetch_newest(checkpoint_dir) is None:
+            log.info("no complete checkpoint in %s or in %s: starting fresh", checkpoint_dir, spec.checkpoint.uri)
+    world.wait_for_everyone()
+    checkpoint = newest_complete(checkpoint_dir).checkpoint
+    return str(checkpoint) if checkpoint else None
+
+
 def build_trainer(
     job: G2RPOJob,
     layout: RunLayout,
@@ -109,6 +128,7 @@ def build_trainer(
     from g2rpo.rewards import build_reward_functions
     from g2rpo.train.callbacks import MetricsFileCallback
     from g2rpo.train.model_card import model_card
+    from g2rpo.train.store import LocalFolder, open_store
     from g2rpo.train.tracking import apply_tracking_environment, check_clients_installed, run_name
     from g2rpo.train.trainer import G2RPOTrainer
 
@@ -158,6 +178,7 @@ def build_trainer(
         guidance_groups=spec.guidance.groups,
         sandbox_layers=_sandbox_layers(spec),
         model_card=model_card(job),
+        checkpoint_store=open_store(spec.checkpoint) if world.is_main_process else LocalFolder(),
         callbacks=[MetricsFileCallback(layout.metrics_file), *(extra_callbacks or [])],
     )
     vllm = getattr(getattr(trainer, "vllm_generation", None), "vllm_client", None)  # rank 0 in server mode
@@ -176,7 +197,7 @@ def _sandbox_layers(spec: G2RPOJobSpec) -> dict[str, bool] | None:
 
 def save_final_model(trainer, layout: RunLayout) -> Path:
     """Save the trained model and its card as run_dir/final, atomically: into a temporary folder renamed
-    into place.
+    into place; then into the checkpoint store (<checkpoint.uri>/final, when set).
 
     Every rank takes part in save_model (DeepSpeed ZeRO-3 gathers the weights); rank 0 renames.
     """
@@ -198,6 +219,7 @@ def save_final_model(trainer, layout: RunLayout) -> Path:
             final.rename(old)
             shutil.rmtree(old)
         partial.rename(final)
+        trainer.checkpoint_store.publish_final(final)
     return final
 
 

@@ -50,7 +50,8 @@ class GuidanceCheckpointCallback(TrainerCallback):
     """Completes each checkpoint once every rank has written its part (g2rpo.train.checkpoints).
 
     G2RPOTrainer adds it itself. on_save runs after transformers' and TRL's checkpoint code, so
-    on rank 0: the guidance controller's state, then the completion marker, then rotation.
+    on rank 0: the guidance controller's state, then the completion marker, then the checkpoint
+    store (g2rpo.train.store: an upload when checkpoint.uri is set), then rotation.
     """
 
     def __init__(self, trainer):
@@ -69,7 +70,12 @@ class GuidanceCheckpointCallback(TrainerCallback):
             except OSError as exc:
                 raise_if_out_of_space(exc, Path(args.output_dir), state.global_step, main_rank=True)
                 raise
+            self.trainer.checkpoint_store.publish(folder)
             rotate(Path(args.output_dir), self.trainer.checkpoint_keep)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.trainer.checkpoint_store.wait()  # the last upload, before the run reports its checkpoint
 
 
 class CheckpointRoomCallback(TrainerCallback):

@@ -38,6 +38,8 @@ DELIBERATELY_UNMAPPED: dict[str, str] = {
     "checkpoint.volumeClaim": "cluster storage: the operator mounts the claim at checkpoint.dir",
     "checkpoint.volumeSize": "cluster storage: the size of a claim the operator creates",
     "checkpoint.storageClassName": "cluster storage: the class of a claim the operator creates",
+    "checkpoint.uri": "the object store that mirrors output_dir (g2rpo.train.store), outside the HF Trainer",
+    "checkpoint.credentialsSecret": "cluster only: the operator renders it as the trainer pods' env",
 }
 """Spec fields (YAML paths under `spec`) that GRPOConfig does not see, with why.
 

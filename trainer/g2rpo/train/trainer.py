@@ -46,6 +46,7 @@ from g2rpo.train.callbacks import CheckpointRoomCallback, GuidanceCheckpointCall
 from g2rpo.train.checkpoints import incomplete_reason, newest_complete
 from g2rpo.train.metrics import step_statistics
 from g2rpo.train.storage import raise_if_out_of_space
+from g2rpo.train.store import CheckpointStore, LocalFolder
 
 GUIDANCE_STATE_FILE = "guidance_state.json"
 # Test-only: "STEP:DIR" pauses the save of checkpoint-STEP right after the model weights are written
@@ -123,6 +124,7 @@ class G2RPOTrainer(GRPOTrainer):
         guidance_groups: str = "all",
         sandbox_layers: dict[str, bool] | None = None,
         model_card: str | None = None,
+        checkpoint_store: CheckpointStore | None = None,
         **kwargs: Any,
     ):
         """`guidance_client` is needed on rank 0 only (other ranks receive lengths by broadcast).
@@ -131,13 +133,15 @@ class G2RPOTrainer(GRPOTrainer):
         the rule picking the guided groups (g2rpo.guidance.groups.GROUP_RULES). `sandbox_layers`
         (jobs with a code reward) goes with every step report, so the controller, and the job's
         status on a cluster, show how strong the code sandbox's wall is. `model_card` (README.md text,
-        g2rpo.train.model_card) replaces the card TRL writes beside the checkpoints.
+        g2rpo.train.model_card) replaces the card TRL writes beside the checkpoints. `checkpoint_store`
+        (rank 0; default: the local folder alone) receives each complete checkpoint (g2rpo.train.store).
         """
         super().__init__(*args, **kwargs)
         # transformers rotates (save_total_limit) before a new checkpoint is complete; a crash
         # then can leave no complete checkpoint. GuidanceCheckpointCallback rotates after the marker.
         self.checkpoint_keep = self.args.save_total_limit
         self.args.save_total_limit = None
+        self.checkpoint_store = checkpoint_store or LocalFolder()
         self.add_callback(GuidanceCheckpointCallback(self))
         self.add_callback(CheckpointRoomCallback())
         if guidance_loss not in ("include", "mask"):
