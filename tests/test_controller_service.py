@@ -26,7 +26,7 @@ from g2rpo.controller.http_client import ControllerRejected, ControllerUnavailab
 from g2rpo.controller.metrics import SANDBOX_LAYERS
 from g2rpo.controller.service import GuidanceService, ServiceConfig, start_server
 from g2rpo.guidance import schedule as sched
-from g2rpo_operator.controller_client import ControllerReport, read_controller
+from g2rpo_operator.controller_client import ControllerReport, TokenRefused, read_controller
 
 TOKEN = "test-token-0123456789"
 PARAMS = sched.ScheduleParams(schedule="adaptive", initial_length=400, min_length=1, max_length=800, window=2)
@@ -343,8 +343,11 @@ def test_guidance_answers_the_last_step_and_the_operator_reads_it(server):
 
 
 def test_the_operator_reads_none_from_a_controller_that_does_not_answer(server):
-    assert read_controller(server.url, "wrong-" + TOKEN, timeout=5) is None
+    """No answer is no report; a 401 is not: the operator derives the job's token, so a refusal means the
+    token Secret is a foreign one (reconcile reports it as a conflict)."""
     assert read_controller(f"http://127.0.0.1:{_free_port()}", TOKEN, timeout=5) is None
+    with pytest.raises(TokenRefused):
+        read_controller(server.url, "wrong-" + TOKEN, timeout=5)
 
 
 def test_the_shared_client_imports_only_the_standard_library():
