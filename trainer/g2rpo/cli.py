@@ -119,9 +119,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"{args.file}: no such file", file=sys.stderr)
         return 2
     except SpecError as exc:
-        print(f"{args.file} is not a valid G2RPOJob:", file=sys.stderr)
-        for line in exc.lines():
-            print(f"  {line}", file=sys.stderr)
+        print(exc.report(f"{args.file} is not a valid G2RPOJob"), file=sys.stderr)
         return 1
     if args.verb == "validate":
         return _validate(job, args)
@@ -130,9 +128,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         _resolve_dataset_name(job, args.file)
     except SpecError as exc:
-        print(f"{args.file} cannot run:", file=sys.stderr)
-        for line in exc.lines():
-            print(f"  {line}", file=sys.stderr)
+        print(exc.report(f"{args.file} cannot run"), file=sys.stderr)
         return 1
     try:
         return _run(job, args)
@@ -185,9 +181,7 @@ def _validate(job, args) -> int:
         print(f"{args.file}: data not checked: {exc.lines()[0]}", file=sys.stderr)
         return 1
     except SpecError as exc:
-        print(f"{args.file} is not a valid G2RPOJob:", file=sys.stderr)
-        for line in exc.lines():
-            print(f"  {line}", file=sys.stderr)
+        print(exc.report(f"{args.file} is not a valid G2RPOJob"), file=sys.stderr)
         return 1
     print(f"{args.file}: {what}; {rows} training rows from {job.spec.dataset.name}")
     return 0
@@ -219,9 +213,7 @@ def _run(job, args) -> int:
         print(_finished_lines(done, job, args, run_dir))
         return 0
     except SpecError as exc:
-        print(f"{args.file} cannot run:", file=sys.stderr)
-        for line in exc.lines():
-            print(f"  {line}", file=sys.stderr)
+        print(exc.report(f"{args.file} cannot run"), file=sys.stderr)
         return 1
     layout = result.layout
     print(f"\nfinished {job.metadata.name!r}: {result.final_step} steps in {result.seconds:.0f} s")

@@ -1042,6 +1042,10 @@ class SpecError(ValueError):
     def lines(self) -> list[str]:
         return [f"{_dotted(path)}: {reason}" if path else reason for path, reason in self.errors]
 
+    def report(self, headline: str) -> str:
+        """The headline, then every error on an indented line of its own (what the command line prints)."""
+        return "\n".join([f"{headline}:", *(f"  {line}" for line in self.lines())])
+
 
 def _dotted(path: tuple[str | int, ...]) -> str:
     out = ""

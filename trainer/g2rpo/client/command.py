@@ -67,9 +67,7 @@ def run(args: argparse.Namespace, client: JobClient | None = None, out: TextIO |
         print(f"{args.file}: no such file", file=sys.stderr)
         return 2
     except SpecError as exc:
-        print(f"{args.file} is not a valid G2RPOJob:", file=sys.stderr)
-        for line in exc.lines():
-            print(f"  {line}", file=sys.stderr)
+        print(exc.report(f"{args.file} is not a valid G2RPOJob"), file=sys.stderr)
         return 1
     except ClusterError as exc:
         print(f"g2rpo {args.verb}: {exc}", file=sys.stderr)
