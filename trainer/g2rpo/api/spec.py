@@ -104,6 +104,12 @@ class LoraSpec(SpecModel):
         "folder>/final-merged (a plain model any tool loads); <run folder>/final always holds the adapter.",
     )
 
+    @model_validator(mode="after")
+    def _all_linear_alone(self) -> LoraSpec:
+        if self.target_modules and ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(f"targetModules: {ALL_LINEAR} already names every linear layer; list it alone")
+        return self
+
 
 class ModelSpec(SpecModel):
     name: str = Field(
