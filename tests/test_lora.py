@@ -309,6 +309,8 @@ def test_a_lora_checkpoint_holds_the_adapter_optimizer_and_guidance_and_resumes_
 
 # --- the local run, final model, merged copy and eval -------------------------------------------------
 
+# Whole reference solutions as guidance: guided roll-outs earn the accuracy reward, unguided ones do not, so
+# each step has advantages and changes the adapter.
 LOCAL_JOB = """\
 apiVersion: g2rpo.dev/v1alpha1
 kind: G2RPOJob
@@ -320,7 +322,7 @@ spec:
     arithmetic: {{numProblems: 24, minSteps: 1, maxSteps: 3}}
     guidanceColumn: solution
   rewards: [{{name: accuracy}}, {{name: format, weight: 0.1}}]
-  guidance: {{ratio: 0.5, schedule: adaptive, initialLength: 16, minLength: 2, maxLength: 64}}
+  guidance: {{ratio: 0.5, schedule: fixed, initialLength: 64, minLength: 2, maxLength: 64}}
   training: {{numGenerations: 4, perDeviceBatchSize: 4, maxSteps: {steps}, maxCompletionLength: 8, learningRate: 1.0e-3}}
   checkpoint: {{everySteps: 2, keep: 2}}
 """
@@ -374,3 +376,23 @@ def test_local_lora_run_saves_adapter_and_merged_model_and_eval_loads_both(tiny_
     shutil.rmtree(merged)
     assert main([*args, "--backend", "vllm"]) == 2
     assert "is a LoRA adapter and vLLM needs a whole model" in capsys.readouterr().err
+
+
+def test_the_lora_example_is_the_embedded_default_with_lora():
+    """examples/smollm2-arithmetic-lora.yaml starts with the command that runs it and differs from the
+    embedded default only by its name, LoRA and a learning rate fit for LoRA."""
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    path = examples / "smollm2-arithmetic-lora.yaml"
+    assert path.read_text().splitlines()[0] == "# g2rpo run examples/smollm2-arithmetic-lora.yaml"
+    lora, base = load_job(path), load_job(examples / "smollm2-arithmetic.yaml")
+    assert lora.spec.model.lora == LoraSpec(rank=16, alpha=32, target_modules=["all-linear"], save_merged=True)
+    assert lora.spec.training.learning_rate == pytest.approx(10 * base.spec.training.learning_rate)
+    unchanged = lora.spec.model_copy(
+        update={
+            "model": lora.spec.model.model_copy(update={"lora": None}),
+            "training": lora.spec.training.model_copy(update={"learning_rate": base.spec.training.learning_rate}),
+        }
+    )
+    assert unchanged == base.spec
