@@ -127,6 +127,7 @@ def compare(results: dict[str, dict]) -> dict[str, float]:
     ratios = {
         "trainable_parameters": lora["trainable_parameters"] / full["trainable_parameters"],
         "median_step_s": lora["median_step_s"] / full["median_step_s"],
+        "median_step_cpu_s": lora["median_step_cpu_s"] / full["median_step_cpu_s"],
         "peak_rss_mb": lora["peak_rss_mb"] / full["peak_rss_mb"],
         "rss_growth_mb": lora["rss_growth_mb"] / full["rss_growth_mb"],
     }
@@ -168,7 +169,14 @@ def main() -> None:
     model = str(args.model) if args.model else f"random Qwen3, hidden {args.hidden}, {args.layers} layers"
     where = "bf16 on the GPU" if args.cuda else "float32 on CPU"
     print(f"{model}; G2RPO alpha=0.5, G=4, 8 roll-outs x 32 tokens, {args.steps} steps, {where}; LoRA r={args.rank}")
-    columns = ("trainable_parameters", "median_step_s", "peak_rss_mb", "rss_growth_mb", "peak_cuda_mb")
+    columns = (
+        "trainable_parameters",
+        "median_step_s",
+        "median_step_cpu_s",
+        "peak_rss_mb",
+        "rss_growth_mb",
+        "peak_cuda_mb",
+    )
     columns = tuple(c for c in columns if c in results["full"])
     print(f"{'':<8}" + "".join(f"{c:>22}" for c in columns))
     for variant in VARIANTS:

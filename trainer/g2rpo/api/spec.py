@@ -85,10 +85,8 @@ class LoraSpec(SpecModel):
     """LoRA through PEFT (TRL's `peft_config`): the base weights stay frozen, low-rank adapters are trained."""
 
     rank: PositiveInt = Field(16, le=4096, description="r: the rank of each adapter's update (PEFT's `r`).")
-    alpha: float = Field(
-        32.0,
-        gt=0,
-        description="lora_alpha: the update is scaled by alpha/rank (not guidance.ratio, which is G2RPO's alpha).",
+    alpha: PositiveInt = Field(
+        32, description="lora_alpha: the update is scaled by alpha/rank (not guidance.ratio, which is G2RPO's alpha)."
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input during training.")
     target_modules: list[Annotated[str, Field(min_length=1, max_length=KEY_MAX)]] | None = Field(
