@@ -396,3 +396,15 @@ def test_the_lora_example_is_the_embedded_default_with_lora():
         }
     )
     assert unchanged == base.spec
+
+
+def test_the_model_card_says_what_was_trained():
+    from pathlib import Path
+
+    from g2rpo.train.model_card import model_card
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    lora = model_card(load_job(examples / "smollm2-arithmetic-lora.yaml"))
+    assert "- Weights trained: a LoRA adapter (PEFT; rank 16, alpha 32, dropout 0, on all-linear)" in lora
+    full = model_card(load_job(examples / "smollm2-arithmetic.yaml"))
+    assert "- Weights trained: all (full fine-tuning)" in full
