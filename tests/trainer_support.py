@@ -13,10 +13,12 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig
 
+from g2rpo.api.spec import LoraSpec
 from g2rpo.controller.client import InProcessGuidanceClient
 from g2rpo.controller.core import GuidanceController
 from g2rpo.guidance.schedule import ScheduleParams
 from g2rpo.train.callbacks import MetricsFileCallback
+from g2rpo.train.lora import lora_config
 from g2rpo.train.trainer import G2RPOTrainer
 
 
@@ -71,6 +73,7 @@ def make_trainer(
     per_device_batch_size: int | None = None,
     sandbox_layers: dict[str, bool] | None = None,
     report_to: list[str] | None = None,
+    lora: LoraSpec | None = None,
 ):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -114,5 +117,6 @@ def make_trainer(
         guidance_groups=guidance_groups,
         sandbox_layers=sandbox_layers,
         callbacks=[MetricsFileCallback(Path(output_dir) / "metrics.jsonl")],
+        peft_config=lora_config(lora) if lora else None,
     )
     return trainer, reward, tokenizer

@@ -222,7 +222,9 @@ def _run(job, args) -> int:
     print(f"  metrics:     {layout.metrics_file}")
     print(f"  plot:        {layout.plot_file}")
     print(f"  checkpoints: {layout.checkpoint_dir}")
-    print(f"  final model: {layout.run_dir / 'final'}")
+    print(f"  final model: {layout.run_dir / 'final'}" + (" (the LoRA adapter)" if job.spec.model.lora else ""))
+    if job.spec.model.merged_final:
+        print(f"  merged:      {layout.run_dir / 'final-merged'}")
     return 0
 
 

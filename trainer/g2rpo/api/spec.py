@@ -158,6 +158,38 @@ Quantity = Annotated[
 # --- training part -------------------------------------------------------------------------------
 
 
+ALL_LINEAR = "all-linear"
+"""PEFT's shorthand (peft.utils.constants.INCLUDE_LINEAR_LAYERS_SHORTHAND) for every linear layer but the output."""
+
+
+class LoraSpec(SpecModel):
+    """LoRA through PEFT (TRL's `peft_config`): the base weights stay frozen, low-rank adapters are trained."""
+
+    rank: PositiveInt = Field(16, le=4096, description="r: the rank of each adapter's update (PEFT's `r`).")
+    alpha: PositiveInt = Field(
+        32, description="lora_alpha: the update is scaled by alpha/rank (not guidance.ratio, which is G2RPO's alpha)."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input during training.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=KEY_MAX)]] | None = Field(
+        None,
+        max_length=64,
+        description="Names (or name suffixes) of the modules that get an adapter, e.g. [q_proj, v_proj]; "
+        "[all-linear] adapts every linear layer but the output head. Absent: PEFT's default for the "
+        "architecture (q_proj and v_proj for Llama and Qwen).",
+    )
+    save_merged: bool = Field(
+        False,
+        description="Also save the final model with the adapter merged into the base weights, as <run "
+        "folder>/final-merged (a plain model any tool loads); <run folder>/final always holds the adapter.",
+    )
+
+    @model_validator(mode="after")
+    def _all_linear_alone(self) -> LoraSpec:
+        if self.target_modules and ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(f"targetModules: {ALL_LINEAR} already names every linear layer; list it alone")
+        return self
+
+
 class ModelSpec(SpecModel):
     name: str = Field(
         description="The policy model: a hub id (Qwen/Qwen3-1.7B-Base), a local folder, or "
@@ -171,6 +203,17 @@ class ModelSpec(SpecModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype. 'auto' is bfloat16 on GPUs that support it, float32 on CPU."
     )
+    lora: LoraSpec | None = Field(
+        None,
+        description="Train a LoRA adapter (PEFT) instead of every weight. Absent: full fine-tuning. Checkpoints "
+        "hold the adapter; the vLLM rollout server keeps serving the base model and receives the merged weights "
+        "at every weight sync.",
+    )
+
+    @property
+    def merged_final(self) -> bool:
+        """Whether the final model is saved with the adapter merged in too (lora.saveMerged)."""
+        return self.lora is not None and self.lora.save_merged
 
 
 class ArithmeticDatasetSpec(SpecModel):

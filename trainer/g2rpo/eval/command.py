@@ -1,6 +1,7 @@
 """`g2rpo eval MODEL --task math|humaneval ...`: argument handling and output of the eval verb.
 
-MODEL is a model folder (a checkpoint folder works: the trainer saves the tokenizer in it), a hub
+MODEL is a model folder (a checkpoint folder works: the trainer saves the tokenizer in it; a LoRA
+run's adapter folder is merged into its base model on load), a hub
 id, a bundled model (`bundled:SmolLM2-135M-Instruct`), or a G2RPOJob file, which means that job's
 final model (`<run folder>/final`, the run folder being `runs/<job name>` unless --run-dir says
 otherwise, as in `g2rpo run`). A job (the MODEL, or --job for a checkpoint of it) also supplies
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from g2rpo.api.spec import BUNDLED_MODEL_PREFIX, G2RPOJob, ModelSpec, SpecError, load_job
+from g2rpo.train.lora import is_adapter_folder, load_merged, merged_folder
 
 # The system prompt of examples/smollm2-arithmetic.yaml: math evaluation without a job uses it.
 DEFAULT_MATH_SYSTEM_PROMPT = (
@@ -71,13 +73,30 @@ def run(args: argparse.Namespace) -> int:
     from g2rpo.eval.generation import vllm_available
 
     use_vllm = args.backend == "vllm" or (args.backend == "auto" and vllm_available())
+    adapter = is_adapter_folder(model_path)
+    if use_vllm and adapter:
+        # vLLM loads a whole model from its folder: a LoRA run's merged copy (lora.saveMerged), if there is one.
+        merged = merged_folder(Path(model_path))
+        if not (merged / "config.json").is_file():
+            print(
+                f"g2rpo eval: {model_path} is a LoRA adapter and vLLM needs a whole model: train with "
+                f"lora.saveMerged: true (it writes {merged}), or use --backend transformers",
+                file=sys.stderr,
+            )
+            return 2
+        model_path, adapter = str(merged), False
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model: object = model_path
     if not use_vllm:
         from transformers import AutoModelForCausalLM
 
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        # An adapter folder (a LoRA run's final model or checkpoint) is merged into its base model on load.
+        model = (
+            load_merged(model_path, dtype=dtype)
+            if adapter
+            else AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        )
         if torch.cuda.is_available():
             model = model.to("cuda")  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
     report = evaluate(
@@ -123,7 +142,7 @@ def _model_path(model: str, job: G2RPOJob | None, run_dir: Path | None) -> str:
     if Path(model).suffix in JOB_SUFFIXES:
         assert job is not None
         final = (run_dir or Path("runs") / job.metadata.name) / "final"
-        if not (final / "config.json").is_file():
+        if not ((final / "config.json").is_file() or is_adapter_folder(final)):
             raise FileNotFoundError(f"{model}: no final model at {final}; train it with `g2rpo run {model}` first")
         return str(final)
     if model.startswith(BUNDLED_MODEL_PREFIX):

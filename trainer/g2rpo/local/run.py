@@ -94,7 +94,7 @@ def _run_local(job: G2RPOJob, run_dir: Path, progress: bool, heldout_problems: i
         trainer.train(resume_from_checkpoint=resume)
         if signals.stopped_by:
             raise StopRequested(signals.stopped_by)
-        save_final_model(trainer, layout)
+        save_final_model(trainer, layout, merge_adapter=job.spec.model.merged_final)
     records = [r for r in read_metrics(layout.metrics_file) if "g2rpo/accuracy" in r]
     if records:
         plot_run(

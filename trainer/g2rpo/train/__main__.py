@@ -106,7 +106,7 @@ def _train(job, layout, signals) -> None:
     trainer.train(resume_from_checkpoint=resolve_resume(job.spec, layout.checkpoint_dir))
     if signals.stopped_by:
         raise StopRequested(signals.stopped_by)
-    save_final_model(trainer, layout)
+    save_final_model(trainer, layout, merge_adapter=job.spec.model.merged_final)
 
 
 def _stopped_line(stop, job, layout) -> str:

@@ -127,6 +127,7 @@ def build_trainer(
     from g2rpo.models.bundled import resolve_model_path
     from g2rpo.rewards import build_reward_functions
     from g2rpo.train.callbacks import MetricsFileCallback
+    from g2rpo.train.lora import check_targets_found, lora_config, trainable_parameters
     from g2rpo.train.model_card import model_card
     from g2rpo.train.store import LocalFolder, open_store
     from g2rpo.train.tracking import apply_tracking_environment, check_clients_installed, run_name
@@ -165,22 +166,32 @@ def build_trainer(
         run_name=run_name(job),
     )
     model = AutoModelForCausalLM.from_pretrained(model_path, revision=_revision(spec, model_path), dtype=dtype)
-    trainer = G2RPOTrainer(
-        model=model,
-        reward_funcs=reward_funcs,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        guidance_client=guidance_client,
-        guided_per_group=spec.guided_per_group,
-        guidance_loss=spec.guidance.loss,
-        driving_reward=spec.guidance_reward.name,
-        guidance_groups=spec.guidance.groups,
-        sandbox_layers=_sandbox_layers(spec),
-        model_card=model_card(job),
-        checkpoint_store=open_store(spec.checkpoint) if world.is_main_process else LocalFolder(),
-        callbacks=[MetricsFileCallback(layout.metrics_file), *(extra_callbacks or [])],
-    )
+    peft_config = lora_config(spec.model.lora, _revision(spec, model_path)) if spec.model.lora else None
+    try:
+        trainer = G2RPOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            guidance_client=guidance_client,
+            guided_per_group=spec.guided_per_group,
+            guidance_loss=spec.guidance.loss,
+            driving_reward=spec.guidance_reward.name,
+            guidance_groups=spec.guidance.groups,
+            sandbox_layers=_sandbox_layers(spec),
+            model_card=model_card(job),
+            checkpoint_store=open_store(spec.checkpoint) if world.is_main_process else LocalFolder(),
+            callbacks=[MetricsFileCallback(layout.metrics_file), *(extra_callbacks or [])],
+            peft_config=peft_config,
+        )
+    except ValueError as exc:
+        if peft_config is not None:
+            check_targets_found(exc)
+        raise
+    if peft_config is not None:
+        trainable, total = trainable_parameters(trainer.model)
+        log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     vllm = getattr(getattr(trainer, "vllm_generation", None), "vllm_client", None)  # rank 0 in server mode
     if vllm is not None:
         log.info("vLLM requests time out after %.0f s each", bound_vllm_requests(vllm.session, spec))
@@ -195,9 +206,11 @@ def _sandbox_layers(spec: G2RPOJobSpec) -> dict[str, bool] | None:
     return sandbox_layers()  # probed once per process: the code reward has already asked
 
 
-def save_final_model(trainer, layout: RunLayout) -> Path:
+def save_final_model(trainer, layout: RunLayout, merge_adapter: bool = False) -> Path:
     """Save the trained model and its card as run_dir/final, atomically: into a temporary folder renamed
-    into place; then into the checkpoint store (<checkpoint.uri>/final, when set).
+    into place; then into the checkpoint store (<checkpoint.uri>/final, when set). A LoRA run's final folder
+    holds the adapter; with `merge_adapter` (lora.saveMerged), run_dir/final-merged holds the base model with
+    the adapter merged in, too.
 
     Every rank takes part in save_model (DeepSpeed ZeRO-3 gathers the weights); rank 0 renames.
     """
@@ -213,14 +226,30 @@ def save_final_model(trainer, layout: RunLayout) -> Path:
     if trainer.accelerator.is_main_process:
         if trainer.model_card is not None:
             (partial / "README.md").write_text(trainer.model_card)
-        if final.exists():
-            old = final.with_name(".deleting-final")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            shutil.rmtree(old)
-        partial.rename(final)
+        _move_into_place(partial, final)
+        if merge_adapter:
+            from g2rpo.train.lora import merged_folder, save_merged
+
+            merged = merged_folder(final)
+            partial = merged.with_name(merged.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            save_merged(final, partial, trainer.model_card, dtype=trainer.model.dtype)
+            _move_into_place(partial, merged)
         trainer.checkpoint_store.publish_final(final)
+    trainer.accelerator.wait_for_everyone()
     return final
+
+
+def _move_into_place(partial: Path, target: Path) -> None:
+    """Rename a complete `partial` folder to `target`, replacing an older one (renamed away before deletion)."""
+    import shutil
+
+    if target.exists():
+        old = target.with_name(".deleting-" + target.name)
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        shutil.rmtree(old)
+    partial.rename(target)
 
 
 def _check_batch_layout(spec: G2RPOJobSpec, num_processes: int) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from g2rpo.api.spec import BUILTIN_DATASET_PREFIX, BUNDLED_MODEL_PREFIX, G2RPOJob
+from g2rpo.api.spec import BUILTIN_DATASET_PREFIX, BUNDLED_MODEL_PREFIX, G2RPOJob, LoraSpec
 
 PAPER = "https://arxiv.org/abs/2508.13023"
 
@@ -45,8 +45,20 @@ def model_card(job: G2RPOJob) -> str:
             f"within [{guidance.min_length}, {guidance.max_length}], guidance tokens in the loss: {guidance.loss}",
             f"- Training: {steps}, learning rate {training.learning_rate:g}, "
             f"{training.max_completion_length} new tokens per roll-out, seed {training.seed}",
+            f"- Weights trained: {_fine_tuning(model.lora)}",
             "",
         ]
+    )
+
+
+def _fine_tuning(lora: LoraSpec | None) -> str:
+    if lora is None:
+        return "all (full fine-tuning)"
+    targets = ", ".join(lora.target_modules) if lora.target_modules else "PEFT's default modules"
+    return (
+        f"a LoRA adapter (PEFT; rank {lora.rank}, alpha {lora.alpha}, dropout {lora.dropout:g}, on {targets}); "
+        "a folder with adapter_config.json holds the adapter only (load it with peft), the final-merged "
+        "folder the base model with the adapter merged in"
     )
 
 
