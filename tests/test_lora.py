@@ -244,7 +244,15 @@ def test_alpha_zero_with_lora_is_trls_grpo_trainer_with_the_same_peft_config(tin
         """TRL's GRPOTrainer, taking (and ignoring) the G2RPO arguments make_trainer passes."""
 
         def __init__(
-            self, *args, guidance_client, guided_per_group, guidance_loss, driving_reward, sandbox_layers, **kw
+            self,
+            *args,
+            guidance_client,
+            guided_per_group,
+            guidance_loss,
+            driving_reward,
+            guidance_groups,
+            sandbox_layers,
+            **kw,
         ):
             super().__init__(*args, **kw)
 
