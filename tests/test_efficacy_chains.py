@@ -3,6 +3,7 @@ and the results format, checked cheaply (no training here: the stages are bench 
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -26,11 +27,13 @@ from bench.efficacy.chains import (
     pass_at_k,
     random_chain,
     results_document,
+    results_table,
     reward_rises,
     stratify,
     warm_start_rows,
     wins,
 )
+from bench.efficacy.chains import main as chains_main
 from g2rpo.api.spec import G2RPOJob
 from g2rpo.rewards import accuracy_reward
 
@@ -162,3 +165,52 @@ def test_results_document_has_the_issue_format_with_per_seed_values_in_seed_orde
     assert (
         doc["comparisons"]["fixed"]["H_pass1_vs_grpo"]["p_holm"] == doc["comparisons"]["fixed"]["H_pass1_vs_grpo"]["p"]
     )
+
+
+def test_results_table_reports_every_arm_with_its_paired_difference_and_the_gate():
+    bed = Chains()
+
+    def run(arm, seed, l1, h1, guided):
+        curves = {"accuracy": [0.1, 0.3], "zero_std_groups": [0.5, 0.3], "guided_groups": [guided, guided]}
+        scores = {"L": {"pass1": l1, "pass8": 0.9}, "H": {"pass1": h1, "pass8": 0.2}}
+        return {"arm": arm, "seed": seed, "scores": scores, "curves": curves}
+
+    runs = [run("grpo", s, 0.5, 0.02, None) for s in range(6)]
+    runs += [run("fixed", s, 0.49, 0.02 + 0.04 + s / 1000, 1.0) for s in range(6)]
+    runs += [run("anneal", s, 0.4, 0.03, 0.5) for s in range(6)]
+    warm = [{"seed": s, "scores": {"L": {"pass1": 0.4}, "H": {"pass1": 0.01}}} for s in range(6)]
+    strata = {"L": {"tiers": [4], "warm_pass8": 0.7}, "H": {"tiers": [7], "warm_pass8": 0.06}}
+    table = results_table(results_document(bed, strata, warm, runs, "abc", {}))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert table.startswith("Sanity gate: **passed** — GRPO minus warm start on L, pass@1 +0.100 (p = 0.016)")
+    assert "rises in 6 of 6 seeds" in table
+    assert rows["warm start"] == "| warm start | 0.010 |  |  |  | 0.400 |" + "  |" * 7
+    assert rows["grpo"] == "| grpo | 0.020 |  |  |  | 0.500 |  |  | 0.200 | 0.900 | 0.40 |  |  |"
+    # fixed: +0.0425 on H in every seed (p = 1/64), 0.01 worse on L: a win; anneal loses 0.1 on L
+    assert rows["fixed"].split(" | ")[1:5] == ["0.062", "+0.043", "0.016", "0.031"]
+    assert rows["fixed"].endswith("| 0.40 | 1.00 | **yes** |")
+    assert rows["anneal"].split(" | ")[5:8] == ["0.400", "-0.100", "1.000"]
+    assert rows["anneal"].endswith("| 0.50 | no |")
+
+
+def test_the_stages_run_end_to_end_at_toy_sizes_and_a_repeated_stage_reuses_its_trained_runs(tmp_path):
+    """strata -> main -> report with --quick (real warm start, real `run_local`, real evaluation; sizes
+    that measure nothing). The second main run finds every run folder trained and only evaluates."""
+    common = ["--quick", "--run-dir", str(tmp_path / "runs"), "--output", str(tmp_path / "results"), "--workers", "1"]
+    assert chains_main(["strata", *common]) == 0
+    strata = json.loads((tmp_path / "results" / "efficacy-strata-quick.json").read_text())
+    # the strata of a 20-step warm start are whatever they are; the stages need both non-empty
+    strata["L"]["tiers"], strata["H"]["tiers"] = [3], [5]
+    (tmp_path / "results" / "efficacy-strata-quick.json").write_text(json.dumps(strata))
+    arms = ["--arms", "grpo,g2rpo-a-unsolved", "--seeds", "1", "--learning-rate", "1e-4"]
+    assert chains_main(["main", *common, *arms]) == 0
+    first = json.loads((tmp_path / "results" / "efficacy-quick.json").read_text())
+    assert set(first["arms"]) == {"grpo", "g2rpo-a-unsolved"} and first["arms"]["grpo"]["seeds"] == [0]
+    trained = sorted((tmp_path / "runs" / "runs").glob("*/trained.json"))
+    assert len(trained) == 2
+    stamps = [p.stat().st_mtime_ns for p in trained]
+    assert chains_main(["main", *common, *arms]) == 0
+    assert [p.stat().st_mtime_ns for p in trained] == stamps
+    second = json.loads((tmp_path / "results" / "efficacy-quick.json").read_text())
+    assert second["arms"]["grpo"]["pass1"] == first["arms"]["grpo"]["pass1"]  # same model, same sampling seed
+    assert (tmp_path / "results" / "efficacy-quick.png").is_file()

@@ -7,6 +7,7 @@ this module is its code. Stages, each a command (seeded end to end, CPU):
     python -m bench.efficacy.chains lr-grid             # GRPO only, validation split: pick the LR
     python -m bench.efficacy.chains pilot               # 3 GRPO seeds: the spread that fixes n
     python -m bench.efficacy.chains main --seeds N      # every arm x N paired seeds -> efficacy.json
+    python -m bench.efficacy.chains report              # efficacy.json -> the README's results table
 
 The task: bounded-value chains, "Start at 17. Apply +8, -3, +9." (values stay in [2, 49], operands
 1..9, + and -). Every one-step fact (v, op, a) of that range is a one-step problem in the warm start,
@@ -20,6 +21,7 @@ disjoint from the warm start, the strata set, the validation split and the test 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -372,22 +374,34 @@ def summarise(per_problem: list, samples: int) -> dict:
 
 
 def train_and_evaluate(arm: str, seed: int, job_file: str, run_dir: str, sets_file: str, bed: dict) -> dict:
-    """One arm-seed: `run_local` on its stream, then unguided pass@1/pass@k per stratum on `sets_file`."""
+    """One arm-seed: `run_local` on its stream, then unguided pass@1/pass@k per stratum on `sets_file`.
+
+    A run folder holding `trained.json` is reused: its name carries a hash of the job file, so a main
+    run that stops half-way resumes where it stopped, and a stage repeating an earlier stage's job
+    (pilot seed 0 is lr-grid's chosen run) does not train it again.
+    """
     _quiet_single_thread()
+    import shutil
+
     from g2rpo.api.spec import load_job
     from g2rpo.local.plot import read_metrics
     from g2rpo.local.run import run_local
 
-    started = time.monotonic()
-    outcome = run_local(load_job(job_file), Path(run_dir), progress=False, heldout_problems=0)
-    train_seconds = time.monotonic() - started
-    records = [r for r in read_metrics(outcome.layout.metrics_file) if "g2rpo/accuracy" in r]
-    curves = {
-        key: [r.get(f"g2rpo/{key}") for r in records]
-        for key in ("accuracy", "accuracy_unguided", "zero_std_groups", "guidance_length", "guided_groups")
-    }
-    result = evaluate_sets(str(Path(run_dir) / "final"), sets_file, bed, seed)
-    return {"arm": arm, "seed": seed, "train_seconds": train_seconds, "curves": curves, **result}
+    run_path = Path(run_dir)
+    trained = run_path / "trained.json"
+    if not trained.is_file():
+        shutil.rmtree(run_path, ignore_errors=True)  # a half-trained run starts over: resume is "never"
+        started = time.monotonic()
+        outcome = run_local(load_job(job_file), run_path, progress=False, heldout_problems=0)
+        records = [r for r in read_metrics(outcome.layout.metrics_file) if "g2rpo/accuracy" in r]
+        curves = {
+            key: [r.get(f"g2rpo/{key}") for r in records]
+            for key in ("accuracy", "accuracy_unguided", "zero_std_groups", "guidance_length", "guided_groups")
+        }
+        trained.write_text(json.dumps({"train_seconds": time.monotonic() - started, "curves": curves}))
+    training = json.loads(trained.read_text())
+    result = evaluate_sets(str(run_path / "final"), sets_file, bed, seed)
+    return {"arm": arm, "seed": seed, **training, **result}
 
 
 def evaluate_sets(model_dir: str, sets_file: str, bed: dict, seed: int) -> dict:
@@ -458,6 +472,56 @@ def results_document(
     return document
 
 
+def results_table(document: dict) -> str:
+    """The README's results table, rendered from efficacy.json (a test checks the README against it).
+
+    Means over the paired seeds; "arm - grpo" is the mean of the per-seed differences, p its exact
+    one-sided sign-flip p-value, Holm-adjusted over the guided arms beside it.
+    """
+    arms, comparisons, warm = document["arms"], document.get("comparisons", {}), document["warm_start"]
+    gate_result = document["gate"]
+    n = len(next(iter(arms.values()))["seeds"])
+    lines = [
+        f"Sanity gate: **{'passed' if gate_result['passed'] else 'failed'}** — GRPO minus warm start on L, "
+        f"pass@1 {_signed(statistics.fmean(gate_result['grpo_minus_warm_L']))} (p = {gate_result['p']:.3f}); "
+        f"training accuracy rises in {sum(gate_result['reward_rises'])} of {n} seeds.",
+        "",
+        "| arm | H pass@1 | H: arm - grpo | p | p (Holm) | L pass@1 | L: arm - grpo | p | H pass@8 | L pass@8 "
+        "| zero-variance groups | groups guided | win |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        _row(
+            ["warm start", f"{statistics.fmean(warm['H']):.3f}", "", "", "", f"{statistics.fmean(warm['L']):.3f}"]
+            + [""] * 7
+        ),
+    ]
+    for arm, data in arms.items():
+        cells = [arm, f"{statistics.fmean(data['pass1']['H']):.3f}"]
+        if arm in comparisons:
+            h, low = comparisons[arm]["H_pass1_vs_grpo"], comparisons[arm]["L_pass1_vs_grpo"]
+            cells += [_signed(h["mean"]), f"{h['p']:.3f}", f"{h['p_holm']:.3f}"]
+            cells += [f"{statistics.fmean(data['pass1']['L']):.3f}", _signed(low["mean"]), f"{low['p']:.3f}"]
+        else:
+            cells += ["", "", "", f"{statistics.fmean(data['pass1']['L']):.3f}", "", ""]
+        guided = _mean_of(data["guided_groups"])
+        cells += [
+            f"{statistics.fmean(data['pass8']['H']):.3f}",
+            f"{statistics.fmean(data['pass8']['L']):.3f}",
+            f"{_mean_of(data['zero_std_groups']):.2f}",
+            "" if guided is None else f"{guided:.2f}",
+            ("**yes**" if comparisons[arm]["wins"] else "no") if arm in comparisons else "",
+        ]
+        lines.append(_row(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
 def _mean_of(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present else None
@@ -468,7 +532,7 @@ def _mean_of(values: Iterable[float | None]) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("strata", "lr-grid", "pilot", "main"))
+    parser.add_argument("stage", choices=("strata", "lr-grid", "pilot", "main", "report"))
     parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "chains", help="models, jobs, runs")
     parser.add_argument("--output", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (one torch thread each)")
@@ -478,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", default="2e-5,5e-5,1e-4", help="lr-grid: learning rates to try")
     parser.add_argument("--quick", action="store_true", help="smoke sizes: checks the pipeline, measures nothing")
     args = parser.parse_args(argv)
+    if args.stage == "report":
+        print(results_table(json.loads((args.output / _name("efficacy", args.quick)).read_text())), end="")
+        return 0
     bed = Chains()
     if args.quick:
         bed = replace(
@@ -638,13 +705,14 @@ def _run_arms(bed, sets, eval_sets, warm_dir, args, tasks, stream_tiers, warm_se
             data.parent.mkdir(parents=True, exist_ok=True)
             rows = sets.stream(seed, stream_tiers, bed.rl_steps * bed.prompts_per_step)
             data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            job_text = yaml.safe_dump(job_document(task_bed, arm, seed, warm_dir, data), sort_keys=False)
             job_file = args.run_dir / "jobs" / f"{tag}.yaml"
             job_file.parent.mkdir(parents=True, exist_ok=True)
-            job_file.write_text(yaml.safe_dump(job_document(task_bed, arm, seed, warm_dir, data), sort_keys=False))
+            job_file.write_text(job_text)
+            run_path = args.run_dir / "runs" / f"{tag}-{hashlib.sha256(job_text.encode()).hexdigest()[:12]}"
             future = pool.submit(
-                train_and_evaluate, arm, seed, str(job_file), str(args.run_dir / "runs" / tag), str(sets_file),
-                asdict(task_bed),
-            )  # fmt: skip
+                train_and_evaluate, arm, seed, str(job_file), str(run_path), str(sets_file), asdict(task_bed)
+            )
             pending.append((future, {"lr": lr}))
         results = []
         futures = dict(pending)
