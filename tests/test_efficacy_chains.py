@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +38,8 @@ from bench.efficacy.chains import (
 from bench.efficacy.chains import main as chains_main
 from g2rpo.api.spec import G2RPOJob
 from g2rpo.rewards import accuracy_reward
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_one_step_fact_is_a_warm_start_problem_and_values_stay_bounded():
@@ -214,3 +218,31 @@ def test_the_stages_run_end_to_end_at_toy_sizes_and_a_repeated_stage_reuses_its_
     second = json.loads((tmp_path / "results" / "efficacy-quick.json").read_text())
     assert second["arms"]["grpo"]["pass1"] == first["arms"]["grpo"]["pass1"]  # same model, same sampling seed
     assert (tmp_path / "results" / "efficacy-quick.png").is_file()
+
+
+def test_readme_reports_the_committed_main_run_as_rendered_from_its_json():
+    """README's issue 18 table is `results_table(bench/results/efficacy.json)` exactly, and the JSON names the
+    commit that added PROTOCOL.md, which is in this history before the results (the pre-registration)."""
+    document = json.loads((ROOT / "bench" / "results" / "efficacy.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    begin, end = (
+        "<!-- efficacy-chains:begin (python -m bench.efficacy.chains report) -->\n",
+        "<!-- efficacy-chains:end -->",
+    )
+    assert readme.count(begin) == 1 and readme.count(end) == 1
+    assert readme.split(begin)[1].split(end)[0] == results_table(document)
+    assert document["protocol"] == "bench/efficacy/PROTOCOL.md"
+    assert set(document["arms"]) >= {"grpo", "fixed", "g2rpo-a", "g2rpo-a-unsolved", "anneal"}
+    assert all(len(arm["seeds"]) >= 6 for arm in document["arms"].values())
+    if _git("rev-parse", "--is-shallow-repository") == "false":
+        added = _git("log", "--diff-filter=A", "--format=%H", "--", "bench/efficacy/PROTOCOL.md").split()
+        assert document["protocol_commit"] == added[-1]
+        # the newest addition: issue 9 once had its results under this name (now efficacy-issue9.json)
+        results_added = _git("log", "--diff-filter=A", "--format=%H", "--", "bench/results/efficacy.json").split()
+        ancestor = subprocess.run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", added[-1], results_added[0]])
+        assert ancestor.returncode == 0, "PROTOCOL.md must be committed before the results"
+
+
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
