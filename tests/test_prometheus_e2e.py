@@ -45,6 +45,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from controller_support import controller_service
 
 ROOT = Path(__file__).resolve().parents[1]
 # `make tools` puts prometheus into .tools/bin (tools/install_prometheus.py); one on PATH does too.
@@ -294,35 +295,13 @@ def _draw_panels(prometheus: str, start: float, end: float, folder: Path) -> lis
 def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
     job_file = tmp_path / "job.yaml"
     job_file.write_text(_job_yaml(tiny_model_dir, max_steps=4))
-    (tmp_path / "token").write_text(TOKEN)
-    controller_port, prometheus_port = _free_port(), _free_port()
-    controller = f"http://127.0.0.1:{controller_port}"
+    prometheus_port = _free_port()
     prometheus = f"http://127.0.0.1:{prometheus_port}"
     processes: list[subprocess.Popen] = []
     stack = contextlib.ExitStack()
     try:
-        processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "g2rpo.controller",
-                    "--schedule-from",
-                    str(job_file),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(controller_port),
-                    "--state-dir",
-                    str(tmp_path / "state"),
-                    "--token-file",
-                    str(tmp_path / "token"),
-                ],
-                stdout=open(tmp_path / "controller.log", "wb"),
-                stderr=subprocess.STDOUT,
-            )
-        )
-        _wait_for(lambda: _get(f"{controller}/readyz"), 30, "the controller")
+        service = stack.enter_context(controller_service(job_file, tmp_path, TOKEN))
+        controller, controller_port = service.url, service.port
 
         from kmock_support import JOBS, PVCS, SECRETS, serving_in_thread
 

@@ -5,7 +5,8 @@ G2RPO_CONTROLLER_URL and G2RPO_CONTROLLER_TOKEN_FILE (the job's guidance control
 talks to it), G2RPO_ROLLOUT_URL and G2RPO_ROLLOUT_GROUP_PORT (the vLLM server and TRL's weight
 sync). Without G2RPO_ROLLOUT_URL, ranks generate in process. Checkpoints go to checkpoint.dir
 (the job's volume); a restarted trainer resumes from the newest complete one there, guidance state
-included (g2rpo.train.checkpoints).
+included (g2rpo.train.checkpoints). One restarted after its last step's checkpoint trains no further:
+it exits 0, with final/ made from that checkpoint when the run had not saved it yet.
 
 SIGTERM (Kubernetes, before it kills the pod) or SIGINT: every rank stops after the same step,
 a checkpoint is saved, and the process exits 143 (SIGTERM) or 130 (SIGINT) after one line
@@ -89,7 +90,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(job, layout, signals) -> None:
     from g2rpo.controller.http_client import HttpGuidanceClient
-    from g2rpo.train.build import Generation, build_trainer, resolve_resume, save_final_model
+    from g2rpo.train.build import (
+        Generation,
+        build_trainer,
+        final_from_last_checkpoint,
+        finished_step,
+        resolve_resume,
+        save_final_model,
+    )
     from g2rpo.train.lifecycle import StopAtStepBoundary, StopRequested
 
     generation = Generation(
@@ -103,7 +111,11 @@ def _train(job, layout, signals) -> None:
         generation=generation,
         extra_callbacks=[StopAtStepBoundary(signals)],
     )
-    trainer.train(resume_from_checkpoint=resolve_resume(job.spec, layout.checkpoint_dir))
+    resume = resolve_resume(job.spec, layout.checkpoint_dir)
+    if resume and finished_step(job.spec, Path(resume)) is not None:
+        final_from_last_checkpoint(trainer, layout, Path(resume), merge_adapter=job.spec.model.merged_final)
+        return
+    trainer.train(resume_from_checkpoint=resume)
     if signals.stopped_by:
         raise StopRequested(signals.stopped_by)
     save_final_model(trainer, layout, merge_adapter=job.spec.model.merged_final)

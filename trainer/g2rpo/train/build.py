@@ -216,13 +216,57 @@ def save_final_model(trainer, layout: RunLayout, merge_adapter: bool = False) ->
     """
     import shutil
 
-    final = layout.run_dir / "final"
-    partial = final.with_name("final.partial")
+    partial = layout.run_dir / "final.partial"
     if trainer.accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(partial))
     trainer.accelerator.wait_for_everyone()
+    return _publish_final(trainer, layout, partial, merge_adapter)
+
+
+# The files of a checkpoint that only a resumed run reads; the rest is what save_model wrote there: the model.
+_TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "latest")
+_TRAINING_STATE_PREFIXES = ("rng_state", "global_step", "zero_to_fp32")
+
+
+def final_from_last_checkpoint(trainer, layout: RunLayout, checkpoint: Path, merge_adapter: bool = False) -> Path:
+    """A restarted run whose newest checkpoint is its last step: the final model without training.
+
+    transformers trains one step past the end when resumed from the last step (see finished_step), so the
+    cluster trainer, restarted after its last checkpoint (a pod lost before it saved final/ or exited),
+    must not call train(). When final/ exists it is left as it is; otherwise the checkpoint's model files
+    (save_model's output at that step; ZeRO-3 saves them gathered, zero3_save_16bit_model) become
+    final/, as save_final_model would have written them.
+    """
+    import shutil
+
+    from g2rpo.train.checkpoints import COMPLETE_MARKER
+    from g2rpo.train.trainer import GUIDANCE_STATE_FILE
+
+    final = layout.run_dir / "final"
+    if final.is_dir():
+        log.info("%s is the run's last step and %s exists: nothing to train or save", checkpoint, final)
+        return final
+    partial = layout.run_dir / "final.partial"
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        training_state = {*_TRAINING_STATE_FILES, COMPLETE_MARKER, GUIDANCE_STATE_FILE}
+        shutil.copytree(
+            checkpoint,
+            partial,
+            ignore=lambda _, names: [n for n in names if n in training_state or n.startswith(_TRAINING_STATE_PREFIXES)],
+        )
+        log.info("%s is the run's last step: its model becomes %s, without training", checkpoint, final)
+    trainer.accelerator.wait_for_everyone()
+    return _publish_final(trainer, layout, partial, merge_adapter)
+
+
+def _publish_final(trainer, layout: RunLayout, partial: Path, merge_adapter: bool) -> Path:
+    """Rank 0: the card into `partial`, `partial` renamed to final/, the merged copy, the store's copy."""
+    import shutil
+
+    final = layout.run_dir / "final"
     if trainer.accelerator.is_main_process:
         if trainer.model_card is not None:
             (partial / "README.md").write_text(trainer.model_card)
@@ -231,10 +275,10 @@ def save_final_model(trainer, layout: RunLayout, merge_adapter: bool = False) ->
             from g2rpo.train.lora import merged_folder, save_merged
 
             merged = merged_folder(final)
-            partial = merged.with_name(merged.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            save_merged(final, partial, trainer.model_card, dtype=trainer.model.dtype)
-            _move_into_place(partial, merged)
+            merged_partial = merged.with_name(merged.name + ".partial")
+            shutil.rmtree(merged_partial, ignore_errors=True)
+            save_merged(final, merged_partial, trainer.model_card, dtype=trainer.model.dtype)
+            _move_into_place(merged_partial, merged)
         trainer.checkpoint_store.publish_final(final)
     trainer.accelerator.wait_for_everyone()
     return final
