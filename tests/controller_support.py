@@ -1,4 +1,5 @@
-"""The job's guidance controller as its pod runs it (`python -m g2rpo.controller`), on a free loopback port."""
+"""For tests of the cluster trainer entry point (`python -m g2rpo.train`): a tiny job, and the job's guidance
+controller as its pod runs it (`python -m g2rpo.controller`) on a free loopback port."""
 
 from __future__ import annotations
 
@@ -11,6 +12,26 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def tiny_cluster_job(model_dir: Path, name: str, max_steps: int) -> str:
+    """A G2RPOJob on the tiny model and builtin arithmetic, guided (adaptive), a checkpoint every 2 steps."""
+    return f"""\
+apiVersion: g2rpo.dev/v1alpha1
+kind: G2RPOJob
+metadata: {{name: {name}}}
+spec:
+  model: {{name: "{model_dir}"}}
+  dataset:
+    name: builtin:arithmetic
+    arithmetic: {{numProblems: 16, minSteps: 1, maxSteps: 2}}
+    guidanceColumn: solution
+  rewards: [{{name: accuracy}}, {{name: format, weight: 0.1}}]
+  guidance: {{ratio: 0.5, schedule: adaptive, initialLength: 12, minLength: 2, maxLength: 48}}
+  training: {{numGenerations: 4, perDeviceBatchSize: 4, maxSteps: {max_steps}, maxCompletionLength: 16,
+             learningRate: 1.0e-4}}
+  checkpoint: {{everySteps: 2}}
+"""
 
 
 @dataclass(frozen=True)

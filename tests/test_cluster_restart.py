@@ -19,35 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controller_support import controller_service
+from controller_support import controller_service, tiny_cluster_job
 
 from g2rpo.train.checkpoints import COMPLETE_MARKER
 
 TOKEN = "restart-test-token"
 
 
-def _job_yaml(model_dir: Path) -> str:
-    return f"""\
-apiVersion: g2rpo.dev/v1alpha1
-kind: G2RPOJob
-metadata: {{name: tiny-restart}}
-spec:
-  model: {{name: "{model_dir}"}}
-  dataset:
-    name: builtin:arithmetic
-    arithmetic: {{numProblems: 16, minSteps: 1, maxSteps: 2}}
-    guidanceColumn: solution
-  rewards: [{{name: accuracy}}]
-  guidance: {{ratio: 0.5, schedule: adaptive, initialLength: 12, minLength: 2, maxLength: 48}}
-  training: {{numGenerations: 4, perDeviceBatchSize: 4, maxSteps: 2, maxCompletionLength: 16, learningRate: 1.0e-3}}
-  checkpoint: {{everySteps: 2}}
-"""
-
-
 @pytest.fixture
 def job_file(tiny_model_dir, tmp_path) -> Path:
     path = tmp_path / "job.yaml"
-    path.write_text(_job_yaml(tiny_model_dir))
+    path.write_text(tiny_cluster_job(tiny_model_dir, "tiny-restart", max_steps=2))
     return path
 
 

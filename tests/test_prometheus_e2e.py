@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from controller_support import controller_service
+from controller_support import controller_service, tiny_cluster_job
 
 ROOT = Path(__file__).resolve().parents[1]
 # `make tools` puts prometheus into .tools/bin (tools/install_prometheus.py); one on PATH does too.
@@ -197,25 +197,6 @@ def _query(prometheus: str, expr: str) -> list[dict]:
     return answer["data"]["result"]
 
 
-def _job_yaml(model_dir: Path, max_steps: int) -> str:
-    return f"""\
-apiVersion: g2rpo.dev/v1alpha1
-kind: G2RPOJob
-metadata: {{name: {JOB}}}
-spec:
-  model: {{name: "{model_dir}"}}
-  dataset:
-    name: builtin:arithmetic
-    arithmetic: {{numProblems: 16, minSteps: 1, maxSteps: 2}}
-    guidanceColumn: solution
-  rewards: [{{name: accuracy}}, {{name: format, weight: 0.1}}]
-  guidance: {{ratio: 0.5, schedule: adaptive, initialLength: 12, minLength: 2, maxLength: 48}}
-  training: {{numGenerations: 4, perDeviceBatchSize: 4, maxSteps: {max_steps}, maxCompletionLength: 16,
-             learningRate: 1.0e-4}}
-  checkpoint: {{everySteps: 2}}
-"""
-
-
 def _dashboard_queries() -> list[tuple[str, str, str]]:
     """(panel title, legend, PromQL) of every dashboard query, with Grafana's variables filled in."""
     board = json.loads(DASHBOARD.read_text())
@@ -294,7 +275,7 @@ def _draw_panels(prometheus: str, start: float, end: float, folder: Path) -> lis
 
 def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
     job_file = tmp_path / "job.yaml"
-    job_file.write_text(_job_yaml(tiny_model_dir, max_steps=4))
+    job_file.write_text(tiny_cluster_job(tiny_model_dir, JOB, max_steps=4))
     prometheus_port = _free_port()
     prometheus = f"http://127.0.0.1:{prometheus_port}"
     processes: list[subprocess.Popen] = []
@@ -422,7 +403,7 @@ def test_trainer_controller_prometheus(tiny_model_dir, tmp_path):
         checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-4"
         saved = json.loads((checkpoint / "guidance_state.json").read_text())
         # The job is extended: the trainer resumes from checkpoint-4 and restores the controller to it.
-        job_file.write_text(_job_yaml(tiny_model_dir, max_steps=STEPS))
+        job_file.write_text(tiny_cluster_job(tiny_model_dir, JOB, max_steps=STEPS))
         train()
         request = urllib.request.Request(f"{controller}/v1/state", headers={"Authorization": f"Bearer {TOKEN}"})
         state = json.loads(urllib.request.urlopen(request, timeout=5).read())["snapshot"]
